@@ -1,0 +1,41 @@
+"""Worst-case confidence statistics of trained models.
+
+Three studies, one per `--study`:
+  ccu    CCU Table 1: adversarial noise inside CCU's certified balls, attacking every model of a table
+         (`utils/attack_stats.py`).
+  alpha  The ACET paper's alpha-scaling experiment: how far uniform noise must be scaled before a model is
+         99.9% confident, and how often clipped scaled noise is predicted with > 95% confidence
+         (`utils/alpha_scaling.py`).
+  audit  The far-away confidence audit: the exact limit of a ReLU network's confidence along rays
+         alpha * d as alpha -> infinity (Theorem 3.1 of the ACET paper; `utils/limits.py`).
+
+Each study adds its own flags; `python gen_attack_stats.py --study NAME --help` lists them.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# study name -> module that provides add_args(parser) and main(args)
+STUDIES = {"ccu": "utils.attack_stats", "alpha": "utils.alpha_scaling", "audit": "utils.limits"}
+
+
+def get_args_parser(study: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--study", choices=sorted(STUDIES), default=study)
+    importlib.import_module(STUDIES[study]).add_args(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--study", choices=sorted(STUDIES), default="ccu")
+    known, _ = pre.parse_known_args(argv)
+    args = get_args_parser(known.study).parse_args(argv)
+    importlib.import_module(STUDIES[args.study]).main(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+"""Which trained runs make up each paper table, under which label, scored by which detector.
+
+`MODEL_PATHS[dataset]` is an ordered list of `TableEntry`s; the order is the column order of the tables.
+A run is named by its folder under `<runs-root>/<dataset>/` (e.g. "plain-s0"). An entry with several runs is
+either an ensemble (detector "ensemble": the runs are its members) or several seeds of one model, whose rows
+`evaluate.py --table` aggregates as mean +- standard error.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class TableEntry:
+    label: str                      # column name in the tables (e.g. "Base", "ODIN", "CCU")
+    runs: tuple[str, ...]           # run folder names under <runs-root>/<dataset>/
+    detector: str = "msp"           # key of utils.detectors.DETECTORS
+    options: dict = field(default_factory=dict)  # detector options, named as in the papers
+
+    def run_dirs(self, runs_root: str | Path, dataset: str) -> list[Path]:
+        return [Path(runs_root) / dataset / run for run in self.runs]
+
+    @property
+    def is_ensemble(self) -> bool:
+        return self.detector == "ensemble"
+
+
+def _seeds(name: str, n: int, start: int = 0) -> tuple[str, ...]:
+    return tuple(f"{name}-s{seed}" for seed in range(start, start + n))
+
+
+# The built-in demo (`make demo`) trains these on scikit-learn's 8x8 digits.
+_DEMO = [
+    TableEntry("Base", ("plain-s0",)),
+    TableEntry("Energy", ("plain-s0",), "energy"),
+]
+
+# The real tables: train each run with `train.py --dataset D --method M --seed S` (name M-sS by default).
+_PAPER = [
+    TableEntry("Base", ("plain-s0",)),
+    TableEntry("MaxLogit", ("plain-s0",), "maxlogit"),
+    TableEntry("Energy", ("plain-s0",), "energy"),
+]
+
+MODEL_PATHS: dict[str, list[TableEntry]] = {
+    "digits": _DEMO,
+    "moons": [TableEntry("Base", ("plain-s0",))],
+    **{name: list(_PAPER) for name in ("MNIST", "FMNIST", "SVHN", "CIFAR10", "CIFAR100")},
+}
+
+
+def table_entries(dataset: str) -> list[TableEntry]:
+    if dataset not in MODEL_PATHS:
+        raise ValueError(f"no table is defined for dataset {dataset!r}; model_paths.MODEL_PATHS has: "
+                         f"{', '.join(MODEL_PATHS)} (or pass --runs DIR ...)")
+    return MODEL_PATHS[dataset]

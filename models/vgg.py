@@ -1,0 +1,62 @@
+"""VGG-13 / VGG-16 with batch norm (Simonyan & Zisserman, arXiv 1409.1556) in the CIFAR layout of
+kuangliu/pytorch-cifar, used by CCU's MC-dropout baseline (VGG-13, SPEC 1.4) and DDU (VGG-16, SPEC 4.1).
+
+Stages of conv3x3-BN-act with max-pool 2 between them, global average pool, FC; features 512 (x width/64).
+Max-pools use ceil_mode so 28x28 inputs reach 1x1 as 32x32 ones do (identical results at 32x32).
+`mod` switches to leaky ReLU (VGG has no shortcuts). `dropout` > 0 applies dropout to the features before the
+FC (CCU's MC-dropout VGG: 0.5).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from models.common import Backbone, NormalizeSpec, activation, check_input_size, finalize, make_normalize
+
+# numbers are conv widths at width=64, "M" a max-pool
+CONFIGS = {
+    "vgg13": [64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
+    "vgg16": [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"],
+}
+
+
+class VGG(Backbone):
+    def __init__(self, arch: str, num_classes: int, in_channels: int, input_size: int, dropout: float = 0.0,
+                 normalize: NormalizeSpec = None, spectral_norm_coeff: Optional[float] = None,
+                 mod: bool = False, width: int = 64) -> None:
+        super().__init__()
+        self.arch = arch
+        size = check_input_size(arch, input_size)
+        self.normalize = make_normalize(normalize)
+        layers: list = []
+        planes = in_channels
+        for item in CONFIGS[arch]:
+            if item == "M":
+                layers.append(nn.MaxPool2d(2, 2, ceil_mode=True))
+            else:
+                out_planes = int(item) * width // 64
+                layers += [nn.Conv2d(planes, out_planes, 3, 1, 1, bias=False), nn.BatchNorm2d(out_planes),
+                           activation(mod)]
+                planes = out_planes
+        self.body = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.num_features = planes
+        self.fc = nn.Linear(planes, num_classes)
+        finalize(self, (in_channels, size, size), spectral_norm_coeff, sn_exclude=[self.fc])
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.body(self.normalize(x))).flatten(1)
+
+    def head(self, features: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.dropout(features))
+
+
+def vgg13(**kwargs) -> VGG:
+    return VGG("vgg13", **kwargs)
+
+
+def vgg16(**kwargs) -> VGG:
+    return VGG("vgg16", **kwargs)

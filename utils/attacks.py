@@ -1,0 +1,210 @@
+"""Batched PGD attacks in pixel space [0,1]: worst-case confidence (ACET's adversarial noise) and adversarial samples.
+
+Hein, Andriushchenko, Bitterwolf, "Why ReLU networks yield high-confidence predictions far away from the training
+data and how to mitigate the problem", CVPR 2019 (arXiv 1812.05720), section 2.2 / 2.4 of SPEC.md:
+
+    x_0     = proj(z + s * u),  s ~ U[0,1] per image,  u ~ U[-eps, eps]^d           (random start)
+    x_{t+1} = proj(x_t + eta * sign(grad_x l(x_t)))         (L-inf; L2: eta * grad / ||grad||_2)
+    proj    = clip to [0,1], then clip x - z to the eps-ball around the seed z
+    return  the most "l"-scoring point among z, x_0, ..., x_steps (per sample)
+
+With the seed z in [0,1], clipping to [0,1] first and to the ball second keeps both constraints (the ball step
+moves each point towards z along a segment inside the box), so every iterate is feasible.
+
+Cost per call: `steps` forward+backward passes (the backward goes to the input only, parameters get no
+gradient) plus one forward pass that scores the last iterate, concatenated with the seed when a random start
+moved away from it. The forward pass that computes step t's gradient also scores iterate t, so keep-best is
+free otherwise. The model runs in eval mode (BN uses its running statistics, dropout is off) and every
+submodule's training flag is restored afterwards.
+
+[BUG fixed] The original toy notebook's PGD clipped the old iterate and undid the step, so only its random start
+took effect; here every step is applied.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# objective(logits) -> (N,) score to MAXIMISE; "higher" means the attack is doing better
+Objective = Callable[[torch.Tensor], torch.Tensor]
+
+
+def max_log_conf(logits: torch.Tensor) -> torch.Tensor:
+    """ACET's `max_conf`: max_k log softmax_k(f(x)) (for CCU's log-probability outputs, max_k log p(k|x))."""
+    return F.log_softmax(logits, dim=1).max(dim=1).values
+
+
+def uniform_ce(logits: torch.Tensor) -> torch.Tensor:
+    """ACET's `uniform_conf`: CE(f(x), uniform) = -(1/K) sum_k log softmax_k(f(x)); larger = less uniform."""
+    return -F.log_softmax(logits, dim=1).mean(dim=1)
+
+
+# attack / out-distribution loss name -> per-sample score that training minimises and the attack maximises
+CONF_OBJECTIVES: dict[str, Objective] = {"max_conf": max_log_conf, "uniform_conf": uniform_ce}
+NORMS = ("linf", "l2")
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Run `model` in eval mode and restore each submodule's own training flag (not just the root's)."""
+    modes = [module.training for module in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, mode in zip(model.modules(), modes):
+            module.training = mode
+
+
+def _flat_norm(t: torch.Tensor) -> torch.Tensor:
+    return t.flatten(1).norm(dim=1).view(-1, *([1] * (t.dim() - 1)))  # (N, 1, ..., 1) for broadcasting
+
+
+def project(x: torch.Tensor, x_seed: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
+    """Clip to [0,1], then to the eps-ball (L-inf or L2) around `x_seed`; feasible for both when x_seed is."""
+    delta = x.clamp(0.0, 1.0) - x_seed
+    if norm == "linf":
+        delta = delta.clamp(-eps, eps)
+    else:
+        delta = delta * (eps / _flat_norm(delta).clamp_min(1e-12)).clamp(max=1.0)
+    return x_seed + delta
+
+
+def _random_start(x_seed: torch.Tensor, eps: float, norm: str,
+                  generator: Optional[torch.Generator]) -> torch.Tensor:
+    shape, kw = x_seed.shape, dict(device=x_seed.device, dtype=x_seed.dtype, generator=generator)
+    scale = torch.rand((shape[0],) + (1,) * (len(shape) - 1), **kw)  # s ~ U[0,1], one per image
+    if norm == "linf":
+        u = (2.0 * torch.rand(shape, **kw) - 1.0) * eps
+    else:  # a uniformly random direction of length eps
+        u = torch.randn(shape, **kw)
+        u = u * (eps / _flat_norm(u).clamp_min(1e-12))
+    return project(x_seed + scale * u, x_seed, eps, norm)
+
+
+def _ascent_direction(grad: torch.Tensor, norm: str) -> torch.Tensor:
+    if norm == "linf":
+        return grad.sign()
+    return grad / _flat_norm(grad).clamp_min(1e-12)
+
+
+def _keep_best(best_x: torch.Tensor, best_score: torch.Tensor, x: torch.Tensor,
+               score: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    better = score > best_score  # NaN scores never win
+    mask = better.view(-1, *([1] * (x.dim() - 1)))
+    return torch.where(mask, x, best_x), torch.where(better, score, best_score)
+
+
+def pgd_maximize(model: nn.Module, x_seed: torch.Tensor, objective: Objective, eps: float, steps: int,
+                 step_size: Optional[float] = None, norm: str = "linf", random_start: bool = True,
+                 generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Maximise `objective(model(x))` per sample over the eps-ball around `x_seed` intersected with [0,1]^d.
+
+    Returns (x_best, score_best), both detached; x_best is the best of the seed and every iterate.
+    step_size None means eps / steps (ACET's training setting).
+    """
+    if norm not in NORMS:
+        raise ValueError(f"unknown attack norm {norm!r}; valid: {', '.join(NORMS)}")
+    if steps < 0 or eps < 0:
+        raise ValueError(f"attack needs steps >= 0 and eps >= 0, got steps={steps}, eps={eps}")
+    step_size = eps / max(steps, 1) if step_size is None else step_size
+    x_seed = x_seed.detach()
+    with eval_mode(model), torch.enable_grad():
+        x = _random_start(x_seed, eps, norm, generator) if random_start else x_seed.clone()
+        best_x = x_seed.clone()
+        best_score = torch.full(x_seed.shape[:1], -float("inf"), device=x_seed.device, dtype=x_seed.dtype)
+        for _ in range(steps):
+            x.requires_grad_(True)
+            score = objective(model(x))
+            # gradient w.r.t. the input only: parameters' .grad stay untouched and no weight gradient is computed
+            (grad,) = torch.autograd.grad(score.sum(), x)
+            x = x.detach()
+            best_x, best_score = _keep_best(best_x, best_score, x, score.detach())
+            x = project(x + step_size * _ascent_direction(grad, norm), x_seed, eps, norm)
+        with torch.no_grad():
+            # one forward scores the last iterate, and the seed too when the random start left it
+            candidates = torch.cat([x, x_seed]) if random_start else x
+            scores = objective(model(candidates))
+            best_x, best_score = _keep_best(best_x, best_score, x, scores[: len(x)])
+            if random_start:
+                best_x, best_score = _keep_best(best_x, best_score, x_seed, scores[len(x):])
+    return best_x.detach(), best_score.detach()
+
+
+def confidence_attack(model: nn.Module, x_seed: torch.Tensor, eps: float, steps: int,
+                      step_size: Optional[float] = None, norm: str = "linf", random_start: bool = True,
+                      loss: str = "max_conf", generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Adversarial noise: the point of the eps-ball around `x_seed` (within [0,1]) where the model is most
+    confident, by `loss` in CONF_OBJECTIVES ("max_conf": log max-softmax; "uniform_conf": CE to uniform)."""
+    if loss not in CONF_OBJECTIVES:
+        raise ValueError(f"unknown attack loss {loss!r}; valid: {', '.join(CONF_OBJECTIVES)}")
+    if steps == 0 and not random_start:
+        return x_seed.detach().clone()  # CEDA: the noise itself, no pass needed
+    x_adv, _ = pgd_maximize(model, x_seed, CONF_OBJECTIVES[loss], eps, steps, step_size, norm, random_start,
+                            generator)
+    return x_adv
+
+
+def adversarial_samples(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int,
+                        step_size: Optional[float] = None, norm: str = "linf", random_start: bool = True,
+                        generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """ACET's "Adv. Samples": PGD from clean test images maximising CE(f(x), y) of the true label."""
+    def true_label_ce(logits: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits, y, reduction="none")
+
+    x_adv, _ = pgd_maximize(model, x, true_label_ce, eps, steps, step_size, norm, random_start, generator)
+    return x_adv
+
+
+def non_resisted_mask(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """SPEC 2.4: True where an adversarial sample is kept ("not resisted").
+
+    A dummy column of value 1.01/K is appended to the softmax probabilities; the sample is resisted when the
+    argmax of the K+1 columns is still the true label, so near-uniform predictions (max prob < 1.01/K) count as
+    not resisted and are kept.
+    """
+    probs = F.softmax(logits, dim=1)
+    num_classes = probs.shape[1]
+    dummy = torch.full_like(probs[:, :1], 1.01 / num_classes)
+    resisted = torch.cat([probs, dummy], dim=1).argmax(dim=1) == y
+    return ~resisted
+
+
+@dataclass
+class AdvBatch:
+    """An adversarial evaluation batch: inputs, and which of them to keep (None = all)."""
+
+    x: torch.Tensor
+    keep: Optional[torch.Tensor] = None
+
+
+def attack_options(opts) -> dict:
+    """The PGD settings carried by a config namespace (attack_eps, attack_steps, attack_step_size, attack_norm)."""
+    return dict(eps=float(getattr(opts, "attack_eps", 0.3)), steps=int(getattr(opts, "attack_steps", 40)),
+                step_size=getattr(opts, "attack_step_size", None), norm=getattr(opts, "attack_norm", "linf"))
+
+
+def adv_noise_set(model: nn.Module, x_in: torch.Tensor, y_in: torch.Tensor, opts) -> AdvBatch:
+    """Adv. Noise: ACET noise made from the test images (`data.acet_noise_batch`), then `confidence_attack`."""
+    from data import acet_noise_batch  # imported here so that attacks do not depend on the data package
+
+    seeds = acet_noise_batch(x_in)
+    loss = getattr(opts, "out_loss", "max_conf")
+    return AdvBatch(confidence_attack(model, seeds, loss=loss, **attack_options(opts)))
+
+
+def adv_samples_set(model: nn.Module, x_in: torch.Tensor, y_in: torch.Tensor, opts) -> AdvBatch:
+    """Adv. Samples: true-label CE attack on the test images, keeping only the non-resisted ones (SPEC 2.4)."""
+    x_adv = adversarial_samples(model, x_in, y_in, **attack_options(opts))
+    with torch.no_grad(), eval_mode(model):
+        keep = non_resisted_mask(model(x_adv), y_in)
+    return AdvBatch(x_adv, keep)
+
+
+# evaluation set name -> fn(model, x_in, y_in, opts) -> AdvBatch
+ADV_SETS: dict[str, Callable[..., AdvBatch]] = {"adv_noise": adv_noise_set, "adv_samples": adv_samples_set}

@@ -1,0 +1,37 @@
+"""The detector interface: a post-hoc score that maps inputs to a confidence (higher = more in-distribution)."""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import nn
+
+
+class Detector:
+    """Base class of every detector in `utils.detectors.DETECTORS`.
+
+    A detector is built from a trained model (or, for ensembles, a list of models) plus named options, may be
+    fitted on a loader of (x, y) batches, and returns one confidence per input, where a higher value means
+    "more in-distribution" (the sign convention of `utils.metrics`).
+
+    Detectors that only need the penultimate features and the logits of one forward pass set
+    `needs_grad = False` and implement `from_outputs`; evaluation then runs the network once per batch and feeds
+    every such detector. Detectors that need input gradients or several passes override `confidence`.
+    """
+
+    needs_grad: bool = False
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def fit(self, loader: Iterable) -> "Detector":
+        """Fit detector statistics on a loader of (x, y) batches; the default has nothing to fit."""
+        return self
+
+    def from_outputs(self, features: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} needs the input, call confidence(x)")
+
+    @torch.no_grad()
+    def confidence(self, x: torch.Tensor) -> torch.Tensor:
+        features = self.model.features(x)
+        return self.from_outputs(features, self.model.head(features))

@@ -1,0 +1,122 @@
+"""Scores of a predictive distribution averaged over several stochastic or independent networks.
+
+* MC dropout (Gal & Ghahramani, ICML 2016, arXiv 1506.02142): T passes with dropout active at test time.
+* Deep ensembles (Lakshminarayanan et al., NeurIPS 2017, arXiv 1612.01474): the mean of M members' softmaxes.
+
+Both need the input itself (several passes), so `needs_grad = True` marks them as "call confidence(x)", like
+ODIN; their passes run without gradients.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator, Sequence, Union
+
+import torch
+from torch import nn
+
+from utils.detectors.base import Detector
+from utils.detectors.odin import check_choice
+
+ENTROPY_EPS = 1e-12  # DDU's constant inside every log (SPEC 4.3)
+SCORES = ("max_prob", "entropy", "mutual_info", "variance")
+_DROPOUT_TYPES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
+
+
+def _entropy(probs: torch.Tensor) -> torch.Tensor:
+    return -(probs * torch.log(probs + ENTROPY_EPS)).sum(dim=-1)
+
+
+def predictive_confidence(probs: torch.Tensor, score: str) -> torch.Tensor:
+    """(S, N, K) per-sample (or per-member) softmaxes -> (N,) confidence, higher = more in-distribution.
+
+    With p_bar = mean_s p_s (computed in float64):
+    * "max_prob": max_k p_bar_k (CCU's DE baseline, as a probability instead of its log);
+    * "entropy": -PE, PE = -sum_k p_bar_k log(p_bar_k + 1e-12) (DDU's m2 for ensembles);
+    * "mutual_info": -MI, MI = PE - mean_s H(p_s), each entropy with the +1e-12 (DDU's m1); MI >= 0 since the
+      entropy is concave (also with the +1e-12);
+    * "variance": -sum_k Var_s p_s(k), population variance over the S samples (CCU's MCD score, SPEC 1.4; CCU
+      also multiplies by 1000 and places it at the argmax class, neither of which changes the ranking).
+    """
+    probs = probs.double()
+    mean = probs.mean(dim=0)
+    if score == "max_prob":
+        return mean.amax(dim=1)
+    if score == "entropy":
+        return -_entropy(mean)
+    if score == "mutual_info":
+        return -(_entropy(mean) - _entropy(probs).mean(dim=0))
+    if score == "variance":
+        return -probs.var(dim=0, unbiased=False).sum(dim=1)
+    raise ValueError(f"unknown score {score!r}; valid: {', '.join(SCORES)}")
+
+
+@contextmanager
+def _dropout_active(model: nn.Module) -> Iterator[None]:
+    """Everything in eval mode (BatchNorm uses its running statistics) except the dropout layers."""
+    modes = [(module, module.training) for module in model.modules()]
+    dropouts = [module for module in model.modules() if isinstance(module, _DROPOUT_TYPES)]
+    if not dropouts:
+        raise ValueError(f"MC dropout needs dropout layers, and {type(model).__name__} has none "
+                         "(train it with --dropout > 0)")
+    model.eval()
+    for module in dropouts:
+        module.train()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+class MCDropout(Detector):
+    """MC-dropout score from `samples` stochastic passes: see `predictive_confidence` for the scores.
+
+    Dropout layers run in train mode, everything else (BatchNorm) in eval mode; the model's modes are restored
+    afterwards. Masks come from torch's global generator, so results repeat under `torch.manual_seed`.
+    CCU's MCD baseline: LeNet / VGG13 with dropout 0.5, 10 samples, score="variance" (SPEC 1.4).
+    """
+
+    needs_grad = True
+
+    def __init__(self, model: nn.Module, samples: int = 10, score: str = "max_prob") -> None:
+        super().__init__(model)
+        if samples < 1:
+            raise ValueError(f"MC dropout needs samples >= 1, got {samples}")
+        self.samples = int(samples)
+        self.score = check_choice("MC-dropout score", score, SCORES)
+
+    @torch.no_grad()
+    def sample_probs(self, x: torch.Tensor) -> torch.Tensor:
+        """(samples, N, K) softmax outputs of the stochastic passes."""
+        with _dropout_active(self.model):
+            return torch.stack([self.model(x).softmax(dim=1) for _ in range(self.samples)])
+
+    def confidence(self, x: torch.Tensor) -> torch.Tensor:
+        return predictive_confidence(self.sample_probs(x), self.score)
+
+
+class Ensemble(Detector):
+    """Deep-ensemble score over the mean of the members' softmaxes: see `predictive_confidence`.
+
+    CCU's DE baseline is score="max_prob" over 5 members (SPEC 1.4); DDU reports "mutual_info" (m1) and
+    "entropy" (m2). A one-member ensemble with score="max_prob" is that member's MSP. Members are used in
+    whatever mode they are in (evaluation puts them in eval mode).
+    """
+
+    needs_grad = True
+
+    def __init__(self, models: Union[nn.Module, Sequence[nn.Module]], score: str = "max_prob") -> None:
+        members = [models] if isinstance(models, nn.Module) else list(models)
+        if not members:
+            raise ValueError("an ensemble needs at least one member model")
+        super().__init__(members[0])
+        self.models = members
+        self.score = check_choice("ensemble score", score, SCORES)
+
+    @torch.no_grad()
+    def member_probs(self, x: torch.Tensor) -> torch.Tensor:
+        """(M, N, K) softmax outputs of the members."""
+        return torch.stack([member(x).softmax(dim=1) for member in self.models])
+
+    def confidence(self, x: torch.Tensor) -> torch.Tensor:
+        return predictive_confidence(self.member_probs(x), self.score)

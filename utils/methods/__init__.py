@@ -1,0 +1,15 @@
+"""Training objectives for `train.py --method NAME`: one loss function per method, one training loop."""
+from __future__ import annotations
+
+from utils.methods.base import Method
+from utils.methods.plain import PLAIN
+
+METHODS: dict[str, Method] = {
+    "plain": PLAIN,
+}
+
+
+def get_method(name: str) -> Method:
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; valid: {', '.join(sorted(METHODS))}")
+    return METHODS[name]

@@ -1,0 +1,111 @@
+"""Run folders and result files: atomic writes, provenance (git SHA, library versions), JSON lines."""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def git_sha() -> str:
+    """The commit of the code that produced a result ("unknown" outside a git checkout), "+dirty" if modified."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (sha or "unknown") + ("+dirty" if dirty and sha else "")
+
+
+def library_versions() -> dict[str, str]:
+    import numpy
+    import sklearn
+    import torch
+    import torchvision
+    return {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "numpy": numpy.__version__, "scikit-learn": sklearn.__version__}
+
+
+def now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write a text file so that readers see either the old or the complete new content, never a part."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def append_jsonl(path: str | Path, rows: Iterable[dict]) -> None:
+    """Append rows as JSON lines in one write (a line is never interleaved with another writer's)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = "".join(json.dumps(row, sort_keys=True, default=str) + "\n" for row in rows)
+    with open(path, "a") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.exists():
+        return []
+    with open(path) as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def file_hash(path: str | Path, length: int = 12) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:length]
+
+
+def prepare_run_dir(runs_root: str | Path, dataset: str, name: str, resume: bool) -> Path:
+    """`<runs_root>/<dataset>/<name>/`, refusing to reuse an existing run unless resuming it."""
+    run_dir = Path(runs_root) / dataset / name
+    if resume:
+        if not (run_dir / "model.pt").exists():
+            raise FileNotFoundError(f"--resume: no checkpoint at {run_dir / 'model.pt'}; start the run without "
+                                    "--resume")
+        return run_dir
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise FileExistsError(f"run folder {run_dir} already exists; pass --resume to continue it or choose "
+                              "another --name (runs are never overwritten)")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def provenance() -> dict[str, Any]:
+    return {"git_sha": git_sha(), "versions": library_versions(), "argv": sys.argv, "date": now()}
+
+
+def resolve_data_root(root: str | None) -> str:
+    """--data-root, else $DATA_ROOT, else ./datasets."""
+    return root or os.environ.get("DATA_ROOT") or "datasets"

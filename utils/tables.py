@@ -1,0 +1,122 @@
+"""Paper tables rebuilt from result rows alone (no model is loaded).
+
+Layouts:
+  ccu   CCU Table 2 / ACET Table 1: rows = "orig" (in-distribution MMC) + OOD sets, columns = model labels,
+        cells = the chosen metrics joined by "/", test error in the header.
+  odin  ODIN Table 2: rows = (OOD set, metric) for FPR@95, detection error, AUROC, AUPR-In, AUPR-Out,
+        columns = model labels (e.g. Base vs ODIN).
+Rows of several runs under one label (seeds) are shown as mean +- standard error (unbiased std / sqrt(n)).
+All numbers are percentages.
+"""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Callable
+
+from utils.metrics import FPR_CONVENTIONS
+from utils.runs import atomic_write_text, read_jsonl
+
+CELL_METRICS = ("auroc", "fpr95", "mmc", "aupr_in", "aupr_out", "detection_error")
+METRIC_NAMES = {"auroc": "AUROC", "fpr95": "FPR@95", "mmc": "MMC", "aupr_in": "AUPR-In", "aupr_out": "AUPR-Out",
+                "detection_error": "Det. err"}
+
+
+def latest_rows(rows: list[dict]) -> list[dict]:
+    """Keep the newest row of each (label, run, detector, ood): re-running an evaluation replaces its rows."""
+    newest: dict[tuple, dict] = {}
+    for row in rows:
+        key = (row["label"], row["run"], row["detector"], row["ood"])
+        if key not in newest or row["date"] >= newest[key]["date"]:
+            newest[key] = row
+    return list(newest.values())
+
+
+def mean_se(values: list[float]) -> tuple[float, float]:
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, float("nan")
+    var = sum((v - mean) ** 2 for v in values) / (n - 1)
+    return mean, math.sqrt(var / n)
+
+
+def fmt(values: list[float], digits: int = 1) -> str:
+    mean, se = mean_se([100 * v for v in values])
+    return f"{mean:.{digits}f}" if math.isnan(se) else f"{mean:.{digits}f}±{se:.{digits}f}"
+
+
+def _grouped(rows: list[dict]) -> tuple[list[str], list[str], dict]:
+    labels, oods, cells = [], [], defaultdict(list)
+    for row in rows:
+        if row["label"] not in labels:
+            labels.append(row["label"])
+        if row["ood"] not in oods:
+            oods.append(row["ood"])
+        cells[(row["label"], row["ood"])].append(row)
+    return labels, oods, cells
+
+
+def _per_run(rows: list[dict], key: str) -> list[float]:
+    """One value per run (in-distribution statistics repeat on every OOD row of a run)."""
+    return list({row["run"]: row[key] for row in rows}.values())
+
+
+def ccu_layout(rows: list[dict], cell_metrics: list[str]) -> list[list[str]]:
+    labels, oods, cells = _grouped(rows)
+    by_label = {label: [r for r in rows if r["label"] == label] for label in labels}
+    header = ["OOD set"] + [f"{label} (TE {fmt(_per_run(by_label[label], 'test_error'), 2)}%)" for label in labels]
+    grid = [header, ["orig (MMC)"] + [fmt(_per_run(by_label[label], "mmc_in")) for label in labels]]
+    for ood in oods:
+        grid.append([ood] + ["/".join(fmt([r[m] for r in cells[(label, ood)]]) for m in cell_metrics)
+                             if cells[(label, ood)] else "–" for label in labels])
+    return grid
+
+
+def odin_layout(rows: list[dict], cell_metrics: list[str]) -> list[list[str]]:
+    labels, oods, cells = _grouped(rows)
+    grid = [["OOD set", "Metric"] + labels]
+    for ood in oods:
+        for metric in ("fpr95", "detection_error", "auroc", "aupr_in", "aupr_out"):
+            grid.append([ood, METRIC_NAMES[metric]] + [fmt([r[metric] for r in cells[(label, ood)]])
+                                                       if cells[(label, ood)] else "–" for label in labels])
+    return grid
+
+
+LAYOUTS: dict[str, Callable[[list[dict], list[str]], list[list[str]]]] = {"ccu": ccu_layout, "odin": odin_layout}
+
+
+def markdown(grid: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(grid[0]) + " |", "|" + "---|" * len(grid[0])]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in grid[1:]]) + "\n"
+
+
+def latex(grid: list[list[str]]) -> str:
+    def esc(cell: str) -> str:
+        return cell.replace("%", r"\%").replace("±", r"$\pm$").replace("_", r"\_").replace("&", r"\&")
+    body = [" & ".join(esc(c) for c in row) + r" \\" for row in grid]
+    return ("\\begin{tabular}{l" + "c" * (len(grid[0]) - 1) + "}\n\\toprule\n" + body[0] + "\n\\midrule\n"
+            + "\n".join(body[1:]) + "\n\\bottomrule\n\\end{tabular}\n")
+
+
+def write_tables(dataset: str, results_root: str | Path, layout: str, cell_metrics: list[str]) -> str:
+    """Render results/ood/<dataset>.jsonl as Markdown and LaTeX under results/tables/; returns the Markdown."""
+    unknown = [m for m in cell_metrics if m not in CELL_METRICS]
+    if unknown:
+        raise ValueError(f"unknown table metric(s) {unknown}; valid: {', '.join(CELL_METRICS)}")
+    rows_path = Path(results_root) / "ood" / f"{dataset}.jsonl"
+    rows = latest_rows(read_jsonl(rows_path))
+    if not rows:
+        raise FileNotFoundError(f"no result rows in {rows_path}; run `python evaluate.py --dataset {dataset}` first")
+    grid = LAYOUTS[layout](rows, cell_metrics)
+    conventions = sorted({row["fpr_convention"] for row in rows})
+    what = "/".join(METRIC_NAMES[m] for m in cell_metrics) if layout == "ccu" else "metrics"
+    note = (f"{dataset}: {what} in %, TE = test error; FPR@95 convention: "
+            + "; ".join(f"{c} = {FPR_CONVENTIONS[c]}" for c in conventions) + "\n\n")
+    text = note + markdown(grid)
+    out = Path(results_root) / "tables"
+    suffix = "ood" if layout == "ccu" else layout
+    atomic_write_text(out / f"{dataset}_{suffix}.md", text)
+    atomic_write_text(out / f"{dataset}_{suffix}.tex", latex(grid))
+    return text
