@@ -11,6 +11,7 @@ import math
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from sklearn.datasets import load_digits, load_sample_images, make_moons
 from sklearn.model_selection import train_test_split
 from torchvision.ops import roi_align
@@ -76,25 +77,46 @@ def _photo_arrays() -> list[np.ndarray]:
     return photos
 
 
-@functools.lru_cache(maxsize=4)
-def _photos(channels: int) -> tuple[torch.Tensor, ...]:
-    """Every photo as a float (channels, H, W) tensor in [0,1]: grey by luminance, or grey repeated to RGB."""
+@functools.lru_cache(maxsize=2)
+def _photos(channels: int) -> tuple[tuple[torch.Tensor, ...], ...]:
+    """Every photo as a pyramid of float (channels, H/2^k, W/2^k) tensors in [0,1], k = 0, 1, ...
+
+    Grey photos are repeated to RGB, colour photos reduced to luminance for 1 channel. The pyramid lets a
+    large crop be resized from the level where it is within sqrt(2) of the target size, so one bilinear
+    sample per output pixel does not alias (mip-mapping).
+    """
     if channels not in (1, 3):
         raise ValueError(f"natural_patches needs 1 or 3 channels, got {channels}")
     result = []
     for array in _photo_arrays():
-        image = torch.from_numpy(np.ascontiguousarray(array)).float().div(255.0)
+        image = torch.tensor(array, dtype=torch.float32).div_(255.0)
         image = image.permute(2, 0, 1) if image.dim() == 3 else image.unsqueeze(0)
         if channels == 1 and image.shape[0] == 3:
             image = torch.einsum("chw,c->hw", image, torch.tensor(GREY_WEIGHTS)).unsqueeze(0)
         elif channels == 3 and image.shape[0] == 1:
             image = image.expand(3, -1, -1)
-        result.append(image.contiguous())
+        levels = [image.contiguous()]
+        while min(levels[-1].shape[1:]) >= 16:
+            levels.append(F.avg_pool2d(levels[-1].unsqueeze(0), 2).squeeze(0))
+        result.append(tuple(levels))
     return tuple(result)
 
 
+def _crop_boxes(photo_hw: tuple[int, int], shape: tuple[int, ...], count: int,
+                generator: torch.Generator) -> torch.Tensor:
+    """(count, 4) boxes x1, y1, x2, y2: heights log-uniform in [H, half the shorter side], aspect of shape."""
+    _, height, width = shape
+    photo_h, photo_w = photo_hw
+    largest = max(float(height), min(photo_h, photo_w * height / width) / 2)
+    crop_h = (torch.rand(count, generator=generator) * math.log(largest / height) + math.log(height)).exp()
+    crop_w = crop_h * width / height
+    top = torch.rand(count, generator=generator) * (photo_h - crop_h)
+    left = torch.rand(count, generator=generator) * (photo_w - crop_w)
+    return torch.stack([left, top, left + crop_w, top + crop_h], dim=1)
+
+
 def natural_patches(split: str, shape: tuple[int, ...], n: int, generator: torch.Generator) -> torch.Tensor:
-    """n random crops of the bundled photos, resized to ``shape`` (C, H, W) by area-averaging roi_align.
+    """n random crops of the bundled photos, resized to ``shape`` (C, H, W) with roi_align.
 
     The test split crops the odd-numbered photos and train/val the even-numbered ones, so a model trained on
     patches is never tested on crops of the same photographs. Crop heights are log-uniform between H and half
@@ -106,15 +128,15 @@ def natural_patches(split: str, shape: tuple[int, ...], n: int, generator: torch
     photos = _photos(channels)[1 if split == "test" else 0::2]
     which = torch.randint(len(photos), (n,), generator=generator)
     out = torch.empty((n, channels, height, width))
-    for index, photo in enumerate(photos):  # loop over a dozen photos, not over samples
+    for index, pyramid in enumerate(photos):  # loops over photos and pyramid levels, not over samples
         chosen = (which == index).nonzero().squeeze(1)
-        photo_h, photo_w = photo.shape[1:]
-        largest = max(float(height), min(photo_h, photo_w * height / width) / 2)
-        log_h = torch.rand(len(chosen), generator=generator) * math.log(largest / height) + math.log(height)
-        crop_h = log_h.exp()
-        crop_w = crop_h * width / height
-        top = torch.rand(len(chosen), generator=generator) * (photo_h - crop_h)
-        left = torch.rand(len(chosen), generator=generator) * (photo_w - crop_w)
-        boxes = torch.stack([torch.zeros_like(top), left, top, left + crop_w, top + crop_h], dim=1)
-        out[chosen] = roi_align(photo.unsqueeze(0), boxes, (height, width), aligned=True)
+        boxes = _crop_boxes(tuple(pyramid[0].shape[1:]), shape, len(chosen), generator)
+        ratio = (boxes[:, 3] - boxes[:, 1]) / height
+        level = ratio.log2().round().clamp(0, len(pyramid) - 1).long()
+        for k in level.unique().tolist():
+            at_level = (level == k).nonzero().squeeze(1)
+            scaled = boxes[at_level] / 2 ** k
+            rois = torch.cat([torch.zeros(len(at_level), 1), scaled], dim=1)  # column 0: image index
+            out[chosen[at_level]] = roi_align(pyramid[k].unsqueeze(0), rois, (height, width),
+                                              sampling_ratio=1, aligned=True)
     return out.clamp_(0.0, 1.0)

@@ -144,8 +144,9 @@ def acet_noise_batch(x: torch.Tensor, generator: Optional[torch.Generator] = Non
     flat = z.reshape(n, -1)
     z_min = flat.min(dim=1, keepdim=True).values
     z_max = flat.max(dim=1, keepdim=True).values
-    # a constant image (zero range) maps to 0 instead of NaN
-    flat = (flat - z_min) / (z_max - z_min).clamp_min(torch.finfo(z.dtype).tiny)
+    # a constant image maps to 0, rather than NaN or its float rounding noise blown up to [0, 1]
+    spread = z_max - z_min
+    flat = (flat - z_min) * torch.where(spread > 1e-6, 1.0 / spread.clamp_min(1e-6), torch.zeros_like(spread))
     return flat.clamp_(0.0, 1.0).reshape(x.shape)
 
 

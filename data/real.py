@@ -91,7 +91,10 @@ def load_torchvision(name: str, split: str, root: str, download: bool) -> Tensor
 
 def load_gray_cifar10(split: str, root: str, download: bool) -> TensorImageDataset:
     """CIFAR-10 resized to 28x28 and averaged over RGB (CCU's GrayCIFAR10), 1x28x28."""
-    colour = load_torchvision("CIFAR10", split, root, download)  # raises or downloads first
+    try:
+        colour = load_torchvision("CIFAR10", split, root, download)  # downloads first when asked
+    except DatasetNotFoundError as error:
+        raise DatasetNotFoundError(f"GrayCIFAR10 is made from CIFAR10: {error}") from None
     return TensorImageDataset(_cached_gray(os.path.abspath(root), split), colour.targets, scale=3 * 255.0)
 
 
@@ -113,14 +116,15 @@ class FolderSource:
 
 
 FOLDERS = {
-    "LSUN_CR": FolderSource("LSUN_classroom", "LSUN classroom images (e.g. classroom_val exported as JPEG)"),
-    "ImageNet-": FolderSource(os.path.join("imagenet", "val"), "the ILSVRC-2012 validation images in class "
-                              "folders", subset=(30000, 10000)),
-    "TinyImageNet_crop": FolderSource("Imagenet", "ODIN's Imagenet.tar.gz"),
-    "TinyImageNet_resize": FolderSource("Imagenet_resize", "ODIN's Imagenet_resize.tar.gz"),
-    "LSUN_crop": FolderSource("LSUN", "ODIN's LSUN.tar.gz"),
-    "LSUN_resize": FolderSource("LSUN_resize", "ODIN's LSUN_resize.tar.gz"),
-    "iSUN": FolderSource("iSUN", "ODIN's iSUN.tar.gz"),
+    "LSUN_CR": FolderSource("LSUN_classroom", "export the LSUN classroom images (e.g. classroom_val) as "
+                            "JPEG files into a sub-folder of it"),
+    "ImageNet-": FolderSource(os.path.join("imagenet", "val"), "put the ILSVRC-2012 validation images there, "
+                              "one sub-folder per class", subset=(30000, 10000)),
+    "TinyImageNet_crop": FolderSource("Imagenet", "extract ODIN's Imagenet.tar.gz there"),
+    "TinyImageNet_resize": FolderSource("Imagenet_resize", "extract ODIN's Imagenet_resize.tar.gz there"),
+    "LSUN_crop": FolderSource("LSUN", "extract ODIN's LSUN.tar.gz there"),
+    "LSUN_resize": FolderSource("LSUN_resize", "extract ODIN's LSUN_resize.tar.gz there"),
+    "iSUN": FolderSource("iSUN", "extract ODIN's iSUN.tar.gz there"),
 }
 
 
@@ -135,8 +139,8 @@ def load_image_folder(name: str, split: str, root: str, download: bool) -> Datas
     path = os.path.join(root, source.folder)
     if split != "test":
         raise ValueError(f"{name} is an OOD test set with a test split only, got split={split!r}")
-    how = (f"put {source.how} in sub-folders of it (torchvision ImageFolder layout); "
-           "it cannot be downloaded automatically")
+    how = (f"{source.how} (torchvision ImageFolder layout: images inside sub-folders of that folder); "
+           "this set is not downloaded automatically")
     if not os.path.isdir(path):
         raise _missing(name, path, how)
     transform = transforms.Compose([transforms.Resize((32, 32)), transforms.ToTensor()])

@@ -70,10 +70,12 @@ class PoolPadShortcut(nn.Module):
 
 
 class Backbone(nn.Module):
-    """Base class: `features(x)` -> (N, num_features), `head(f)` -> logits, forward(x) = head(features(x))."""
+    """Base class: `features(x)` -> (N, num_features), `head(f)` -> logits, forward(x) = head(features(x)).
+    Subclasses name their output layer `fc` and end their constructor with `finalize`."""
 
     arch: str = ""
     num_features: int = 0
+    num_classes: int = 0
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -117,7 +119,9 @@ def record_input_shapes(model: nn.Module, input_shape: Sequence[int]) -> dict:
 
 def finalize(model: Backbone, input_shape: Sequence[int], spectral_norm_coeff: Optional[float],
              sn_exclude: Iterable[nn.Module] = (), include_linear: bool = False) -> Backbone:
-    """Validate the input shape with a dry forward, then apply soft spectral normalisation when asked."""
+    """Validate the input shape with a dry forward, then apply soft spectral normalisation when asked.
+    Also records `model.num_classes` from the output layer `model.fc`."""
+    model.num_classes = model.fc.out_features
     shapes = record_input_shapes(model, input_shape)
     if spectral_norm_coeff is not None:
         apply_spectral_norm(model, spectral_norm_coeff, shapes, sn_exclude, include_linear)

@@ -84,11 +84,12 @@ def _first_line(err: BaseException) -> str:
 
 
 def _unpickling_reason(err: BaseException) -> str:
-    """torch's message starts with advice to retry with weights_only=False; keep only the line naming the
-    offending global, which is what a user needs to see."""
+    """torch's message is wrapped in advice (retry with weights_only=False, file an issue, read the docs); keep
+    the line that names what was refused."""
+    advice = ("Weights only load failed", "Please file an issue", "Check the documentation")
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    named = [line for line in lines if "GLOBAL" in line or "Unsupported" in line or "error" in line.lower()]
-    return (named or lines or [type(err).__name__])[0]
+    specific = [line for line in lines if not line.startswith(advice)]
+    return (specific or lines or [type(err).__name__])[0]
 
 
 def read_checkpoint(path: Union[str, Path], device: Union[str, torch.device] = "cpu") -> dict:

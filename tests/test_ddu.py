@@ -90,12 +90,17 @@ def test_jitter_search_recovers_rank_deficient_covariance():
 
 
 def test_jitter_search_all_fail_raises_clear_error():
+    # huge rank-deficient features (the reported ResNet-18 failure, DDU issue #4): the covariance's rounding
+    # error (~1e-16 * 1e24) dwarfs every jitter on the ladder, so nothing factorises
     generator = torch.Generator().manual_seed(0)
-    good = torch.randn(20, 3, generator=generator, dtype=torch.float64)
-    flat = torch.zeros(20, 3, dtype=torch.float64)  # class 1: constant features, covariance exactly 0
-    x, y = torch.cat([good, flat]), torch.arange(2).repeat_interleave(20)
-    with pytest.raises(JitterError, match=r"classes \[1\].*1e-300"):
-        DDU(FeatureNet(3, 2), jitters=[0.0, 1e-310, 1e-300]).fit_features(x, y)
+    basis = torch.randn(2, 6, generator=generator, dtype=torch.float64)
+    good = torch.randn(20, 6, generator=generator, dtype=torch.float64)
+    huge = 1e12 * torch.randn(20, 2, generator=generator, dtype=torch.float64) @ basis
+    x, y = torch.cat([good, huge]), torch.arange(2).repeat_interleave(20)
+    with pytest.raises(JitterError, match=r"classes \[1\] .* largest jitter tried, 0.1 \* I"):
+        DDU(FeatureNet(6, 2)).fit_features(x, y)
+    with pytest.raises(JitterError, match=r"classes \[0, 1\] .* 1e-300"):
+        DDU(FeatureNet(6, 2), jitters=[0.0, 1e-300]).fit_features(torch.full_like(x, float("nan")), y)
     with pytest.raises(ValueError, match=r"classes \[1\] have \[1\]"):
         DDU(FeatureNet(3, 2)).fit_features(x[:21], y[:21])
     with pytest.raises(ValueError, match="valid: density, gmm_entropy, softmax_entropy"):
@@ -142,7 +147,7 @@ def test_fit_from_loader_matches_fit_features():
 
 def test_ece_hand_computed():
     # confidences 0.95 (right), 0.95 (wrong) -> bin 14; 0.55 (right) -> bin 8; 0.70 (right) -> bin 10
-    probs = torch.tensor([[0.95, 0.05], [0.95, 0.05], [0.45, 0.55], [0.30, 0.70]])
+    probs = torch.tensor([[0.95, 0.05], [0.95, 0.05], [0.45, 0.55], [0.30, 0.70]], dtype=torch.float64)
     labels = torch.tensor([0, 1, 1, 1])
     expected = 2 / 4 * abs(0.5 - 0.95) + 1 / 4 * abs(1 - 0.55) + 1 / 4 * abs(1 - 0.70)
     assert ece(probs, labels) == pytest.approx(expected, abs=1e-12)

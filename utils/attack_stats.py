@@ -112,3 +112,172 @@ def attack_in_batches(model: nn.Module, seeds: torch.Tensor, radius: torch.Tenso
         scores.append(score.cpu())
     return torch.cat(xs), torch.cat(scores)
 
+
+class _EnsembleLogProbs(nn.Module):
+    """Deep ensemble as one differentiable model: log of the mean member softmax (valid logits)."""
+
+    def __init__(self, members: list[nn.Module]) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        log_probs = torch.stack([F.log_softmax(m(x), dim=1) for m in self.members])
+        return torch.logsumexp(log_probs, dim=0) - np.log(len(self.members))
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dataset", default=None, help="in-distribution dataset (default: the CCU run's)")
+    parser.add_argument("--ccu-run", default=None, metavar="DIR",
+                        help="CCU run whose certified radii bound the attack (default: the entry labelled CCU "
+                             "in model_paths.MODEL_PATHS[dataset])")
+    parser.add_argument("--runs", nargs="+", default=None, metavar="DIR",
+                        help="run folders to attack (default: every entry of model_paths.MODEL_PATHS[dataset])")
+    parser.add_argument("--runs-root", default="runs")
+    parser.add_argument("--seeds", default="uniform",
+                        help="'uniform' (U[0,1]^D, the paper's default) or any data.DATASETS key (test split)")
+    parser.add_argument("--n-seeds", type=int, default=200, help="paper: 2 x 100")
+    parser.add_argument("--restarts", type=int, default=50)
+    parser.add_argument("--steps", type=int, default=500)
+    parser.add_argument("--step-size", type=float, default=3.0, help="initial per-sample step alpha")
+    parser.add_argument("--f", type=float, default=1.1, help="certify confidence <= f/K")
+    parser.add_argument("--n-test", type=int, default=None, help="in-distribution test samples (default: all)")
+    parser.add_argument("--batch-size", type=int, default=200, help="seeds attacked at once")
+    parser.add_argument("--test-batch-size", type=int, default=500)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--data-root", default=None, help="datasets folder (default: $DATA_ROOT or ./datasets)")
+    parser.add_argument("--results", default="results", help="root of results/attacks, tables and scores")
+
+
+def _ccu_run(args: argparse.Namespace) -> Path:
+    if args.ccu_run:
+        return Path(args.ccu_run)
+    import model_paths
+
+    if args.dataset is None:
+        raise ValueError("pass --ccu-run DIR or --dataset (to find the entry labelled CCU in model_paths)")
+    for entry in model_paths.table_entries(args.dataset):
+        if entry.label == "CCU":
+            return entry.run_dirs(args.runs_root, args.dataset)[0]
+    raise ValueError(f"model_paths has no entry labelled CCU for {args.dataset}; pass --ccu-run DIR")
+
+
+def _targets(args: argparse.Namespace, ccu_dir: Path) -> list[tuple[str, list[Path]]]:
+    """(label, run folders) per distinct network: entries that only differ by detector share one attack."""
+    if args.runs:
+        pairs = [(Path(d).name, [Path(d)]) for d in args.runs]
+    else:
+        import model_paths
+
+        pairs, seen = [], set()
+        for entry in model_paths.table_entries(args.dataset):
+            dirs = entry.run_dirs(args.runs_root, args.dataset)
+            if tuple(dirs) not in seen:
+                seen.add(tuple(dirs))
+                pairs.append((entry.label, dirs))
+    if not any(dirs == [ccu_dir] for _, dirs in pairs):
+        pairs.append(("CCU", [ccu_dir]))
+    return pairs
+
+
+def _load_target(dirs: list[Path], device: str) -> nn.Module:
+    import models
+
+    loaded = [models.load_run(d, device=device) for d in dirs]
+    return loaded[0] if len(loaded) == 1 else _EnsembleLogProbs(loaded).to(device).eval()
+
+
+def _seeds(args: argparse.Namespace, shape: tuple, data_root: str) -> torch.Tensor:
+    if args.seeds == "uniform":
+        generator = torch.Generator().manual_seed(args.seed)
+        return torch.rand((args.n_seeds, *shape), generator=generator)
+    import data
+
+    dataset = data.get_dataset(args.seeds, "test", root=data_root, like=args.dataset, n=args.n_seeds,
+                               seed=args.seed)
+    return torch.stack([dataset[i][0] for i in range(min(args.n_seeds, len(dataset)))])
+
+
+@torch.no_grad()
+def _test_scores(model: nn.Module, loader, device: str) -> tuple[torch.Tensor, float]:
+    """(log-conf per test sample, test error) of one model."""
+    scores, wrong, total = [], 0, 0
+    for x, y in loader:
+        log_probs = F.log_softmax(model(x.to(device)), dim=1)
+        scores.append(log_probs.amax(1).cpu())
+        wrong += int((log_probs.argmax(1).cpu() != y).sum())
+        total += y.numel()
+    return torch.cat(scores), wrong / total
+
+
+def attack_row(label: str, in_scores: torch.Tensor, test_error: float, adv_scores: torch.Tensor) -> dict:
+    """TE, MMC, SR, AUC (x100) of one model (SPEC 1.7)."""
+    from utils import metrics
+
+    median_in = float(in_scores.median())
+    return {"label": label, "te": 100 * test_error, "mmc": 100 * float(adv_scores.exp().mean()),
+            "sr": 100 * float((adv_scores >= median_in).double().mean()),
+            "auc": 100 * metrics.auroc(in_scores, adv_scores), "median_in_log_conf": median_in}
+
+
+def attack_table(rows: list[dict]) -> str:
+    """Markdown: columns = labels (latest row of each), rows TE / MMC / SR / AUC."""
+    latest = {row["label"]: row for row in rows if row.get("study") == STUDY}
+    labels = list(latest)
+    r0 = next(iter(latest.values()))
+    lines = [f"CCU Table 1 ({r0['dataset']}): {r0['n_seeds']} {r0['seeds']} seeds, attack within CCU's certified "
+             f"ball (median R {r0['radius_median']:.3g}, {r0['certified_pct']:.0f}% certified, f={r0['f']}), "
+             f"{r0['restarts']} restarts x {r0['steps']} steps. All x100.", "",
+             "| | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
+    for key, name in (("te", "TE"), ("mmc", "MMC"), ("sr", "SR"), ("auc", "AUC")):
+        lines.append(f"| {name} | " + " | ".join(f"{latest[lab][key]:.1f}" for lab in labels) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(args: argparse.Namespace) -> None:
+    import data
+    from torch.utils.data import DataLoader
+
+    from models.ccu import CCUModel
+    from utils import runs
+    from utils.certify import certified_radius
+
+    ccu_dir = _ccu_run(args)
+    ccu_model = _load_target([ccu_dir], args.device)
+    if not isinstance(ccu_model, CCUModel):
+        raise ValueError(f"{ccu_dir} is not a CCU run (its model is a {type(ccu_model).__name__})")
+    args.dataset = args.dataset or getattr(ccu_model, "run_config", {}).get("dataset")
+    data_root = runs.resolve_data_root(args.data_root)
+    _, shape = data.dataset_info(args.dataset)
+    seeds = _seeds(args, shape, data_root).to(args.device)
+    radius = certified_radius(ccu_model, seeds, f=args.f).float()
+    print(f"{args.n_seeds} {args.seeds} seeds: median certified radius {float(radius.median()):.4g}, "
+          f"{100 * float((radius > 0).double().mean()):.0f}% certified (CCU run {ccu_dir})")
+    test_set = data.get_dataset(args.dataset, "test", root=data_root, n=args.n_test)
+    loader = DataLoader(test_set, batch_size=args.test_batch_size)
+    common = {"study": STUDY, "dataset": args.dataset, "ccu_run": str(ccu_dir), "seeds": args.seeds,
+              "n_seeds": int(seeds.shape[0]), "restarts": args.restarts, "steps": args.steps,
+              "step_size": args.step_size, "f": args.f, "seed": args.seed,
+              "radius_median": float(radius.median()), "certified_pct": 100 * float((radius > 0).double().mean()),
+              "git_sha": runs.git_sha(), "date": runs.now()}
+    rows, dump = [], {"labels": [], "adv": [], "adv_log_conf": [], "in_log_conf": []}
+    for label, dirs in _targets(args, ccu_dir):
+        model = ccu_model if dirs == [ccu_dir] else _load_target(dirs, args.device)
+        in_scores, test_error = _test_scores(model, loader, args.device)
+        adv, adv_scores = attack_in_batches(model, seeds, radius, ccu_model.metric, args)
+        row = {**common, **attack_row(label, in_scores, test_error, adv_scores), "runs": [str(d) for d in dirs],
+               "checkpoints": [runs.file_hash(d / "model.pt") for d in dirs]}
+        print(f"{label:>10s}: TE {row['te']:.1f}  MMC {row['mmc']:.1f}  SR {row['sr']:.1f}  AUC {row['auc']:.1f}")
+        rows.append(row)
+        for key, value in (("labels", label), ("adv", adv.numpy()), ("adv_log_conf", adv_scores.numpy()),
+                           ("in_log_conf", in_scores.numpy())):
+            dump[key].append(value)
+    results = Path(args.results)
+    runs.append_jsonl(results / "attacks" / f"{args.dataset}.jsonl", rows)
+    table = attack_table(runs.read_jsonl(results / "attacks" / f"{args.dataset}.jsonl"))
+    runs.atomic_write_text(results / "tables" / f"{args.dataset}_ccu_attack.md", table)
+    scores_path = results / "scores" / f"{args.dataset}_ccu_attack.npz"
+    scores_path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(scores_path, seeds=seeds.cpu().numpy(), radii=radius.cpu().numpy(), f=args.f,
+                        num_classes=ccu_model.num_classes, **{k: np.array(v) for k, v in dump.items()})
+    print(table)

@@ -77,15 +77,30 @@ def load_gmm_file(path: str | Path) -> dict:
 
 
 def _input_dim(opts: Namespace) -> int:
-    """D = C * H * W from the run config (placeholder 1 if unknown: the GMMs then resize on load)."""
+    """D of the model input: `opts.input_dim` (recorded by wrap_model at init), else the product of the
+    dataset's shape (data.dataset_info), else 1 (a placeholder the mixtures resize from a loaded state)."""
     if getattr(opts, "input_dim", None):
         return int(opts.input_dim)
-    size = getattr(opts, "input_size", None)
-    channels = getattr(opts, "in_channels", None)
-    if size is None or channels is None:
+    try:
+        import data
+
+        return math.prod(data.dataset_info(opts.dataset)[1])
+    except (AttributeError, ImportError, ValueError):
         return 1
-    size = (size, size) if isinstance(size, int) else tuple(size)
-    return int(channels) * math.prod(size)
+
+
+def _components_from_file(opts: Namespace) -> tuple[int, int]:
+    """(K_in, K_out) from the gmm run named in opts, for configs written without `gmm_components`."""
+    try:
+        state = load_gmm_file(resolve_gmm_dir(opts))
+    except (FileNotFoundError, ValueError):
+        return 100, 100  # SPEC's default; a mismatch is then reported by the checkpoint loader
+    return _components(state)
+
+
+def _components(state: dict) -> tuple[int, int]:
+    n_in = int(state["gmm_in"]["mu"].shape[0])
+    return n_in, int(state["gmm_out"]["mu"].shape[0]) if "gmm_out" in state else n_in
 
 
 def _wrapper(ccus: bool):
@@ -94,15 +109,14 @@ def _wrapper(ccus: bool):
         opts (input_dim, gmm_components = [K_in, K_out]); init=False builds placeholders from those keys."""
         loglam = float(getattr(opts, "loglam", 0.0) or 0.0)
         if not init:
-            n_in, n_out = getattr(opts, "gmm_components", None) or (100, 100)
+            n_in, n_out = getattr(opts, "gmm_components", None) or _components_from_file(opts)
             return build_ccu(model, _input_dim(opts), n_in, n_out, loglam=loglam, ccus=ccus)
         state = load_gmm_file(resolve_gmm_dir(opts))
         dim = state["metric"]["V"].shape[1]
         expected = _input_dim(opts)
         if expected not in (1, dim):
             raise ValueError(f"the mixtures in {opts.gmm} have D={dim}, the model's input has D={expected}")
-        n_in = state["gmm_in"]["mu"].shape[0]
-        n_out = state["gmm_out"]["mu"].shape[0] if "gmm_out" in state else n_in
+        n_in, n_out = _components(state)
         opts.input_dim, opts.gmm_components = dim, [n_in, n_out]
         ccu = build_ccu(model, dim, n_in, n_out, loglam=loglam, ccus=ccus)
         return load_gmm_state(ccu, state)
