@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from argparse import Namespace
 from dataclasses import asdict
 from pathlib import Path
@@ -79,14 +80,21 @@ def get_args_parser() -> argparse.ArgumentParser:
 def resolve(args: Namespace) -> Namespace:
     """Fill None flags from the dataset's defaults and add the data shape; the result is saved as config."""
     opts = Namespace(**vars(args))
+    opts.num_classes, shape = data.dataset_info(args.dataset)
     params = asdict(model_params.get_params(args.dataset, args.recipe))
+    if args.arch is not None and args.arch != params["arch"]:
+        params["arch_kwargs"] = {}  # the dataset's arch options belong to its default architecture
     for key in DATASET_DEFAULTS:
         if getattr(opts, key) is None:
             setattr(opts, key, params[key])
     opts.milestones = list(opts.milestones)
-    opts.num_classes, shape = data.dataset_info(args.dataset)
     # images (C, H, W) -> in_channels C, input_size H; flat vectors (D,) (moons) -> 1 channel of size D
     opts.in_channels, opts.input_size = (shape[0], shape[1]) if len(shape) == 3 else (1, shape[0])
+    if opts.arch == "mlp":
+        opts.input_size = math.prod(shape)  # the MLP flattens its input
+    elif len(shape) != 3:
+        raise ValueError(f"arch {opts.arch!r} takes images (C, H, W) but {args.dataset} has vectors of shape "
+                         f"{tuple(shape)}; use --arch mlp")
     opts.data_shape = list(shape)
     opts.name = args.name or f"{args.method}-s{args.seed}"
     opts.data_root = resolve_data_root(args.data_root)
@@ -133,15 +141,15 @@ def main(args: Namespace) -> Path:
     device = training.init_distributed(opts.device)
     rank, _ = training.world()
     run_dir = Path(opts.runs_root) / opts.dataset / opts.name
+    training.seed_everything(opts.seed)
+    method, model, optimizer, scheduler = build(opts, device)  # before any file is written: bad configs fail here
     if rank == 0:
         run_dir = prepare_run_dir(opts.runs_root, opts.dataset, opts.name, opts.resume)
-    training.seed_everything(opts.seed)
     augment = None if opts.augment in (None, "none") else opts.augment
     train_set = data.get_dataset(opts.dataset, "train", root=opts.data_root, augment=augment,
                                  download=opts.download, val_fraction=opts.val_fraction, seed=opts.seed)
     test_set = data.get_dataset(opts.dataset, "test", root=opts.data_root, download=opts.download)
     test_loader = DataLoader(test_set, batch_size=opts.test_batch_size, num_workers=opts.num_workers)
-    method, model, optimizer, scheduler = build(opts, device)
     config = {k: v for k, v in vars(opts).items() if k not in ("resume", "progress")}
     start_epoch = 0
     if opts.resume:

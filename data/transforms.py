@@ -65,8 +65,8 @@ AUGMENTATIONS: dict[str, Callable[[str, tuple[int, ...]], Callable]] = {
 
 def build_augment(augment: bool | str | None, name: str, shape: tuple[int, ...],
                   default: Optional[str]) -> Optional[Callable]:
-    """The transform for ``augment`` (False/None: none; True: ``default``; else a key of AUGMENTATIONS)."""
-    if augment is None or augment is False:
+    """The transform for ``augment`` (False/None/"none": none; True: ``default``; else a key of AUGMENTATIONS)."""
+    if augment is None or augment is False or augment == "none":
         return None
     if augment is True:
         if default is None:

@@ -67,13 +67,23 @@ class CCUModel(nn.Module):
         return log_p_in, self.gmm_out.log_density(x)
 
     def combine(self, logits: torch.Tensor, log_p_in: torch.Tensor, log_p_out: torch.Tensor) -> torch.Tensor:
-        """The log-space formula of the module docstring: base logits and densities -> (N, K) log-probs."""
+        """The log-space formula of the module docstring: base logits and densities -> (N, K) log-probs.
+
+        Evaluated through the log-ratio t = log p(x|i) - log(lambda p(x|o)) instead of num_y - den: the
+        densities reach -1e9 far from the data, where float32 cannot resolve log K in num_y - den (the
+        result would not even be normalised). Dividing numerator and denominator by the larger term,
+            t < 0:   log p(y|x) = LSE(log p_hat_y + t, -log K) - softplus(t)
+            t >= 0:  log p(y|x) = LSE(log p_hat_y, -t - log K) - softplus(-t)
+        is the same quantity with every intermediate of order one.
+        """
         log_probs_base = F.log_softmax(logits, dim=1)
-        loglam = self.loglam.to(log_p_in.dtype)
-        uniform = (loglam - math.log(self.num_classes) + log_p_out)[:, None]
-        numerator = torch.logaddexp(log_probs_base + log_p_in[:, None], uniform)
-        denominator = torch.logaddexp(log_p_in, loglam + log_p_out)
-        return numerator - denominator[:, None]
+        log_k = math.log(self.num_classes)
+        ratio = (log_p_in - self.loglam.to(log_p_in.dtype) - log_p_out)[:, None]   # (N, 1)
+        near_in = ratio >= 0
+        t_neg, t_pos = torch.where(near_in, 0.0, ratio), torch.where(near_in, ratio, 0.0)
+        far = torch.logaddexp(log_probs_base + t_neg, torch.full_like(t_neg, -log_k)) - F.softplus(t_neg)
+        near = torch.logaddexp(log_probs_base, -t_pos - log_k) - F.softplus(-t_pos)
+        return torch.where(near_in, near, far)
 
     def forward(self, x: torch.Tensor, return_densities: bool = False):
         """log p(y|x), shape (N, K); with return_densities also (log p(x|i), log p(x|o)).

@@ -209,7 +209,10 @@ def test_val_split_disjoint_and_sized():
     train = get_dataset("moons", "train", val_fraction=0.1, seed=3)
     val = get_dataset("moons", "val", val_fraction=0.1, seed=3)
     assert (len(train), len(val)) == (900, 100)
-    rows = lambda dataset: {tuple(row.tolist()) for row in dataset.tensors()[0]}
+
+    def rows(dataset):
+        return {tuple(row.tolist()) for row in dataset.tensors()[0]}
+
     assert not rows(train) & rows(val)
     assert rows(train) | rows(val) == rows(get_dataset("moons", "train"))
     assert rows(get_dataset("moons", "val", val_fraction=0.1, seed=4)) != rows(val)
@@ -247,4 +250,5 @@ def test_unknown_names_raise_one_line_listing_valid():
     with pytest.raises(ValueError, match="needs images"):
         get_dataset("moons", augment="ccu")
     assert get_dataset("moons", augment=True).transform is None  # moons has no default augmentation
+    assert get_dataset("digits", augment="none").transform is None
     assert data.get_dataset is get_dataset

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
@@ -146,3 +147,321 @@ class RegionRecorder(TorchFunctionMode):
             elif name == "dropout" and (kwargs.get("training") or (len(args) > 2 and args[2])):
                 self._flag(name, "random dropout in training mode")
         return func(*args, **kwargs)
+
+
+@dataclass
+class LimitResult:
+    """Per direction d: the limit of softmax(f(alpha d)) as alpha -> inf and how it was obtained."""
+
+    confidence: torch.Tensor  # (N,) max_k of `probs`
+    probs: torch.Tensor       # (N, K) limit softmax
+    slope: torch.Tensor       # (N, K) s = V d, the logits' slope in the final region (NaN if numeric)
+    intercept: torch.Tensor   # (N, K) b, with f(alpha d) = alpha s + b there (NaN if numeric)
+    alpha: torch.Tensor       # (N,) the alpha from which the region is certified (or the last one tried)
+    certified: torch.Tensor   # (N,) bool: no unit changes sign for any alpha' >= alpha
+    n_tied: torch.Tensor      # (N,) classes sharing the top slope (1 = limit confidence exactly 1)
+    method: str = "exact"     # "exact", or "numeric" / "nan" for a model that is not piecewise affine
+
+
+def _prepare(model: nn.Module, dtype: Optional[torch.dtype]) -> nn.Module:
+    """An eval-mode copy (float64 by default: slopes and intercepts are compared to ~1e-9)."""
+    net = copy.deepcopy(model).eval()
+    return net.to(dtype) if dtype is not None else net
+
+
+def _device_dtype(net: nn.Module) -> tuple[torch.device, torch.dtype]:
+    param = next(iter(net.parameters()), None)
+    return (param.device, param.dtype) if param is not None else (torch.device("cpu"), torch.float32)
+
+
+def _ray_pass(net: nn.Module, d: torch.Tensor, alpha: torch.Tensor):
+    """One forward-mode pass at alpha d with tangent d: logits, their slope along d, and the recorder."""
+    recorder = RegionRecorder(len(d))
+    scale = alpha.view(-1, *([1] * (d.dim() - 1)))
+    with torch.no_grad(), fwAD.dual_level(), warnings.catch_warnings():
+        # torch loads its forward-AD decompositions through the deprecated torch.jit.script on first use
+        warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
+        with recorder:
+            out = net(fwAD.make_dual(scale * d, d))
+        logits, slope = fwAD.unpack_dual(out)
+    slope = torch.zeros_like(logits) if slope is None else slope  # a constant network has slope 0
+    return logits, slope, recorder
+
+
+def _limit_softmax(logits: torch.Tensor, slope: torch.Tensor, alpha: torch.Tensor, tie_tol: float):
+    """softmax of the intercepts over the classes tied at the top slope (one-hot when the top is unique)."""
+    intercept = logits - alpha[:, None] * slope
+    top = slope.amax(-1, keepdim=True)
+    tied = slope >= top - tie_tol * slope.abs().amax(-1, keepdim=True)
+    probs = torch.softmax(intercept.masked_fill(~tied, float("-inf")), -1)
+    return probs, intercept, tied.sum(-1)
+
+
+def _limit_chunk(net: nn.Module, d: torch.Tensor, alpha0: float, max_doublings: int, tie_tol: float):
+    n = len(d)
+    alpha = torch.full((n,), float(alpha0), dtype=d.dtype, device=d.device)
+    certified = torch.zeros(n, dtype=torch.bool, device=d.device)
+    logits = slope = None
+    todo = torch.arange(n, device=d.device)
+    for _ in range(max_doublings + 1):
+        out, s, recorder = _ray_pass(net, d[todo], alpha[todo])
+        if recorder.violation:
+            raise NotPiecewiseAffineError(
+                f"{type(net).__name__} is not piecewise affine: it applies {recorder.violation} to its input, "
+                "so Theorem 3.1 does not apply; measure it with numeric_confidence(model, d, alpha=1e6) or "
+                "pass on_non_pa='numeric'")
+        if logits is None:
+            logits, slope = out.clone(), s.clone()
+        logits[todo], slope[todo] = out, s
+        stable = ~recorder.unstable.to(d.device)
+        certified[todo[stable]] = True
+        todo = todo[~stable]
+        if len(todo) == 0:
+            break
+        alpha[todo] *= 2.0  # some unit is still heading for a sign change: look further out
+    probs, intercept, n_tied = _limit_softmax(logits, slope, alpha, tie_tol)
+    return probs, slope, intercept, alpha, certified, n_tied
+
+
+@torch.no_grad()
+def numeric_probs(model: nn.Module, directions: torch.Tensor, alpha: float = 1e6,
+                  dtype: Optional[torch.dtype] = torch.float64, batch_size: int = 512) -> torch.Tensor:
+    """softmax(f(alpha d)) measured at one large alpha, (N, K); works for any model."""
+    net = _prepare(model, dtype)
+    device, net_dtype = _device_dtype(net)
+    out = [torch.softmax(net(alpha * d.to(device, net_dtype)), -1).cpu()
+           for d in directions.split(batch_size)]
+    return torch.cat(out)
+
+
+def numeric_confidence(model: nn.Module, directions: torch.Tensor, alpha: float = 1e6, **kwargs) -> torch.Tensor:
+    """max_k softmax_k(f(alpha d)) at one large alpha (1e6), (N,)."""
+    return numeric_probs(model, directions, alpha, **kwargs).amax(-1)
+
+
+def limit_analysis(model: nn.Module, directions: torch.Tensor, alpha0: float = 1.0, max_doublings: int = 60,
+                   tie_tol: float = 1e-9, batch_size: int = 512, dtype: Optional[torch.dtype] = torch.float64,
+                   on_non_pa: str = "raise", numeric_alpha: float = 1e6) -> LimitResult:
+    """Exact limit of softmax(f(alpha d)) as alpha -> inf for each direction d (rows of `directions`, any input
+    shape), batched; see the module docstring for the method and the stabilisation certificate.
+
+    tie_tol: classes whose slope is within tie_tol * max|s| of the top count as tied. on_non_pa: what a model
+    that is not piecewise affine gets: "raise" (NotPiecewiseAffineError), "numeric" (softmax at
+    `numeric_alpha`, method="numeric") or "nan".
+    """
+    if on_non_pa not in ("raise", "numeric", "nan"):
+        raise ValueError(f"unknown on_non_pa {on_non_pa!r}; valid: raise, numeric, nan")
+    net = _prepare(model, dtype)
+    device, net_dtype = _device_dtype(net)
+    try:
+        parts = [_limit_chunk(net, d.to(device, net_dtype), alpha0, max_doublings, tie_tol)
+                 for d in directions.split(batch_size)]
+    except NotPiecewiseAffineError as error:
+        if on_non_pa == "raise":
+            raise
+        return _fallback(model, directions, on_non_pa, numeric_alpha, dtype, batch_size, str(error))
+    probs, slope, intercept, alpha, certified, n_tied = (torch.cat([p[i] for p in parts]).cpu() for i in range(6))
+    return LimitResult(probs.amax(-1), probs, slope, intercept, alpha, certified, n_tied)
+
+
+def _fallback(model, directions, how, numeric_alpha, dtype, batch_size, reason) -> LimitResult:
+    warnings.warn(f"{reason}; reporting {'the confidence at alpha=%g' % numeric_alpha if how == 'numeric' else 'NaN'}")
+    n = len(directions)
+    if how == "numeric":
+        probs = numeric_probs(model, directions, numeric_alpha, dtype=dtype, batch_size=batch_size)
+    else:
+        probs = torch.full((n, 1), float("nan"))
+    nan = torch.full_like(probs, float("nan"))
+    return LimitResult(probs.amax(-1), probs, nan, nan, torch.full((n,), numeric_alpha),
+                       torch.zeros(n, dtype=torch.bool), torch.zeros(n, dtype=torch.long), method=how)
+
+
+def limit_confidence(model: nn.Module, directions: torch.Tensor, **kwargs) -> torch.Tensor:
+    """lim_{alpha -> inf} max_k softmax_k(f(alpha d)) for each direction d, (N,); see `limit_analysis`."""
+    return limit_analysis(model, directions, **kwargs).confidence
+
+
+@torch.no_grad()
+def activation_pattern(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """(N, P) int64: every ReLU / leaky-ReLU unit's on/off state and every max-pool window's argmax at x."""
+    recorder = RegionRecorder(len(x), dual=False)
+    with recorder:
+        model(x)
+    if not recorder.patterns:
+        return torch.zeros(len(x), 0, dtype=torch.long)
+    return torch.cat([p.long().reshape(len(x), -1).cpu() for p in recorder.patterns], 1)
+
+
+# ---------------------------------------------------------------------------------------------------- curves
+def max_confidence(probs: torch.Tensor) -> torch.Tensor:
+    """max_k of the mean prediction, for an (S, N, K) probability tensor."""
+    return probs.mean(0).amax(-1)
+
+
+def probability_fn(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """x -> (S, N, K) probabilities: a toy model's `predict_samples`, else softmax of the logits (S = 1)."""
+    if hasattr(model, "predict_samples"):
+        return model.predict_samples
+    model.eval()
+    return lambda x: torch.softmax(model(x), -1)[None]
+
+
+def ray_curve(model: nn.Module, x_dirs: torch.Tensor, alphas: Sequence[float] | torch.Tensor,
+              score: Callable[[torch.Tensor], torch.Tensor] = max_confidence, origin: Optional[torch.Tensor] = None,
+              batch_size: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
+    """score(origin + alpha d) and ||grad_x score||_2 for every alpha and direction: two (A, N) tensors.
+
+    `score` maps (S, N, K) probabilities to (N,) (e.g. `max_confidence`, or utils.toy.SCORES entries).
+    """
+    probs_of = probability_fn(model)
+    device = next(iter(model.parameters())).device
+    alphas = torch.as_tensor(alphas, dtype=x_dirs.dtype).to(device)
+    d = x_dirs.to(device)
+    points = alphas.view(-1, *([1] * d.dim())) * d[None]  # (A, N, ...)
+    if origin is not None:
+        points = points + origin.to(device)
+    points = points.reshape(-1, *d.shape[1:])
+    scores, norms = [], []
+    for x in points.split(batch_size):
+        x = x.detach().requires_grad_(True)
+        value = score(probs_of(x))
+        (grad,) = torch.autograd.grad(value.sum(), x)
+        scores.append(value.detach().cpu())
+        norms.append(grad.flatten(1).norm(dim=1).cpu())
+    shape = (len(alphas), len(d))
+    return torch.cat(scores).reshape(shape), torch.cat(norms).reshape(shape)
+
+
+# ---------------------------------------------------------------------------------------------------- audit CLI
+AUDIT_SOURCES = ("gaussian", "test", "noise")
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    """Flags of `gen_attack_stats.py --study audit`."""
+    parser.add_argument("--dataset", default=None, help="in-distribution dataset (default: the runs' config)")
+    parser.add_argument("--runs", nargs="+", default=None, metavar="DIR",
+                        help="run folders to audit (default: model_paths.MODEL_PATHS[dataset])")
+    parser.add_argument("--runs-root", default="runs")
+    parser.add_argument("--n-directions", type=int, default=1000, help="directions d per source")
+    parser.add_argument("--sources", nargs="+", default=list(AUDIT_SOURCES), choices=AUDIT_SOURCES,
+                        help="gaussian: d ~ N(0, I); test: test images; noise: --noise images")
+    parser.add_argument("--noise", default="uniform", help="noise dataset key of data.DATASETS")
+    parser.add_argument("--alpha-check", type=float, default=1e6, help="alpha of the numeric cross-check")
+    parser.add_argument("--threshold", type=float, default=0.99, help="'confident' limit threshold")
+    parser.add_argument("--agree-tol", type=float, default=1e-3, help="|exact - numeric| counted as agreement")
+    parser.add_argument("--float64", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--data-root", default=None)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--results", default="results", help="root of results/attacks and results/tables")
+
+
+def _audit_runs(args: argparse.Namespace) -> list[tuple[str, "object"]]:
+    """(label, run_dir) per distinct run folder: --runs, else the entries of model_paths for --dataset."""
+    from pathlib import Path
+
+    if args.runs:
+        return [(Path(run).name, Path(run)) for run in args.runs]
+    import model_paths
+
+    labels: dict = {}
+    for entry in model_paths.table_entries(args.dataset):
+        for run_dir in entry.run_dirs(args.runs_root, args.dataset):
+            labels.setdefault(run_dir, []).append(entry.label)  # one network, audited once
+    return [("/".join(names), run_dir) for run_dir, names in labels.items()]
+
+
+def _audit_directions(args: argparse.Namespace, shape: tuple) -> dict[str, torch.Tensor]:
+    import data
+    from utils.runs import resolve_data_root
+
+    n, root = args.n_directions, resolve_data_root(args.data_root)
+    generator = torch.Generator().manual_seed(args.seed)
+    out = {}
+    for source in args.sources:
+        if source == "gaussian":
+            out[source] = torch.randn((n, *shape), generator=generator)
+            continue
+        try:
+            dataset = (data.get_dataset(args.dataset, "test", root=root) if source == "test" else
+                       data.get_dataset(args.noise, "test", root=root, like=args.dataset, n=n, seed=args.seed))
+        except data.DatasetNotFoundError as error:
+            warnings.warn(f"audit: skipping source {source!r}: {error}")
+            continue
+        index = torch.randperm(len(dataset), generator=generator)[:n]
+        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, index.tolist()), batch_size=n)
+        out[source] = next(iter(loader))[0]
+    return out
+
+
+def audit_directions(model: nn.Module, directions: torch.Tensor, args: argparse.Namespace) -> dict:
+    """Limit confidences of one model along `directions`: share above the threshold, quantiles, and the
+    agreement with the network evaluated at alpha = --alpha-check."""
+    dtype = torch.float64 if args.float64 else None
+    result = limit_analysis(model, directions, batch_size=args.batch_size, dtype=dtype, on_non_pa="numeric",
+                            numeric_alpha=args.alpha_check)
+    conf = result.confidence.double()
+    numeric = (numeric_confidence(model, directions, args.alpha_check, dtype=dtype, batch_size=args.batch_size)
+               if result.method == "exact" else conf).double()
+    levels = torch.tensor([0.0, 0.01, 0.1, 0.5, 0.9], dtype=torch.float64)
+    quantiles = torch.quantile(conf, levels).tolist()
+    diff = (conf - numeric).abs()
+    return {"method": result.method, "n": len(conf), "share_confident": float((conf > args.threshold).double().mean()),
+            "mean_conf": float(conf.mean()), **{f"q{int(100 * q):02d}": v for q, v in zip(levels.tolist(), quantiles)},
+            "certified": float(result.certified.double().mean()), "share_tied": float((result.n_tied > 1).double().mean()),
+            "numeric_share_confident": float((numeric > args.threshold).double().mean()),
+            "agreement": float((diff <= args.agree_tol).double().mean()), "max_abs_diff": float(diff.max())}
+
+
+def audit_table(rows: list[dict]) -> str:
+    """Markdown: one line per (label, run, source), newest row wins."""
+    from utils.tables import markdown
+
+    newest: dict = {}
+    for row in rows:
+        key = (row["label"], row["run"], row["source"])
+        if key not in newest or row["date"] >= newest[key]["date"]:
+            newest[key] = row
+    grid = [["Model", "Run", "Directions", "Method", "Limit conf > thr (%)", "Median", "1% quantile",
+             "Certified (%)", "Agrees with alpha-check (%)"]]
+    for r in newest.values():
+        grid.append([r["label"], str(r["run"]), r["source"], r["method"], f"{100 * r['share_confident']:.1f}",
+                     f"{r['q50']:.4f}", f"{r['q01']:.4f}", f"{100 * r['certified']:.1f}", f"{100 * r['agreement']:.1f}"])
+    return markdown(grid)
+
+
+def main(args: argparse.Namespace) -> None:
+    import json
+    from pathlib import Path
+
+    import data
+    import models
+    from utils import runs
+
+    run_list = _audit_runs(args)
+    if args.dataset is None and args.runs:
+        config = Path(args.runs[0]) / "config.json"
+        args.dataset = json.loads(config.read_text()).get("dataset") if config.exists() else None
+    if args.dataset is None:
+        raise ValueError("pass --dataset (it names the result files and the shape of the directions)")
+    _, shape = data.dataset_info(args.dataset)
+    directions = _audit_directions(args, shape)
+    rows = []
+    for label, run_dir in run_list:
+        model = models.load_run(run_dir, device=args.device)
+        for source, d in directions.items():
+            stats = audit_directions(model, d, args)
+            rows.append({"study": "audit", "dataset": args.dataset, "label": label, "run": str(run_dir),
+                         "checkpoint": runs.file_hash(Path(run_dir) / "model.pt"), "source": source,
+                         "threshold": args.threshold, "alpha_check": args.alpha_check, "seed": args.seed, **stats,
+                         "git_sha": runs.git_sha(), "date": runs.now()})
+            print(f"{label:>14s} {source:>8s} [{stats['method']}]: {100 * stats['share_confident']:.1f}% of limits "
+                  f"> {args.threshold}, median {stats['q50']:.4f}, certified {100 * stats['certified']:.1f}%, "
+                  f"agreement with alpha={args.alpha_check:g}: {100 * stats['agreement']:.1f}%")
+    results = Path(args.results)
+    rows_path = results / "attacks" / f"{args.dataset}_audit.jsonl"
+    runs.append_jsonl(rows_path, rows)
+    table = audit_table(runs.read_jsonl(rows_path))
+    runs.atomic_write_text(results / "tables" / f"{args.dataset}_audit.md", table)
+    print(table)

@@ -1,0 +1,237 @@
+"""Post-hoc detectors against pytorch-ood 0.4.0: same numbers, less time.
+
+On one LeNet trained briefly on MNIST (CPU, a few hundred steps), with MNIST test as in-distribution and
+FashionMNIST (if on disk) or CCU's noise as OOD, this compares
+1. MSP, energy, entropy, max-logit and Mahalanobis: ours (ONE forward pass per batch feeding all five, then
+   `utils.metrics.ood_metrics`) against pytorch-ood's five detectors (each runs the network) + `OODMetrics`;
+2. ODIN at equal settings (T = 1000, eps = 0.0014);
+3. an ODIN sweep over 21 eps (one shared backward pass) against 21 separate pytorch-ood ODIN runs.
+It checks that the AUROCs agree after the sign flip (pytorch-ood scores outliers high) and prints a Markdown
+table of times (best of --repeats) and metrics.
+
+pytorch-ood is never a project dependency: run this with a separate environment that has it, e.g.
+    /work/main/.venv/bin/python -m venv /tmp/bench-venv
+    echo "$PWD/.venv/lib/python3.11/site-packages" > /tmp/bench-venv/lib/python3.11/site-packages/main.pth
+    /tmp/bench-venv/bin/pip install pytorch-ood==0.4.0 --no-deps
+    /tmp/bench-venv/bin/python benchmarks/bench_detectors.py --data-root ../shared/datasets
+Without pytorch-ood only our timings are printed.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import data  # noqa: E402
+from models import MODELS  # noqa: E402
+from utils.detectors import DETECTORS  # noqa: E402
+from utils.detectors.mahalanobis import Mahalanobis  # noqa: E402
+from utils.detectors.odin import ODIN, ODIN_EPS_GRID  # noqa: E402
+from utils.metrics import ood_metrics  # noqa: E402
+
+FAST = ("msp", "energy", "entropy", "maxlogit", "mahalanobis")
+METRIC_KEYS = {"auroc": "AUROC", "aupr_in": "AUPR-IN", "aupr_out": "AUPR-OUT", "fpr95": "FPR95TPR"}
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data-root", default=os.environ.get("DATA_ROOT", "./datasets"))
+    parser.add_argument("--out-data", default=None, help="OOD set (default: FMNIST if on disk, else ccu_noise)")
+    parser.add_argument("--steps", type=int, default=300, help="LeNet training steps (Adam 1e-3, batch 128)")
+    parser.add_argument("--n-in", type=int, default=10000, help="MNIST test images scored")
+    parser.add_argument("--n-out", type=int, default=10000, help="OOD images scored")
+    parser.add_argument("--n-fit", type=int, default=10000, help="training images for the Mahalanobis fit")
+    parser.add_argument("--n-odin", type=int, default=1000, help="images per set for the ODIN comparisons")
+    parser.add_argument("--batch-size", type=int, default=500)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--sweep-repeats", type=int, default=1, help="repeats of the (slow) 21-run reference sweep")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu")
+    return parser
+
+
+def best_time(fn: Callable, repeats: int):
+    """(minimum wall time over `repeats` calls, result of the last call)."""
+    times, result = [], None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - start)
+    return min(times), result
+
+
+def batches(x: torch.Tensor, size: int):
+    return [x[i:i + size] for i in range(0, len(x), size)]
+
+
+def train_lenet(train_x: torch.Tensor, train_y: torch.Tensor, args) -> torch.nn.Module:
+    torch.manual_seed(args.seed)
+    model = MODELS["lenet"](num_classes=10, in_channels=1, input_size=28).to(args.device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    generator = torch.Generator().manual_seed(args.seed)
+    model.train()
+    for _ in range(args.steps):
+        index = torch.randint(len(train_x), (128,), generator=generator)
+        loss = F.cross_entropy(model(train_x[index].to(args.device)), train_y[index].to(args.device))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval()
+
+
+def load_sets(args):
+    mnist_train = data.get_dataset("MNIST", "train", root=args.data_root)
+    train_x, train_y = mnist_train.tensors()
+    x_in = data.get_dataset("MNIST", "test", root=args.data_root).tensors()[0][:args.n_in]
+    out_name = args.out_data
+    if out_name is None:
+        try:
+            data.get_dataset("FMNIST", "test", root=args.data_root)
+            out_name = "FMNIST"
+        except data.DatasetNotFoundError:
+            out_name = "ccu_noise"
+    out_set = data.get_dataset(out_name, "test", root=args.data_root, like="MNIST", n=args.n_out, seed=args.seed)
+    x_out = torch.stack([out_set[i][0] for i in range(min(args.n_out, len(out_set)))])
+    return train_x, train_y, x_in, x_out, out_name
+
+
+def ours_fast(model, detectors: dict, x_in, x_out, batch_size: int) -> dict:
+    """One forward pass per batch feeds every logit/feature detector; then one metrics call per detector."""
+    scores = {name: ([], []) for name in detectors}
+    with torch.no_grad():
+        for side, x in enumerate((x_in, x_out)):
+            for batch in batches(x, batch_size):
+                features = model.features(batch)
+                logits = model.head(features)
+                for name, detector in detectors.items():
+                    scores[name][side].append(detector.from_outputs(features, logits))
+    return {name: ood_metrics(torch.cat(s_in), torch.cat(s_out), fpr_convention="ood")
+            for name, (s_in, s_out) in scores.items()}
+
+
+def reference_metrics(detector, x_in, x_out, batch_size: int, grad: bool = False) -> dict:
+    """pytorch-ood's usual loop: detector(x) per batch (the detector runs the network) + OODMetrics."""
+    from pytorch_ood.metrics import OODMetrics
+
+    metrics = OODMetrics()
+    with torch.set_grad_enabled(grad):
+        for label, x in ((0, x_in), (-1, x_out)):
+            for batch in batches(x, batch_size):
+                metrics.update(detector(batch), torch.full((len(batch),), label))
+    result = metrics.compute()
+    return {ours: float(result[theirs]) for ours, theirs in METRIC_KEYS.items()}
+
+
+def fit_reference(model, train_x, train_y, args):
+    from pytorch_ood.detector import EnergyBased, Entropy, Mahalanobis as RefMahalanobis, MaxLogit, MaxSoftmax
+    from torch.utils.data import DataLoader, TensorDataset
+
+    maha = RefMahalanobis(model.features).to(args.device)
+    fit_loader = DataLoader(TensorDataset(train_x, train_y), batch_size=args.batch_size)
+    fit_time, _ = best_time(lambda: maha.fit(fit_loader), 1)
+    return {"msp": MaxSoftmax(model), "energy": EnergyBased(model), "entropy": Entropy(model),
+            "maxlogit": MaxLogit(model), "mahalanobis": maha}, fit_time
+
+
+def compare_fast(model, train_x, train_y, x_in, x_out, args, rows: list, have_ref: bool) -> None:
+    from torch.utils.data import DataLoader, TensorDataset
+
+    fit_loader = DataLoader(TensorDataset(train_x, train_y), batch_size=args.batch_size)
+    detectors = {name: DETECTORS[name](model) for name in FAST if name != "mahalanobis"}
+    fit_ours, detectors["mahalanobis"] = best_time(lambda: Mahalanobis(model).fit(fit_loader), 1)
+    t_ours, ours = best_time(lambda: ours_fast(model, detectors, x_in, x_out, args.batch_size), args.repeats)
+    if not have_ref:
+        rows.append(("five scores", t_ours, None, ours, None))
+        return
+    refs, fit_ref = fit_reference(model, train_x, train_y, args)
+    t_ref, theirs = best_time(lambda: {name: reference_metrics(refs[name], x_in, x_out, args.batch_size)
+                                       for name in FAST}, args.repeats)
+    rows.append(("five scores (MSP, energy, entropy, max-logit, Maha)", t_ours, t_ref, None, None))
+    rows.append(("Mahalanobis fit", fit_ours, fit_ref, None, None))
+    for name in FAST:
+        rows.append((f"  {name}", None, None, ours[name], theirs[name]))
+
+
+def compare_odin(model, x_in, x_out, args, rows: list, have_ref: bool) -> None:
+    x_in, x_out = x_in[:args.n_odin], x_out[:args.n_odin]
+    ours = ODIN(model, temperature=1000.0, eps=0.0014)
+
+    def ours_run():
+        conf = [torch.cat([ours.confidence(b) for b in batches(x, args.batch_size)]) for x in (x_in, x_out)]
+        return ood_metrics(*conf, fpr_convention="ood")
+
+    def sweep_run():
+        return [torch.cat([ours.confidence_sweep(b, ODIN_EPS_GRID) for b in batches(x, args.batch_size)], dim=1)
+                for x in (x_in, x_out)]
+
+    t_ours, m_ours = best_time(ours_run, args.repeats)
+    t_sweep, (sweep_in, sweep_out) = best_time(sweep_run, args.repeats)
+    if not have_ref:
+        rows += [("ODIN T=1000 eps=0.0014", t_ours, None, m_ours, None), ("ODIN sweep 21 eps", t_sweep, None,
+                                                                         None, None)]
+        return
+    from pytorch_ood.detector import ODIN as RefODIN
+
+    ref = RefODIN(model, eps=0.0014, temperature=1000.0)
+    t_ref, m_ref = best_time(lambda: reference_metrics(ref, x_in, x_out, args.batch_size, grad=True),
+                             args.repeats)
+    rows.append(("ODIN T=1000 eps=0.0014", t_ours, t_ref, m_ours, m_ref))
+
+    def ref_sweep():
+        return [reference_metrics(RefODIN(model, eps=float(e), temperature=1000.0), x_in, x_out,
+                                  args.batch_size, grad=True) for e in ODIN_EPS_GRID]
+
+    t_ref_sweep, m_ref_sweep = best_time(ref_sweep, args.sweep_repeats)
+    gaps = [abs(ood_metrics(sweep_in[i], sweep_out[i])["auroc"] - m_ref_sweep[i]["auroc"])
+            for i in range(len(ODIN_EPS_GRID))]
+    rows.append((f"ODIN sweep 21 eps (max |dAUROC| {max(gaps):.1e})", t_sweep, t_ref_sweep, None, None))
+
+
+def print_table(rows: list, header: str) -> None:
+    print(header)
+    print("| computation | ours (s) | pytorch-ood (s) | speed-up | AUROC ours | AUROC ref | |dAUROC| | "
+          "FPR95(ood) ours | FPR95 ref |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, t_ours, t_ref, m_ours, m_ref in rows:
+        cells = [name, f"{t_ours:.3f}" if t_ours else "", f"{t_ref:.3f}" if t_ref else "",
+                 f"{t_ref / t_ours:.2f}x" if t_ours and t_ref else ""]
+        cells += [f"{m_ours['auroc']:.6f}" if m_ours else "", f"{m_ref['auroc']:.6f}" if m_ref else "",
+                  f"{abs(m_ours['auroc'] - m_ref['auroc']):.1e}" if m_ours and m_ref else "",
+                  f"{m_ours['fpr95']:.4f}" if m_ours else "", f"{m_ref['fpr95']:.4f}" if m_ref else ""]
+        print("| " + " | ".join(cells) + " |")
+
+
+def main(args: argparse.Namespace) -> None:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        import pytorch_ood  # noqa: F401
+        have_ref = True
+    except ImportError:
+        have_ref = False
+        print("pytorch-ood is not installed here: timing ours only (see the module docstring)")
+    train_x, train_y, x_in, x_out, out_name = load_sets(args)
+    start = time.perf_counter()
+    model = train_lenet(train_x, train_y, args)
+    print(f"trained LeNet for {args.steps} steps in {time.perf_counter() - start:.0f}s; "
+          f"in = MNIST test ({len(x_in)}), out = {out_name} ({len(x_out)}), {torch.get_num_threads()} threads")
+    device = torch.device(args.device)
+    x_in, x_out = x_in.to(device), x_out.to(device)
+    rows: list = []
+    compare_fast(model, train_x[:args.n_fit], train_y[:args.n_fit], x_in, x_out, args, rows, have_ref)
+    compare_odin(model, x_in, x_out, args, rows, have_ref)
+    print_table(rows, f"\nbest of {args.repeats}; FPR95 under the 'ood' convention (pytorch-ood's)\n")
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
