@@ -46,13 +46,12 @@ class BoundTerms:
                           self.log_b)
 
 
-def _gmm_terms(gmm: GMM, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    metric = gmm.metric  # its buffers are cast to float64 on use, the module itself stays as it is
-    u = metric.centred_whiten(x.double())
-    means = metric.centred_whiten(gmm.mu.detach().double())
+def _gmm_terms(gmm: GMM, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(distances (N, K), a_k - (D/2) l_k - c, e^{l_k}) for points already centred and whitened (float64)."""
+    means = gmm.metric.centred_whiten(gmm.mu.detach().double())
     dist = pairwise_sq_dist(u, means).sqrt()
     logvar = gmm.logvar.detach().double()
-    const = gmm.logweight.double() - 0.5 * metric.dim * logvar - gmm.log_const().double()
+    const = gmm.logweight.double() - 0.5 * gmm.metric.dim * logvar - gmm.log_const().double()
     return dist, const, logvar.exp()
 
 
@@ -67,10 +66,11 @@ def log_b(model: CCUModel, f: float = 1.1) -> float:
 def bound_terms(model: CCUModel, x: torch.Tensor, f: float = 1.1) -> BoundTerms:
     """Everything g(r) needs, for a batch x (N, C, H, W) or (N, D) in pixel space."""
     with torch.no_grad():
-        dist_in, const_in, var_in = _gmm_terms(model.gmm_in, x)
+        u = model.metric.centred_whiten(x.double())  # one whitening serves both mixtures
+        dist_in, const_in, var_in = _gmm_terms(model.gmm_in, u)
         if model.ccus:
             return BoundTerms(dist_in, const_in, var_in, None, None, None, log_b(model, f))
-        dist_out, const_out, var_out = _gmm_terms(model.gmm_out, x)
+        dist_out, const_out, var_out = _gmm_terms(model.gmm_out, u)
         return BoundTerms(dist_in, const_in, var_in, dist_out, const_out, var_out, log_b(model, f))
 
 
@@ -90,22 +90,27 @@ def bound_gap(terms: BoundTerms, r: torch.Tensor, with_grad: bool = False):
 
 
 def _newton(terms: BoundTerms, lo: torch.Tensor, hi: torch.Tensor, iters: int, rtol: float):
-    """Safeguarded Newton from r = lo (g(lo) < 0 <= g(hi)); a step leaving (lo, hi) becomes a bisection.
-    Returns the updated bracket after a final two-sided probe around the Newton limit."""
-    r = lo.clone()
-    step = torch.full_like(r, math.inf)
+    """Safeguarded Newton from r = lo (g(lo) < 0 <= g(hi)); a step leaving [lo, hi] becomes a bisection, and
+    a point stops once its step is below rtol (only unfinished points are evaluated). Returns the bracket
+    after a final two-sided probe around each Newton limit."""
+    r, step = lo.clone(), torch.full_like(lo, math.inf)
+    done = torch.zeros_like(lo, dtype=torch.bool)
     for _ in range(iters):
-        gap, slope = bound_gap(terms, r, with_grad=True)
-        neg = gap < 0
-        lo, hi = torch.where(neg, r, lo), torch.where(neg, hi, r)
-        cand = r - gap / slope
-        bad = ~torch.isfinite(cand) | (cand <= lo) | (cand >= hi)
-        cand = torch.where(bad, 0.5 * (lo + hi), cand)
-        step, r = (cand - r).abs(), cand
-        if bool((step <= rtol * (1.0 + r)).all()):
+        idx = torch.nonzero(~done).squeeze(1)
+        if idx.numel() == 0:
             break
+        r_i, lo_i, hi_i = r[idx], lo[idx], hi[idx]
+        gap, slope = bound_gap(terms.select(idx), r_i, with_grad=True)
+        neg = gap < 0
+        lo_i, hi_i = torch.where(neg, r_i, lo_i), torch.where(neg, hi_i, r_i)
+        cand = r_i - gap / slope
+        bad = ~torch.isfinite(cand) | (cand < lo_i) | (cand > hi_i)
+        cand = torch.where(bad, 0.5 * (lo_i + hi_i), cand)
+        step_i = (cand - r_i).abs()
+        lo[idx], hi[idx], r[idx], step[idx] = lo_i, hi_i, cand, step_i
+        done[idx] = step_i <= rtol * (1.0 + cand)
     # probe both sides of the Newton limit: brackets the root tightly when Newton has converged
-    delta = 4.0 * step + rtol * (1.0 + r)
+    delta = 4.0 * step.nan_to_num(posinf=0.0) + rtol * (1.0 + r)
     for probe in (r - delta, r + delta):
         inside = (probe > lo) & (probe < hi)
         neg = bound_gap(terms, probe) < 0

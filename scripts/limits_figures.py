@@ -1,0 +1,291 @@
+"""Know your limits (Ulmer & Cina, UAI 2021, arXiv 2012.05329; SPEC 5): uncertainty of ReLU classifiers far away.
+
+Trains the toy models of SPEC 5.2 on two half-moons (seconds on a CPU) and writes, under --out-dir:
+  moons_<model>.png    each score (entropy, 1 - max p, class variance, mutual information) over the SPEC 5.2 score
+                       grid, and ||grad_x score||_2 over the (wider) gradient grid;
+  moons_far_away.png   score and ||grad_x score|| along rays alpha * d, alpha in logspace(0, 4), random unit d:
+                       the scores freeze and the gradients vanish far away (SPEC 5.1);
+  regions.png          the 9-cluster PLNN [2, 5, 5, 9]: linear regions, entropy, ||grad H||, ||grad ||grad H||||;
+  images_far_away_<DATASET>.png  with --runs: max-softmax confidence and its gradient norm along scaled noise
+                       alpha * u for trained image models (plain, CEDA, ACET, CCU, DDU, ...).
+Rows (rewritten by every invocation): --rows-dir/moons.jsonl (median / quantiles of score and gradient norm per
+model, score and alpha, plus the limits), regions.jsonl, and <DATASET>_rays.jsonl for --runs.
+
+    python scripts/limits_figures.py                       # toy figures, ~1 min on a laptop CPU
+    python scripts/limits_figures.py --runs runs/MNIST/plain-s0 runs/MNIST/acet-s0 runs/MNIST/ccu-s0
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as `python scripts/limits_figures.py` from anywhere
+    sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from utils import limits, regions, toy  # noqa: E402
+
+# SPEC 5.2 grids (start, stop, step) and colour ranges; the original's MI range [4, 5] was its bug's, MI <= 1 bit
+SCORE_GRID = ((-3.5, 4.5, 0.1), (-3.0, 3.5, 0.1))
+GRAD_GRID = ((-5.5, 6.5, 0.1), (-5.0, 5.5, 0.1))
+COLOUR_RANGE = {"entropy": (0, 1), "max_prob": (0, 0.5), "var": (0, 0.25), "mutual_information": (0, 1)}
+SINGLE_SCORES = ("entropy", "max_prob")  # a deterministic model has no variance or mutual information
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=list(toy.TOY_MODELS), choices=list(toy.TOY_MODELS))
+    parser.add_argument("--preset", default="tuned", choices=("tuned", "paper"),
+                        help="paper: SPEC 5.2 learning rates (underfit in 20 epochs); tuned: fitted (default)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--n-directions", type=int, default=64, help="random unit directions for the rays")
+    parser.add_argument("--alpha-exp", type=float, nargs=2, default=(0.0, 4.0), help="alphas = logspace(a, b)")
+    parser.add_argument("--n-alphas", type=int, default=41)
+    parser.add_argument("--regions", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--runs", nargs="+", default=None, metavar="DIR", help="image runs for far-away curves")
+    parser.add_argument("--noise", default="uniform", help="data.DATASETS noise key scaled along the rays")
+    parser.add_argument("--image-directions", type=int, default=64)
+    parser.add_argument("--data-root", default=None)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out-dir", default="results/figures/limits")
+    parser.add_argument("--rows-dir", default="results/limits")
+    return parser
+
+
+def scores_of(name: str) -> tuple[str, ...]:
+    return SINGLE_SCORES if name in ("NN", "PlattScalingNN") else tuple(toy.SCORES)
+
+
+def score_and_grad(model: toy.ToyModel, score: str, points: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """score(x) and ||grad_x score(x)||_2 at every point (the sum's backward, as the original)."""
+    x = points.clone().requires_grad_(True)
+    value = toy.SCORES[score](model.predict_samples(x))
+    (grad,) = torch.autograd.grad(value.sum(), x)
+    return value.detach().numpy(), grad.norm(dim=1).numpy()
+
+
+def plot_model_maps(name: str, model: toy.ToyModel, data: toy.MoonsData, path: Path) -> None:
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import LogNorm
+
+    names = scores_of(name)
+    fig, axes = plt.subplots(2, len(names), figsize=(4.2 * len(names), 7), squeeze=False)
+    for col, score in enumerate(names):
+        for row, grid in enumerate((SCORE_GRID, GRAD_GRID)):
+            xs, ys, points = regions.grid_points(*grid)
+            value, grad = score_and_grad(model, score, points)
+            ax = axes[row, col]
+            if row == 0:
+                vmin, vmax = COLOUR_RANGE[score]
+                image = ax.pcolormesh(xs, ys, value.reshape(len(ys), len(xs)), vmin=vmin, vmax=vmax,
+                                      cmap="viridis", shading="auto")
+                ax.set_title(f"{score}")
+            else:
+                image = ax.pcolormesh(xs, ys, np.clip(grad, 1e-8, None).reshape(len(ys), len(xs)), cmap="magma",
+                                      norm=LogNorm(1e-6, max(grad.max(), 1e-5)), shading="auto")
+                ax.set_title(f"||grad {score}||")
+            ax.scatter(*data.x_train.T, c=data.y_train, s=3, cmap="coolwarm", alpha=0.6)
+            fig.colorbar(image, ax=ax, fraction=0.046)
+    acc = model.accuracy(data.x_val, data.y_val)
+    fig.suptitle(f"{name}: validation accuracy {100 * acc:.1f}%")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+class _TwoLogits(nn.Module):
+    """A deterministic toy model as a 2-logit network [0, f(x)] (softmax = [1 - sigmoid f, sigmoid f])."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logit = self.model.logit(x)
+        return torch.stack([torch.zeros_like(logit), logit], -1)
+
+
+def toy_limits(name: str, model: toy.ToyModel, directions: torch.Tensor) -> tuple[str, torch.Tensor]:
+    """Exact limit probabilities (N, 2) of the mean prediction: NN / Platt directly, ensembles as the mean of
+    their members' limits; MC dropout and BBB have no single network and return ("numeric", None)."""
+    if name in ("NN", "PlattScalingNN"):
+        return "exact", limits.limit_analysis(_TwoLogits(model), directions).probs
+    if name in ("NNEnsemble", "AnchoredNNEnsemble"):
+        members = [limits.limit_analysis(_TwoLogits(m), directions).probs for m in model.members]
+        return "exact", torch.stack(members).mean(0)
+    return "numeric", None
+
+
+def far_away_rows(models: dict, alphas: torch.Tensor, directions: torch.Tensor, meta: dict) -> list[dict]:
+    rows = []
+    for name, model in models.items():
+        method, limit_probs = toy_limits(name, model, directions)
+        for score in scores_of(name):
+            values, grads = limits.ray_curve(model, directions, alphas, score=toy.SCORES[score])
+            limit = (toy.SCORES[score](limit_probs[None].float()) if limit_probs is not None else values[-1])
+            for i, alpha in enumerate(alphas.tolist()):
+                q = torch.quantile(values[i].double(), torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64))
+                rows.append({**meta, "model": name, "score": score, "alpha": alpha, "score_q10": float(q[0]),
+                             "score_median": float(q[1]), "score_q90": float(q[2]),
+                             "grad_median": float(grads[i].median()), "grad_max": float(grads[i].max()),
+                             "limit_median": float(limit.median()), "limit_method": method,
+                             "max_abs_to_limit": float((values[i] - limit).abs().max())})
+            if limit_probs is not None and score == "max_prob":
+                share = float((limit_probs.amax(-1) > 0.99).double().mean())
+                print(f"{name:>18s}: limit confidence > 0.99 along {100 * share:.1f}% of the rays")
+    return rows
+
+
+def plot_far_away(rows: list[dict], path: Path, title: str, scores=tuple(toy.SCORES)) -> None:
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(scores), 2, figsize=(11, 3.2 * len(scores)), squeeze=False)
+    for r, score in enumerate(scores):
+        for name in dict.fromkeys(row["model"] for row in rows):
+            sel = [row for row in rows if row["model"] == name and row["score"] == score]
+            if not sel:
+                continue
+            alpha = [row["alpha"] for row in sel]
+            line, = axes[r, 0].semilogx(alpha, [row["score_median"] for row in sel], label=name)
+            axes[r, 0].fill_between(alpha, [row["score_q10"] for row in sel], [row["score_q90"] for row in sel],
+                                    color=line.get_color(), alpha=0.15)
+            axes[r, 1].loglog(alpha, [max(row["grad_median"], 1e-30) for row in sel], color=line.get_color())
+        axes[r, 0].set_ylabel(score)
+        axes[r, 1].set_ylabel(f"||grad {score}|| (median)")
+        axes[r, 1].set_ylim(bottom=1e-16)
+    for ax in axes[-1]:
+        ax.set_xlabel("alpha (point = alpha * d)")
+    axes[0, 0].legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def regions_figure(path: Path, seed: int) -> dict:
+    """The polytope figure of SPEC 5.2 on the 9-cluster toy; returns its summary row."""
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import LogNorm
+
+    x, y = regions.nine_clusters(seed=seed + 1234)
+    net = regions.train_plnn(x, y, seed=seed + 1234)
+    accuracy = float((net(x).argmax(1) == y).double().mean())
+    xs, ys, points = regions.grid_points((-5.0, 5.05, 0.1), (-5.0, 5.05, 0.1))
+    ids, count = regions.linear_regions(net, points)
+    entropy, grad, grad2 = regions.entropy_maps(net, points)
+    shape = (len(ys), len(xs))
+    colours = torch.randperm(count, generator=torch.Generator().manual_seed(0))[ids].reshape(shape)
+    fig, axes = plt.subplots(1, 4, figsize=(19, 4.4))
+    panels = [(colours, f"{count} linear regions on the grid", dict(cmap="tab20")),
+              (entropy.reshape(shape), "entropy (bits)", dict(cmap="viridis", vmin=0, vmax=np.log2(9))),
+              (grad.clamp_min(1e-8).reshape(shape), "||grad entropy||", dict(cmap="magma", norm=LogNorm(1e-6))),
+              (grad2.clamp_min(1e-8).reshape(shape), "||grad ||grad entropy||||",
+               dict(cmap="magma", norm=LogNorm(1e-6)))]
+    for ax, (image, title, style) in zip(axes, panels):
+        mesh = ax.pcolormesh(xs, ys, image.numpy(), shading="auto", **style)
+        ax.scatter(*x.T, c=y, s=2, cmap="tab10", edgecolors="none")
+        ax.set_title(title)
+        if ax is not axes[0]:
+            fig.colorbar(mesh, ax=ax, fraction=0.046)
+    fig.suptitle(f"PLNN [2, 5, 5, 9] on 9 clusters (train accuracy {100 * accuracy:.1f}%)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    border = (points.abs() > 4.5).any(1)  # outer ring of the grid: entropy frozen, gradients vanishing
+    return {"dataset": "nine_clusters", "n_regions": count, "train_accuracy": accuracy,
+            "entropy_grad_median_outer": float(grad[border].median()),
+            "entropy_grad_median_inner": float(grad[~border].median())}
+
+
+def image_rows(args: argparse.Namespace, alphas: torch.Tensor) -> tuple[str, list[dict]]:
+    """Max-softmax confidence and its gradient norm along alpha * u, u = --noise images, for each --runs model."""
+    import data
+    import models
+    from utils.runs import file_hash, resolve_data_root
+
+    rows, dataset = [], None
+    for run_dir in map(Path, args.runs):
+        model = models.load_run(run_dir, device=args.device)
+        name = model.run_config.get("dataset")
+        if dataset not in (None, name):
+            raise ValueError(f"--runs mixes datasets {dataset} and {name}; pass one dataset's runs at a time")
+        dataset = name
+        noise = data.get_dataset(args.noise, "test", root=resolve_data_root(args.data_root), like=dataset,
+                                 n=args.image_directions, seed=args.seed)
+        u = next(iter(torch.utils.data.DataLoader(noise, batch_size=len(noise))))[0]
+        values, grads = limits.ray_curve(model, u, alphas, batch_size=256)
+        result = limits.limit_analysis(model, u, on_non_pa="numeric", batch_size=64)
+        label = f"{run_dir.name} ({model.run_config.get('method', '?')})"
+        share = float((result.confidence > 0.99).double().mean())
+        print(f"{label:>28s}: limit confidence > 0.99 along {100 * share:.1f}% of the noise rays [{result.method}], "
+              f"median conf at alpha={alphas[-1]:g}: {float(values[-1].median()):.4f}")
+        for i, alpha in enumerate(alphas.tolist()):
+            q = torch.quantile(values[i].double(), torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64))
+            rows.append({"dataset": dataset, "model": label, "run": str(run_dir),
+                         "checkpoint": file_hash(run_dir / "model.pt"), "score": "confidence", "alpha": alpha,
+                         "score_q10": float(q[0]), "score_median": float(q[1]), "score_q90": float(q[2]),
+                         "grad_median": float(grads[i].median()), "grad_max": float(grads[i].max()),
+                         "limit_method": result.method, "limit_share_confident": share,
+                         "limit_median": float(result.confidence.median()), "noise": args.noise})
+    return dataset, rows
+
+
+def main(args: argparse.Namespace) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from utils.runs import git_sha, now
+
+    out_dir, rows_dir = Path(args.out_dir), Path(args.rows_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data = toy.moons_data()
+    alphas = torch.logspace(*args.alpha_exp, args.n_alphas)
+    meta = {"dataset": "moons", "preset": args.preset, "seed": args.seed, "n_directions": args.n_directions,
+            "git_sha": git_sha(), "date": now()}
+    trained = {}
+    for name in args.models:
+        trained[name] = toy.train_toy(name, data, preset=args.preset, seed=args.seed)
+        print(f"{name:>18s}: validation accuracy {100 * trained[name].accuracy(data.x_val, data.y_val):.1f}%")
+        plot_model_maps(name, trained[name], data, out_dir / f"moons_{name}.png")
+    directions = torch.randn(args.n_directions, 2, generator=torch.Generator().manual_seed(args.seed))
+    directions = directions / directions.norm(dim=1, keepdim=True)
+    rows = far_away_rows(trained, alphas, directions, meta)
+    for name in trained:
+        for score in scores_of(name):
+            sel = [row for row in rows if row["model"] == name and row["score"] == score]
+            print(f"{name:>18s} {score:>18s}: median {sel[0]['score_median']:.4f} at alpha=1 -> "
+                  f"{sel[-1]['score_median']:.4f} at alpha={sel[-1]['alpha']:g} (limit {sel[-1]['limit_median']:.4f}"
+                  f"), median ||grad|| {sel[0]['grad_median']:.2e} -> {sel[-1]['grad_median']:.2e}")
+    write_rows(rows_dir / "moons.jsonl", rows)
+    plot_far_away(rows, out_dir / "moons_far_away.png", "Two moons: scores along alpha * d (median, 10-90% band)")
+    if args.regions:
+        summary = {**regions_figure(out_dir / "regions.png", args.seed), "git_sha": meta["git_sha"], "date": now()}
+        print(f"regions: {summary['n_regions']} linear regions on [-5, 5]^2, train accuracy "
+              f"{100 * summary['train_accuracy']:.1f}%, median ||grad H|| inner {summary['entropy_grad_median_inner']:.2e}"
+              f" vs outer ring {summary['entropy_grad_median_outer']:.2e}")
+        write_rows(rows_dir / "regions.jsonl", [summary])
+    if args.runs:
+        dataset, image = image_rows(args, alphas)
+        write_rows(rows_dir / f"{dataset}_rays.jsonl", [{**row, "git_sha": meta["git_sha"], "date": now()}
+                                                         for row in image])
+        plot_far_away(image, out_dir / f"images_far_away_{dataset}.png",
+                      f"{dataset}: max-softmax confidence along alpha * {args.noise} noise", scores=("confidence",))
+    print(f"figures in {out_dir}, rows in {rows_dir}")
+
+
+def write_rows(path: Path, rows: list[dict]) -> None:
+    """Rewrite `path` with `rows` as JSON lines (the rows of one invocation)."""
+    import json
+
+    from utils.runs import atomic_write_text
+
+    atomic_write_text(path, "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows))
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
