@@ -67,7 +67,8 @@ def collect(dataset, batch_size: int) -> torch.Tensor:
     return torch.cat(chunks)
 
 
-def fit_mixture(u: np.ndarray, n_components: int, seed: int, max_iter: int, tol: float) -> tuple[np.ndarray, float, dict]:
+def fit_mixture(u: np.ndarray, n_components: int, seed: int, max_iter: int,
+                tol: float) -> tuple[np.ndarray, float, dict]:
     """Spherical EM in whitened coordinates -> (means (K, D), shared variance = mean fitted variance, info)."""
     from sklearn.mixture import GaussianMixture
 

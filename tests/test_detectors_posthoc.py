@@ -249,6 +249,25 @@ def test_mahalanobis_equals_numpy_and_sklearn():
         shared = detector.from_outputs(model.features(queries), model(queries))
     np.testing.assert_allclose(shared.numpy(), expected, rtol=1e-8)
     assert detector.needs_grad is False
+    ridged = Mahalanobis(model, ridge=0.05).fit(DataLoader(TensorDataset(x_in, y), batch_size=500))
+    np.testing.assert_allclose(ridged.precision.numpy(),
+                               np.linalg.inv(centred.T @ centred / len(z) + 0.05 * np.eye(z.shape[1])), rtol=1e-8)
+
+
+def test_mahalanobis_constant_features_get_pinv_semantics():
+    """A feature that never varies in training (a dead ReLU) gets a zero row/column in P, as pinv gives."""
+    x_in, y, _ = _toy(n_per_class=40, seed=4)
+    x_in = x_in.flatten(1)
+    x_in[:, [2, 7]] = 0.0
+    detector = Mahalanobis(IdentityFeatures(x_in.shape[1])).fit(DataLoader(TensorDataset(x_in, y), batch_size=50))
+    z = x_in.double().numpy()
+    centred = z - np.stack([z[y.numpy() == c].mean(0) for c in range(NUM_CLASSES)])[y.numpy()]
+    expected = np.linalg.pinv(centred.T @ centred / len(z), hermitian=True)
+    np.testing.assert_allclose(detector.precision.numpy(), expected, rtol=1e-6, atol=1e-8)
+    assert detector.support.tolist() == [i for i in range(12) if i not in (2, 7)]
+    moved = x_in.clone()
+    moved[:, 2] = 1.0  # moving along a dead feature does not change the pinv distance
+    torch.testing.assert_close(detector.confidence(moved), detector.confidence(x_in))
 
 
 def test_mahalanobis_preprocessing_sweep_and_tune(trained, toy):

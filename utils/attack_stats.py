@@ -214,7 +214,7 @@ def attack_row(label: str, in_scores: torch.Tensor, test_error: float, adv_score
     """TE, MMC, SR, AUC (x100) of one model (SPEC 1.7)."""
     from utils import metrics
 
-    median_in = float(in_scores.median())
+    median_in = float(np.median(in_scores.numpy()))  # numpy convention: mean of the two middle values
     return {"label": label, "te": 100 * test_error, "mmc": 100 * float(adv_scores.exp().mean()),
             "sr": 100 * float((adv_scores >= median_in).double().mean()),
             "auc": 100 * metrics.auroc(in_scores, adv_scores), "median_in_log_conf": median_in}
@@ -251,14 +251,15 @@ def main(args: argparse.Namespace) -> None:
     _, shape = data.dataset_info(args.dataset)
     seeds = _seeds(args, shape, data_root).to(args.device)
     radius = certified_radius(ccu_model, seeds, f=args.f).float()
-    print(f"{args.n_seeds} {args.seeds} seeds: median certified radius {float(radius.median()):.4g}, "
+    radius_median = float(np.median(radius.cpu().numpy()))
+    print(f"{args.n_seeds} {args.seeds} seeds: median certified radius {radius_median:.4g}, "
           f"{100 * float((radius > 0).double().mean()):.0f}% certified (CCU run {ccu_dir})")
     test_set = data.get_dataset(args.dataset, "test", root=data_root, n=args.n_test)
     loader = DataLoader(test_set, batch_size=args.test_batch_size)
     common = {"study": STUDY, "dataset": args.dataset, "ccu_run": str(ccu_dir), "seeds": args.seeds,
               "n_seeds": int(seeds.shape[0]), "restarts": args.restarts, "steps": args.steps,
               "step_size": args.step_size, "f": args.f, "seed": args.seed,
-              "radius_median": float(radius.median()), "certified_pct": 100 * float((radius > 0).double().mean()),
+              "radius_median": radius_median, "certified_pct": 100 * float((radius > 0).double().mean()),
               "git_sha": runs.git_sha(), "date": runs.now()}
     rows, dump = [], {"labels": [], "adv": [], "adv_log_conf": [], "in_log_conf": []}
     for label, dirs in _targets(args, ccu_dir):

@@ -128,11 +128,10 @@ def pgd_maximize(model: nn.Module, x_seed: torch.Tensor, objective: Objective, e
             x = project(x + step_size * _ascent_direction(grad, norm), x_seed, eps, norm)
         with torch.no_grad():
             # one forward scores the last iterate, and the seed too when the random start left it
-            candidates = torch.cat([x, x_seed]) if random_start else x
-            scores = objective(model(candidates))
-            best_x, best_score = _keep_best(best_x, best_score, x, scores[: len(x)])
+            logits = model(torch.cat([x, x_seed]) if random_start else x)
+            best_x, best_score = _keep_best(best_x, best_score, x, objective(logits[: len(x)]))
             if random_start:
-                best_x, best_score = _keep_best(best_x, best_score, x_seed, scores[len(x):])
+                best_x, best_score = _keep_best(best_x, best_score, x_seed, objective(logits[len(x):]))
     return best_x.detach(), best_score.detach()
 
 

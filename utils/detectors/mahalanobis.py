@@ -32,6 +32,11 @@ class Mahalanobis(Detector):
     in float64 (shifted by the first batch's mean against cancellation), so memory does not grow with N.
     Classes absent from the fitting data get no mean and are ignored.
 
+    ridge > 0 inverts Sigma + ridge * I instead (not in Lee et al. or CCU): pinv ignores feature directions in
+    which the training data never vary (dead ReLUs are common in LeNet's 1024-d layer), so an input that
+    activates them is not penalised; a ridge penalises them. pytorch-ood 0.4.0 inverts the *unnormalised*
+    scatter matrix plus 1e-6 * I, which ranks inputs exactly as ridge = 1e-6 / N does here.
+
     eps > 0 adds Lee et al.'s input preprocessing: x~ = x - eps * sign(grad_x M(x)) (sign(0) = +1), a step in
     [0, 1] pixel units that decreases the distance M to the closest class (the std division of the original
     is absorbed as explained in `ODIN`); gradient="raw" is CCU's clip(x + eps * grad_x conf(x), 0, 1).
@@ -40,14 +45,20 @@ class Mahalanobis(Detector):
     """
 
     def __init__(self, model: nn.Module, eps: float = 0.0, gradient: str = "sign",
-                 clip: Optional[bool] = None) -> None:
+                 clip: Optional[bool] = None, ridge: float = 0.0) -> None:
         super().__init__(model)
+        if ridge < 0:
+            raise ValueError(f"Mahalanobis ridge must be >= 0, got {ridge}")
+        self.ridge = float(ridge)
         self.gradient = check_choice("Mahalanobis gradient", gradient, GRADIENTS)
         self.clip = (gradient == "raw") if clip is None else bool(clip)
         self.eps = float(eps)
         self.means: Optional[torch.Tensor] = None      # (K', F), float64
-        self.precision: Optional[torch.Tensor] = None  # (F, F), float64
         self.classes: Optional[torch.Tensor] = None    # (K',) labels with a mean
+        self.support: Optional[torch.Tensor] = None    # (F',) feature indices with nonzero training variance
+        self._precision: Optional[torch.Tensor] = None  # (F', F') on the support
+        self._means_precision: Optional[torch.Tensor] = None  # (K', F') = means P on the support
+        self._means_quad: Optional[torch.Tensor] = None  # (K',) = mu_c^T P mu_c
 
     @property
     def eps(self) -> float:
@@ -84,20 +95,44 @@ class Mahalanobis(Detector):
         sums, counts = sums[present], counts[present]
         # sum_c sum_i (z_i - mu_c)(z_i - mu_c)^T = sum_i z_i z_i^T - sum_c s_c s_c^T / n_c  (s_c: class sums)
         covariance = (outer - sums.T @ (sums / counts[:, None])) / counts.sum()
-        self.precision = torch.linalg.pinv(covariance, hermitian=True)
+        covariance.diagonal().add_(self.ridge)
         self.means = sums / counts[:, None] + shift
         self.classes = torch.nonzero(present).flatten()
+        self._set_precision(covariance)
         return self
+
+    def _set_precision(self, covariance: torch.Tensor) -> None:
+        """P = pinv(Sigma), computed on the features that vary in training only.
+
+        A feature with zero variance (a dead ReLU) has an all-zero row and column in the PSD Sigma, so pinv
+        has zeros there and equals pinv of the remaining block: dropping those features first is exact, and
+        it makes the eigendecomposition smaller and free of the degenerate zero cluster (several times faster
+        on LeNet's 1024-d features).
+        """
+        self.support = torch.nonzero(covariance.diagonal() > 0).flatten()
+        block = covariance[self.support][:, self.support]
+        self._precision = torch.linalg.pinv(block, hermitian=True)
+        means = self.means[:, self.support]
+        self._means_precision = means @ self._precision
+        self._means_quad = (self._means_precision * means).sum(dim=1)
+
+    @property
+    def precision(self) -> torch.Tensor:
+        """(F, F) precision matrix pinv(Sigma + ridge I), float64 (zero rows/columns for constant features)."""
+        if self._precision is None:
+            raise RuntimeError("Mahalanobis detector is not fitted: call fit(train_loader) first")
+        dim = self.means.shape[1]
+        full = self._precision.new_zeros(dim, dim)
+        full[self.support[:, None], self.support[None, :]] = self._precision
+        return full
 
     def distances(self, features: torch.Tensor) -> torch.Tensor:
         """(N, K') squared Mahalanobis distances of features to every class mean, in float64."""
-        if self.means is None:
+        if self._precision is None:
             raise RuntimeError("Mahalanobis detector is not fitted: call fit(train_loader) first")
-        z = features.to(self.precision.dtype)
-        z_prec = z @ self.precision
-        means_prec = self.means @ self.precision
-        quad = (z_prec * z).sum(dim=1, keepdim=True) - 2.0 * z_prec @ self.means.T
-        return (quad + (means_prec * self.means).sum(dim=1)).clamp_min(0.0)
+        z = features[:, self.support].to(self._precision.dtype)
+        quad = ((z @ self._precision) * z).sum(dim=1, keepdim=True)
+        return (quad - 2.0 * z @ self._means_precision.T + self._means_quad).clamp_min(0.0)
 
     def from_outputs(self, features: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         if self.needs_grad:

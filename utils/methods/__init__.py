@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 from utils.methods.base import Method
+from utils.methods.ccu import CCU_METHODS
 from utils.methods.plain import PLAIN
 
 METHODS: dict[str, Method] = {
     "plain": PLAIN,
+    **CCU_METHODS,
 }
 
 
