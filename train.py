@@ -70,6 +70,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--attack-steps", type=int, default=40)
     g.add_argument("--attack-step-size", type=float, default=None, help="default: eps / steps")
     g.add_argument("--attack-norm", default="linf", choices=["linf", "l2"])
+    g.add_argument("--attack-random-start", action=argparse.BooleanOptionalAction, default=True)
     g.add_argument("--oe-lambda", type=float, default=0.5)
     g.add_argument("--gmm", default=None, help="gen_gmm.py run folder (ccu, ccus)")
     g.add_argument("--gmm-lr", type=float, default=1e-5)

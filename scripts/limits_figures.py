@@ -61,33 +61,39 @@ def scores_of(name: str) -> tuple[str, ...]:
     return SINGLE_SCORES if name in ("NN", "PlattScalingNN") else tuple(toy.SCORES)
 
 
-def score_and_grad(model: toy.ToyModel, score: str, points: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """score(x) and ||grad_x score(x)||_2 at every point (the sum's backward, as the original)."""
+def score_maps(model: toy.ToyModel, scores: tuple[str, ...], points: torch.Tensor) -> dict:
+    """{score: (score(x), ||grad_x score(x)||_2)} at every point, from one Monte-Carlo forward pass (the gradient
+    of the sum, as the original)."""
     x = points.clone().requires_grad_(True)
-    value = toy.SCORES[score](model.predict_samples(x))
-    (grad,) = torch.autograd.grad(value.sum(), x)
-    return value.detach().numpy(), grad.norm(dim=1).numpy()
+    probs = model.predict_samples(x)
+    maps = {}
+    for i, score in enumerate(scores):
+        value = toy.SCORES[score](probs)
+        (grad,) = torch.autograd.grad(value.sum(), x, retain_graph=i < len(scores) - 1)
+        maps[score] = (value.detach().numpy(), grad.norm(dim=1).numpy())
+    return maps
 
 
 def plot_model_maps(name: str, model: toy.ToyModel, data: toy.MoonsData, path: Path) -> None:
+    """Row 1: each score over the score grid; row 2: its gradient norm over the gradient grid (log colours)."""
     import matplotlib.pyplot as plt
     from matplotlib.colors import LogNorm
 
     names = scores_of(name)
     fig, axes = plt.subplots(2, len(names), figsize=(4.2 * len(names), 7), squeeze=False)
-    for col, score in enumerate(names):
-        for row, grid in enumerate((SCORE_GRID, GRAD_GRID)):
-            xs, ys, points = regions.grid_points(*grid)
-            value, grad = score_and_grad(model, score, points)
+    for row, grid in enumerate((SCORE_GRID, GRAD_GRID)):
+        xs, ys, points = regions.grid_points(*grid)
+        maps = score_maps(model, names, points)
+        for col, score in enumerate(names):
+            value, grad = (m.reshape(len(ys), len(xs)) for m in maps[score])
             ax = axes[row, col]
             if row == 0:
                 vmin, vmax = COLOUR_RANGE[score]
-                image = ax.pcolormesh(xs, ys, value.reshape(len(ys), len(xs)), vmin=vmin, vmax=vmax,
-                                      cmap="viridis", shading="auto")
+                image = ax.pcolormesh(xs, ys, value, vmin=vmin, vmax=vmax, cmap="viridis", shading="auto")
                 ax.set_title(f"{score}")
             else:
-                image = ax.pcolormesh(xs, ys, np.clip(grad, 1e-8, None).reshape(len(ys), len(xs)), cmap="magma",
-                                      norm=LogNorm(1e-6, max(grad.max(), 1e-5)), shading="auto")
+                image = ax.pcolormesh(xs, ys, np.clip(grad, 1e-8, None), cmap="magma", shading="auto",
+                                      norm=LogNorm(1e-6, max(grad.max(), 1e-5)))
                 ax.set_title(f"||grad {score}||")
             ax.scatter(*data.x_train.T, c=data.y_train, s=3, cmap="coolwarm", alpha=0.6)
             fig.colorbar(image, ax=ax, fraction=0.046)
@@ -121,46 +127,54 @@ def toy_limits(name: str, model: toy.ToyModel, directions: torch.Tensor) -> tupl
     return "numeric", None
 
 
-def far_away_rows(models: dict, alphas: torch.Tensor, directions: torch.Tensor, meta: dict) -> list[dict]:
-    rows = []
+def far_away_curves(models: dict, alphas: torch.Tensor, directions: torch.Tensor) -> dict:
+    """{model: [(score, values (A, N), grad norms (A, N), limit (N,), limit method)]} along alpha * d."""
+    curves: dict = {}
     for name, model in models.items():
         method, limit_probs = toy_limits(name, model, directions)
+        if limit_probs is not None:
+            share = float((limit_probs.amax(-1) > 0.99).double().mean())
+            print(f"{name:>18s}: limit confidence > 0.99 along {100 * share:.1f}% of the rays (exact)")
         for score in scores_of(name):
             values, grads = limits.ray_curve(model, directions, alphas, score=toy.SCORES[score])
-            limit = (toy.SCORES[score](limit_probs[None].float()) if limit_probs is not None else values[-1])
+            limit = toy.SCORES[score](limit_probs[None].float()) if limit_probs is not None else values[-1]
+            curves.setdefault(name, []).append((score, values, grads, limit, method))
+    return curves
+
+
+def curve_rows(curves: dict, alphas: torch.Tensor, meta: dict) -> list[dict]:
+    """One row per (model, score, alpha): quantiles of the score and its gradient norm over the directions."""
+    rows, levels = [], torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)
+    for name, entries in curves.items():
+        for score, values, grads, limit, method in entries:
             for i, alpha in enumerate(alphas.tolist()):
-                q = torch.quantile(values[i].double(), torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64))
-                rows.append({**meta, "model": name, "score": score, "alpha": alpha, "score_q10": float(q[0]),
-                             "score_median": float(q[1]), "score_q90": float(q[2]),
-                             "grad_median": float(grads[i].median()), "grad_max": float(grads[i].max()),
-                             "limit_median": float(limit.median()), "limit_method": method,
-                             "max_abs_to_limit": float((values[i] - limit).abs().max())})
-            if limit_probs is not None and score == "max_prob":
-                share = float((limit_probs.amax(-1) > 0.99).double().mean())
-                print(f"{name:>18s}: limit confidence > 0.99 along {100 * share:.1f}% of the rays")
+                q = torch.quantile(values[i].double(), levels).tolist()
+                rows.append({**meta, "model": name, "score": score, "alpha": alpha, "score_q10": q[0],
+                             "score_median": q[1], "score_q90": q[2], "grad_median": float(grads[i].median()),
+                             "grad_max": float(grads[i].max()), "limit_median": float(limit.median()),
+                             "limit_method": method, "max_abs_to_limit": float((values[i] - limit).abs().max())})
     return rows
 
 
-def plot_far_away(rows: list[dict], path: Path, title: str, scores=tuple(toy.SCORES)) -> None:
+def plot_rays(curves: dict, alphas: torch.Tensor, path: Path, title: str, n_show: int = 16) -> None:
+    """Rows = models; per score two panels: the score along n_show rays, and its gradient norm (log-log)."""
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(len(scores), 2, figsize=(11, 3.2 * len(scores)), squeeze=False)
-    for r, score in enumerate(scores):
-        for name in dict.fromkeys(row["model"] for row in rows):
-            sel = [row for row in rows if row["model"] == name and row["score"] == score]
-            if not sel:
-                continue
-            alpha = [row["alpha"] for row in sel]
-            line, = axes[r, 0].semilogx(alpha, [row["score_median"] for row in sel], label=name)
-            axes[r, 0].fill_between(alpha, [row["score_q10"] for row in sel], [row["score_q90"] for row in sel],
-                                    color=line.get_color(), alpha=0.15)
-            axes[r, 1].loglog(alpha, [max(row["grad_median"], 1e-30) for row in sel], color=line.get_color())
-        axes[r, 0].set_ylabel(score)
-        axes[r, 1].set_ylabel(f"||grad {score}|| (median)")
-        axes[r, 1].set_ylim(bottom=1e-16)
+    n_cols = 2 * max(len(entries) for entries in curves.values())
+    fig, axes = plt.subplots(len(curves), n_cols, figsize=(3.3 * n_cols, 2.4 * len(curves)), squeeze=False)
+    floor = 1e-12  # exact zeros (float32 probabilities saturated at 1) are drawn on the floor
+    for r, (name, entries) in enumerate(curves.items()):
+        for c, (score, values, grads, _, _) in enumerate(entries):
+            ax_value, ax_grad = axes[r, 2 * c], axes[r, 2 * c + 1]
+            ax_value.semilogx(alphas, values[:, :n_show], lw=0.8)
+            ax_grad.loglog(alphas, grads[:, :n_show].clamp_min(floor), lw=0.8)
+            ax_value.set_title(f"{name}: {score}", fontsize=8)
+            ax_grad.set_title(f"||grad {score}||", fontsize=8)
+            ax_grad.set_ylim(floor / 2, None)
+        for ax in axes[r, 2 * len(entries):]:
+            ax.axis("off")
     for ax in axes[-1]:
-        ax.set_xlabel("alpha (point = alpha * d)")
-    axes[0, 0].legend(fontsize=7)
+        ax.set_xlabel("alpha")
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
@@ -180,6 +194,10 @@ def regions_figure(path: Path, seed: int) -> dict:
     entropy, grad, grad2 = regions.entropy_maps(net, points)
     shape = (len(ys), len(xs))
     colours = torch.randperm(count, generator=torch.Generator().manual_seed(0))[ids].reshape(shape)
+    grid_ids = ids.reshape(shape)
+    edges = torch.zeros(shape, dtype=torch.bool)  # grid cells whose right or upper neighbour is another region
+    edges[:, :-1] |= grid_ids[:, 1:] != grid_ids[:, :-1]
+    edges[:-1, :] |= grid_ids[1:, :] != grid_ids[:-1, :]
     fig, axes = plt.subplots(1, 4, figsize=(19, 4.4))
     panels = [(colours, f"{count} linear regions on the grid", dict(cmap="tab20")),
               (entropy.reshape(shape), "entropy (bits)", dict(cmap="viridis", vmin=0, vmax=np.log2(9))),
@@ -188,6 +206,8 @@ def regions_figure(path: Path, seed: int) -> dict:
                dict(cmap="magma", norm=LogNorm(1e-6)))]
     for ax, (image, title, style) in zip(axes, panels):
         mesh = ax.pcolormesh(xs, ys, image.numpy(), shading="auto", **style)
+        ax.pcolormesh(xs, ys, np.ma.masked_where(~edges.numpy(), edges.numpy()), shading="auto", cmap="gray_r",
+                      vmin=0, vmax=1, alpha=1.0 if ax is axes[0] else 0.25)
         ax.scatter(*x.T, c=y, s=2, cmap="tab10", edgecolors="none")
         ax.set_title(title)
         if ax is not axes[0]:
@@ -202,13 +222,14 @@ def regions_figure(path: Path, seed: int) -> dict:
             "entropy_grad_median_inner": float(grad[~border].median())}
 
 
-def image_rows(args: argparse.Namespace, alphas: torch.Tensor) -> tuple[str, list[dict]]:
-    """Max-softmax confidence and its gradient norm along alpha * u, u = --noise images, for each --runs model."""
+def image_curves(args: argparse.Namespace, alphas: torch.Tensor) -> tuple[str, dict, dict]:
+    """Max-softmax confidence and its gradient norm along alpha * u (u = --noise images) for each --runs model,
+    with the limit (exact for piecewise-affine networks, measured at alpha = 1e6 otherwise, e.g. CCU)."""
     import data
     import models
     from utils.runs import file_hash, resolve_data_root
 
-    rows, dataset = [], None
+    curves, info, dataset = {}, {}, None
     for run_dir in map(Path, args.runs):
         model = models.load_run(run_dir, device=args.device)
         name = model.run_config.get("dataset")
@@ -222,17 +243,14 @@ def image_rows(args: argparse.Namespace, alphas: torch.Tensor) -> tuple[str, lis
         result = limits.limit_analysis(model, u, on_non_pa="numeric", batch_size=64)
         label = f"{run_dir.name} ({model.run_config.get('method', '?')})"
         share = float((result.confidence > 0.99).double().mean())
-        print(f"{label:>28s}: limit confidence > 0.99 along {100 * share:.1f}% of the noise rays [{result.method}], "
-              f"median conf at alpha={alphas[-1]:g}: {float(values[-1].median()):.4f}")
-        for i, alpha in enumerate(alphas.tolist()):
-            q = torch.quantile(values[i].double(), torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64))
-            rows.append({"dataset": dataset, "model": label, "run": str(run_dir),
-                         "checkpoint": file_hash(run_dir / "model.pt"), "score": "confidence", "alpha": alpha,
-                         "score_q10": float(q[0]), "score_median": float(q[1]), "score_q90": float(q[2]),
-                         "grad_median": float(grads[i].median()), "grad_max": float(grads[i].max()),
-                         "limit_method": result.method, "limit_share_confident": share,
-                         "limit_median": float(result.confidence.median()), "noise": args.noise})
-    return dataset, rows
+        print(f"{label:>28s}: limit confidence > 0.99 along {100 * share:.1f}% of the noise rays [{result.method}]; "
+              f"median confidence {float(values[0].median()):.4f} at alpha=1 -> {float(values[-1].median()):.4f} "
+              f"at alpha={float(alphas[-1]):g}, median ||grad|| {float(grads[0].median()):.2e} -> "
+              f"{float(grads[-1].median()):.2e}")
+        curves[label] = [("confidence", values, grads, result.confidence.float(), result.method)]
+        info[label] = {"run": str(run_dir), "checkpoint": file_hash(run_dir / "model.pt"), "noise": args.noise,
+                       "limit_share_confident": share}
+    return dataset, curves, info
 
 
 def main(args: argparse.Namespace) -> None:
@@ -247,6 +265,8 @@ def main(args: argparse.Namespace) -> None:
     alphas = torch.logspace(*args.alpha_exp, args.n_alphas)
     meta = {"dataset": "moons", "preset": args.preset, "seed": args.seed, "n_directions": args.n_directions,
             "git_sha": git_sha(), "date": now()}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the toy networks are tiny: extra threads only add synchronisation overhead
     trained = {}
     for name in args.models:
         trained[name] = toy.train_toy(name, data, preset=args.preset, seed=args.seed)
@@ -254,7 +274,8 @@ def main(args: argparse.Namespace) -> None:
         plot_model_maps(name, trained[name], data, out_dir / f"moons_{name}.png")
     directions = torch.randn(args.n_directions, 2, generator=torch.Generator().manual_seed(args.seed))
     directions = directions / directions.norm(dim=1, keepdim=True)
-    rows = far_away_rows(trained, alphas, directions, meta)
+    curves = far_away_curves(trained, alphas, directions)
+    rows = curve_rows(curves, alphas, meta)
     for name in trained:
         for score in scores_of(name):
             sel = [row for row in rows if row["model"] == name and row["score"] == score]
@@ -262,19 +283,22 @@ def main(args: argparse.Namespace) -> None:
                   f"{sel[-1]['score_median']:.4f} at alpha={sel[-1]['alpha']:g} (limit {sel[-1]['limit_median']:.4f}"
                   f"), median ||grad|| {sel[0]['grad_median']:.2e} -> {sel[-1]['grad_median']:.2e}")
     write_rows(rows_dir / "moons.jsonl", rows)
-    plot_far_away(rows, out_dir / "moons_far_away.png", "Two moons: scores along alpha * d (median, 10-90% band)")
+    plot_rays(curves, alphas, out_dir / "moons_far_away.png", "Two moons: scores along alpha * d, d random unit")
     if args.regions:
         summary = {**regions_figure(out_dir / "regions.png", args.seed), "git_sha": meta["git_sha"], "date": now()}
         print(f"regions: {summary['n_regions']} linear regions on [-5, 5]^2, train accuracy "
               f"{100 * summary['train_accuracy']:.1f}%, median ||grad H|| inner {summary['entropy_grad_median_inner']:.2e}"
               f" vs outer ring {summary['entropy_grad_median_outer']:.2e}")
         write_rows(rows_dir / "regions.jsonl", [summary])
+    torch.set_num_threads(threads)
     if args.runs:
-        dataset, image = image_rows(args, alphas)
-        write_rows(rows_dir / f"{dataset}_rays.jsonl", [{**row, "git_sha": meta["git_sha"], "date": now()}
-                                                         for row in image])
-        plot_far_away(image, out_dir / f"images_far_away_{dataset}.png",
-                      f"{dataset}: max-softmax confidence along alpha * {args.noise} noise", scores=("confidence",))
+        dataset, curves, info = image_curves(args, alphas)
+        meta = {"dataset": dataset, "seed": args.seed, "n_directions": args.image_directions,
+                "git_sha": meta["git_sha"], "date": now()}
+        image = [{**row, **info[row["model"]]} for row in curve_rows(curves, alphas, meta)]
+        write_rows(rows_dir / f"{dataset}_rays.jsonl", image)
+        plot_rays(curves, alphas, out_dir / f"images_far_away_{dataset}.png",
+                  f"{dataset}: max-softmax confidence along alpha * u, u = {args.noise} noise")
     print(f"figures in {out_dir}, rows in {rows_dir}")
 
 

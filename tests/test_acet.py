@@ -195,6 +195,10 @@ def test_adv_sets_registry():
     assert torch.equal(samples.keep, non_resisted_mask(logits_adv, y))
     direct = adversarial_samples(model, x, y, 0.2, 0, random_start=False)
     assert torch.equal(direct, x)
+    torch.manual_seed(0)  # vector data (two moons): uniform seeds instead of image noise
+    mlp = nn.Sequential(nn.Linear(2, 8), nn.ReLU(), nn.Linear(8, 2))
+    noise = ADV_SETS["adv_noise"](mlp, torch.rand(10, 2), torch.zeros(10, dtype=torch.long), opts)
+    assert noise.keep is None and noise.x.shape == (10, 2) and 0 <= float(noise.x.min()) <= float(noise.x.max()) <= 1
 
 
 # ----------------------------------------------------------------------------------- alpha scaling

@@ -173,6 +173,18 @@ def test_odin_step_is_exactly_eps_in_pixels_and_equals_the_original_normalised_s
     assert (after > before).float().mean() > 0.95
 
 
+def test_gradient_detectors_work_under_no_grad_and_inference_mode(trained, toy):
+    x_in, y, _ = toy
+    odin = ODIN(trained["plain"], temperature=10.0, eps=0.002)
+    maha = Mahalanobis(trained["plain"], eps=0.002).fit(DataLoader(TensorDataset(x_in, y), batch_size=64))
+    for detector in (odin, maha):
+        expected = detector.confidence(x_in)
+        with torch.no_grad():
+            torch.testing.assert_close(detector.confidence(x_in), expected)
+        with torch.inference_mode():
+            torch.testing.assert_close(detector.confidence(x_in.clone()), expected)
+
+
 def test_odin_zero_gradient_steps_by_minus_eps():
     model = TinyNet(normalize=False)
     with torch.no_grad():

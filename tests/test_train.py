@@ -54,8 +54,8 @@ def test_existing_run_is_never_overwritten(tmp_path):
 @pytest.mark.parametrize("argv, error, match", [
     (["--dataset", "nope"], ValueError, "unknown dataset 'nope'"),
     (["--dataset", "moons", "--arch", "resnet18"], ValueError, "resnet18"),
-    (["--dataset", "digits", "--recipe", "x"], SystemExit, ""),
-    (["--dataset", "digits", "--method", "x"], SystemExit, ""),
+    (["--dataset", "digits", "--recipe", "x"], SystemExit, None),
+    (["--dataset", "digits", "--method", "x"], SystemExit, None),
 ])
 def test_bad_input_fails_before_writing(tmp_path, argv, error, match, capsys):
     with pytest.raises(error, match=match):

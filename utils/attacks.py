@@ -114,6 +114,8 @@ def pgd_maximize(model: nn.Module, x_seed: torch.Tensor, objective: Objective, e
         raise ValueError(f"attack needs steps >= 0 and eps >= 0, got steps={steps}, eps={eps}")
     step_size = eps / max(steps, 1) if step_size is None else step_size
     x_seed = x_seed.detach()
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        model = model.module  # the attack needs no gradient sync; DDP's forward would expect a backward
     with eval_mode(model), torch.enable_grad():
         x = _random_start(x_seed, eps, norm, generator) if random_start else x_seed.clone()
         best_x = x_seed.clone()
@@ -189,10 +191,11 @@ def attack_options(opts) -> dict:
 
 
 def adv_noise_set(model: nn.Module, x_in: torch.Tensor, y_in: torch.Tensor, opts) -> AdvBatch:
-    """Adv. Noise: ACET noise made from the test images (`data.acet_noise_batch`), then `confidence_attack`."""
-    from data import acet_noise_batch  # imported here so that attacks do not depend on the data package
+    """Adv. Noise: ACET noise made from the test images (`data.acet_noise_batch`; uniform for vector data),
+    then `confidence_attack` on `opts.out_loss` (default max_conf)."""
+    from data import acet_noise_batch, uniform_batch  # imported here: attacks need not load the data package
 
-    seeds = acet_noise_batch(x_in)
+    seeds = acet_noise_batch(x_in) if x_in.dim() == 4 else uniform_batch(x_in)  # vectors: U[0,1]^d seeds
     loss = getattr(opts, "out_loss", "max_conf")
     return AdvBatch(confidence_attack(model, seeds, loss=loss, **attack_options(opts)))
 

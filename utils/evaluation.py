@@ -55,7 +55,8 @@ def adversarial_sets(model, sets: dict[str, Dataset], adv_sets: list[str], args:
     x_in, y_in = x_in.to(device), y_in.to(device)
     made = {}
     for name in adv_sets:
-        x_adv = ADV_SETS[name](model, x_in, y_in, args)
+        adv = ADV_SETS[name](model, x_in, y_in, args)
+        x_adv = adv.x if adv.keep is None else adv.x[adv.keep]  # adv_samples: only the non-resisted ones
         made[name] = TensorDataset(x_adv.detach().cpu(), torch.full((len(x_adv),), -1))
     return made
 

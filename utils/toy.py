@@ -47,9 +47,11 @@ def moons_data(n_samples: int = 750, noise: float = 0.125, n_train: int = 500, s
 
 # ---------------------------------------------------------------------------------------------------- scores
 def entropy(probs: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """Predictive entropy in bits of the mean prediction: -sum_k pbar_k log2(pbar_k + eps); (S, N, K) -> (N,)."""
+    """Predictive entropy in bits of the mean prediction: -sum_k pbar_k log2(pbar_k + eps); (S, N, K) -> (N,).
+
+    Clamped at 0: with the eps a certain prediction would give -log2(1 + eps) < 0."""
     mean = probs.mean(0)
-    return -(mean * torch.log2(mean + eps)).sum(-1)
+    return (-(mean * torch.log2(mean + eps)).sum(-1)).clamp_min(0.0) + 0.0  # + 0.0 turns -0.0 into 0.0
 
 
 def max_prob(probs: torch.Tensor) -> torch.Tensor:

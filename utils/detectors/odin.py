@@ -42,8 +42,9 @@ def input_gradient(conf_fn: Callable[[torch.Tensor], tuple[torch.Tensor, torch.T
     eval mode every sample's confidence depends on its own input only, so the gradient of the sum holds the N
     per-sample gradients. `autograd.grad` asks for the input gradient only, so parameter `.grad`s are untouched.
     """
-    with torch.enable_grad():
-        x = x.detach().requires_grad_(True)
+    # inference mode would silently disable autograd: leave it (and copy an inference tensor) for this pass
+    with torch.inference_mode(False), torch.enable_grad():
+        x = (x.clone() if x.is_inference() else x.detach()).requires_grad_(True)
         conf, aux = conf_fn(x)
         (grad,) = torch.autograd.grad(conf.sum(), x)
     return grad, aux.detach()
@@ -61,7 +62,7 @@ def step_direction(grad_conf: torch.Tensor, gradient: str) -> torch.Tensor:
 
 
 def perturb(x: torch.Tensor, direction: torch.Tensor, eps: float, clip: bool) -> torch.Tensor:
-    x_tilde = x + eps * direction
+    x_tilde = torch.add(x, direction, alpha=eps)
     return x_tilde.clamp(0.0, 1.0) if clip else x_tilde
 
 

@@ -3,10 +3,12 @@ from __future__ import annotations
 
 from utils.methods.base import Method
 from utils.methods.ccu import CCU_METHODS
+from utils.methods.noise import NOISE_METHODS
 from utils.methods.plain import PLAIN
 
 METHODS: dict[str, Method] = {
     "plain": PLAIN,
+    **NOISE_METHODS,
     **CCU_METHODS,
 }
 

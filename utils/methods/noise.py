@@ -14,7 +14,8 @@ CEDA uses z^ = z. ACET uses z^ = argmax of l_out over the eps-ball around z inte
 Outlier Exposure:  L = mean_i CE(f(x_i), y_i) + lambda * mean_j CE(f(z_j), uniform),  lambda = `--oe-lambda` 0.5.
 
 The out batch is `x_out` from the training loop (`--out-data`). When it is None, CEDA and ACET make the paper's
-noise from the clean batch (`data.acet_noise_batch`: half permuted pixels, half uniform, low-passed, rescaled).
+noise from the clean batch (`data.acet_noise_batch`: half permuted pixels, half uniform, low-passed, rescaled;
+uniform U[0,1]^d for vector data).
 
 Batch norm: each loss runs ONE forward pass on cat(x, z^), as the original does, so in training mode the BN
 batch statistics (and running averages) mix clean and noise samples. The attack itself runs with BN in
@@ -48,9 +49,9 @@ def out_loss_fn(opts: Namespace):
 def _noise_from_batch(x: torch.Tensor, x_out: Optional[torch.Tensor]) -> torch.Tensor:
     if x_out is not None:
         return x_out
-    from data import acet_noise_batch  # the paper's generator, seeded from the clean batch
+    from data import acet_noise_batch, uniform_batch  # the paper's generator, seeded from the clean batch
 
-    return acet_noise_batch(x)
+    return acet_noise_batch(x) if x.dim() == 4 else uniform_batch(x)  # vectors (two moons): U[0,1]^d
 
 
 def _joint_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, z: torch.Tensor,
