@@ -40,6 +40,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--attack-steps", type=int, default=80)
     p.add_argument("--attack-step-size", type=float, default=None)
     p.add_argument("--attack-norm", default="linf", choices=["linf", "l2"])
+    p.add_argument("--tune-ood", default=None,
+                   help="OOD set on which ODIN/Mahalanobis choose their hyperparameters (ODIN protocol)")
+    p.add_argument("--tune-n", type=int, default=1000, help="held-out samples of in- and tuning set")
+    p.add_argument("--tune-criterion", default="fpr95", choices=["fpr95", "auroc"])
     p.add_argument("--skip-missing", action=argparse.BooleanOptionalAction, default=False,
                    help="skip OOD sets whose files are missing instead of stopping")
     p.add_argument("--fpr-convention", default="id", choices=sorted(FPR_CONVENTIONS))

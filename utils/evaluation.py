@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 import data
 import models
@@ -19,13 +19,45 @@ from utils.runs import append_jsonl, file_hash, git_sha, now
 from utils.scoring import SetScores, score_dataset
 
 
-def build_detector(entry: TableEntry, loaded: list, train_set: Dataset, args: Namespace):
-    """The entry's detector, fitted on the (un-augmented) training set when it has something to fit."""
+def build_detector(entry: TableEntry, loaded: list, train_set: Dataset, tune_sets: dict, args: Namespace):
+    """The entry's detector, fitted on the (un-augmented) training set when it has something to fit, and tuned
+    on held-out data when it can be (ODIN, Mahalanobis). Returns (detector, options as recorded in rows).
+
+    Tuning follows ODIN's protocol: the first --tune-n test images and the first --tune-n images of the tuning
+    OOD set (`--tune-ood`, or the entry's option "tune_ood") choose the hyperparameters, and are left out of
+    every evaluation set of this call.
+    """
+    options = dict(entry.options)
+    tune_ood = options.pop("tune_ood", args.tune_ood if entry.detector in TUNABLE else None)
+    criterion = options.pop("tune_criterion", args.tune_criterion)
     cls = get_detector_class(entry.detector)
-    detector = cls(loaded if entry.is_ensemble else loaded[0], **entry.options)
+    detector = cls(loaded if entry.is_ensemble else loaded[0], **options)
     if type(detector).fit is not Detector.fit:  # it has statistics of the training set to fit
         detector.fit(DataLoader(train_set, batch_size=args.batch_size))
-    return detector
+    recorded = dict(entry.options)
+    if tune_ood and hasattr(detector, "tune"):
+        if tune_ood not in tune_sets:
+            raise ValueError(f"tuning set {tune_ood!r} is not loaded; add it to --ood or --tune-ood")
+        choice = detector.tune(DataLoader(tune_sets["in"], batch_size=args.batch_size),
+                               DataLoader(tune_sets[tune_ood], batch_size=args.batch_size), criterion=criterion,
+                               fpr_convention=args.fpr_convention)
+        recorded.update(tune_ood=tune_ood, tuned=choice)
+        print(f"{entry.label}: tuned on {tune_ood}: {choice}")
+    return detector, recorded
+
+
+TUNABLE = ("odin", "mahalanobis")
+
+
+def split_for_tuning(sets: dict[str, Dataset], n: int) -> tuple[dict, dict]:
+    """(evaluation sets without their first n samples, tuning sets of those first n samples)."""
+    evaluation, tuning = {}, {}
+    for name, dataset in sets.items():
+        if len(dataset) <= 2 * n:
+            raise ValueError(f"--tune-n {n} leaves too few samples of {name} ({len(dataset)}) for evaluation")
+        tuning[name] = Subset(dataset, range(n))
+        evaluation[name] = Subset(dataset, range(n, len(dataset)))
+    return evaluation, tuning
 
 
 def load_sets(args: Namespace, ood_sets: list[str]) -> dict[str, Dataset]:
@@ -62,12 +94,12 @@ def adversarial_sets(model, sets: dict[str, Dataset], adv_sets: list[str], args:
 
 
 def set_rows(entry: TableEntry, run: str, checkpoint: str, scores: dict[str, SetScores], key: str,
-             args: Namespace) -> list[dict]:
+             options: dict, args: Namespace) -> list[dict]:
     """One row per OOD set with every metric; in-distribution statistics repeated on each row."""
     test = scores["in"]
     conf_in = test.confidences[key]
     base = {"dataset": args.dataset, "label": entry.label, "run": run, "checkpoint": checkpoint,
-            "detector": entry.detector, "options": entry.options, "n_in": len(conf_in),
+            "detector": entry.detector, "options": options, "n_in": len(conf_in),
             "fpr_convention": args.fpr_convention, "git_sha": git_sha(), "date": now(),
             "accuracy": metrics.accuracy(test.probs, test.labels), "nll": metrics.nll(test.probs, test.labels),
             "ece": metrics.ece(test.probs, test.labels), "mmc_in": metrics.mmc(test.probs)}
@@ -94,7 +126,11 @@ def cache_scores(path: Path, scores: dict[str, SetScores], key: str) -> None:
 def evaluate_entries(entries: list[TableEntry], args: Namespace, ood_sets: list[str], adv_sets: list[str]) -> list[dict]:
     """Evaluate every entry; entries that share a run share its forward passes."""
     device = torch.device(args.device)
+    wanted = [args.tune_ood] + [e.options.get("tune_ood") for e in entries]
+    ood_sets = ood_sets + [name for name in dict.fromkeys(wanted) if name and name not in ood_sets]
     sets = load_sets(args, ood_sets)
+    tuning = any(e.detector in TUNABLE and (args.tune_ood or "tune_ood" in e.options) for e in entries)
+    sets, tune_sets = split_for_tuning(sets, args.tune_n) if tuning else (sets, {})
     train_set = data.get_dataset(args.dataset, "train", root=args.data_root, download=args.download)
     by_runs: dict[tuple, list[TableEntry]] = defaultdict(list)
     for entry in entries:
@@ -106,7 +142,9 @@ def evaluate_entries(entries: list[TableEntry], args: Namespace, ood_sets: list[
     for runs, group_entries in by_runs.items():
         loaded = [models.load_run(run, device=device) for run in runs]
         checkpoint = "+".join(file_hash(Path(run) / "model.pt") for run in runs)
-        detectors = {f"{e.label}|{e.detector}": build_detector(e, loaded, train_set, args) for e in group_entries}
+        built = {f"{e.label}|{e.detector}": build_detector(e, loaded, train_set, tune_sets, args)
+                 for e in group_entries}
+        detectors = {key: detector for key, (detector, _) in built.items()}
         model = None if len(loaded) > 1 else loaded[0]
         all_sets = {**sets, **adversarial_sets(loaded[0], sets, adv_sets, args)}
         scores = {name: score_dataset(model, detectors, dataset, args.batch_size, device,
@@ -115,7 +153,7 @@ def evaluate_entries(entries: list[TableEntry], args: Namespace, ood_sets: list[
         run_name = "+".join(Path(run).name for run in runs)
         for entry in group_entries:
             key = f"{entry.label}|{entry.detector}"
-            rows += set_rows(entry, run_name, checkpoint, scores, key, args)
+            rows += set_rows(entry, run_name, checkpoint, scores, key, built[key][1], args)
             safe = f"{run_name}__{entry.detector}__{checkpoint}".replace("/", "_")
             cache_scores(Path(args.results_root) / "scores" / args.dataset / f"{safe}.npz", scores, key)
     append_jsonl(Path(args.results_root) / "ood" / f"{args.dataset}.jsonl", rows)

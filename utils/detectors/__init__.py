@@ -3,12 +3,14 @@ from __future__ import annotations
 
 from utils.detectors.base import Detector
 from utils.detectors.logit import MSP, Energy, Entropy, MaxLogit
+from utils.detectors.posthoc import POSTHOC_DETECTORS
 
 DETECTORS: dict[str, type[Detector]] = {
     "msp": MSP,
     "maxlogit": MaxLogit,
     "energy": Energy,
     "entropy": Entropy,
+    **POSTHOC_DETECTORS,
 }
 
 
