@@ -30,22 +30,37 @@ def _seeds(name: str, n: int, start: int = 0) -> tuple[str, ...]:
     return tuple(f"{name}-s{seed}" for seed in range(start, start + n))
 
 
-# The built-in demo (`make demo`) trains these on scikit-learn's 8x8 digits.
+# The built-in demo (`make demo`, scripts/demo.py) trains these on scikit-learn's 8x8 digits.
 _DEMO = [
     TableEntry("Base", ("plain-s0",)),
-    TableEntry("Energy", ("plain-s0",), "energy"),
+    TableEntry("ODIN", ("plain-s0",), "odin"),
+    TableEntry("Maha", ("plain-s0",), "mahalanobis"),
+    TableEntry("CEDA", ("ceda-s0",)),
+    TableEntry("ACET", ("acet-s0",)),
+    TableEntry("DDU", ("ddu-s0",), "ddu"),
+    TableEntry("CCU", ("ccu-s0",)),
 ]
 
-# The real tables: train each run with `train.py --dataset D --method M --seed S` (name M-sS by default).
+# The paper tables (CCU Table 2 columns, plus DDU): train each run with
+# `train.py --dataset D --method M --seed S` (run name M-sS); see README "Reproducing the tables".
 _PAPER = [
     TableEntry("Base", ("plain-s0",)),
-    TableEntry("MaxLogit", ("plain-s0",), "maxlogit"),
-    TableEntry("Energy", ("plain-s0",), "energy"),
+    TableEntry("MCD", ("mcd-s0",), "mcdropout", {"samples": 10, "score": "variance"}),
+    TableEntry("EDL", ("edl-s0",), "edl"),
+    TableEntry("DE", _seeds("plain", 5), "ensemble"),
+    TableEntry("ODIN", ("plain-s0",), "odin"),
+    TableEntry("Maha", ("plain-s0",), "mahalanobis"),
+    TableEntry("CEDA", ("ceda-s0",)),
+    TableEntry("ACET", ("acet-s0",)),
+    TableEntry("OE", ("oe-s0",)),
+    TableEntry("CCU", ("ccu-s0",)),
+    TableEntry("CCUs", ("ccus-s0",)),
+    TableEntry("DDU", ("ddu-s0",), "ddu"),
 ]
 
 MODEL_PATHS: dict[str, list[TableEntry]] = {
     "digits": _DEMO,
-    "moons": [TableEntry("Base", ("plain-s0",))],
+    "moons": [TableEntry("Base", ("plain-s0",)), TableEntry("CEDA", ("ceda-s0",)), TableEntry("ACET", ("acet-s0",))],
     **{name: list(_PAPER) for name in ("MNIST", "FMNIST", "SVHN", "CIFAR10", "CIFAR100")},
 }
 

@@ -7,7 +7,9 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 import evaluate
+import model_paths
 import train
+from model_paths import TableEntry
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +24,9 @@ def run_eval(argv):
     evaluate.main(evaluate.get_args_parser().parse_args([*argv, "--no-progress", "--no-print"]))
 
 
-def test_rows_scores_and_table(digits_run, tmp_path):
+def test_rows_scores_and_table(digits_run, tmp_path, monkeypatch):
+    monkeypatch.setitem(model_paths.MODEL_PATHS, "digits",
+                        [TableEntry("Base", ("plain-s0",)), TableEntry("Energy", ("plain-s0",), "energy")])
     results = tmp_path / "results"
     run_eval(["--dataset", "digits", "--runs-root", str(digits_run), "--results-root", str(results),
               "--ood", "uniform,natural_patches", "--n-ood", "300"])
@@ -64,11 +68,26 @@ def test_bad_names_and_missing_sets(digits_run, tmp_path):
     with pytest.raises(ValueError, match="unknown dataset"):
         run_eval(["--dataset", "nope"])
     with pytest.raises(FileNotFoundError, match="--download"):
-        run_eval(["--dataset", "digits", "--runs-root", str(digits_run), "--ood", "FMNIST",
+        run_eval(["--dataset", "digits", "--runs", str(digits_run / "digits" / "plain-s0"), "--ood", "FMNIST",
                   "--data-root", str(tmp_path), "--results-root", str(tmp_path)])
-    run_eval(["--dataset", "digits", "--runs-root", str(digits_run), "--ood", "FMNIST,uniform", "--n-ood", "50",
+    run_eval(["--dataset", "digits", "--runs", str(digits_run / "digits" / "plain-s0"), "--ood", "FMNIST,uniform",
+              "--n-ood", "50",
               "--data-root", str(tmp_path), "--results-root", str(tmp_path), "--skip-missing"])
     rows = (tmp_path / "ood" / "digits.jsonl").read_text()
     assert '"ood": "uniform"' in rows and "FMNIST" not in rows
     with pytest.raises(FileNotFoundError, match="no result rows"):
         run_eval(["--dataset", "digits", "--results-root", str(tmp_path / "empty"), "--table"])
+
+
+def test_odin_protocol_tuning_holds_out_the_tuning_images(digits_run, tmp_path):
+    run_eval(["--dataset", "digits", "--runs", str(digits_run / "digits" / "plain-s0"), "--detectors", "msp,odin",
+              "--tune-ood", "uniform", "--tune-n", "60", "--ood", "natural_patches", "--n-ood", "200",
+              "--results-root", str(tmp_path)])
+    rows = [json.loads(line) for line in (tmp_path / "ood" / "digits.jsonl").read_text().splitlines()]
+    odin = [r for r in rows if r["detector"] == "odin"]
+    assert {r["ood"] for r in odin} == {"natural_patches", "uniform"}  # the tuning set is evaluated too ...
+    assert all(r["n_in"] == 360 - 60 for r in rows)                     # ... on what tuning did not see
+    assert next(r for r in odin if r["ood"] == "uniform")["n_out"] == 200 - 60
+    tuned = odin[0]["options"]["tuned"]
+    assert tuned["criterion"] == "fpr95" and tuned["temperature"] in (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
+    assert all("tuned" not in r["options"] for r in rows if r["detector"] == "msp")
