@@ -81,7 +81,8 @@ def main(args: argparse.Namespace) -> None:
     sampler = ParameterSampler(search_space(args.model), n_iter=args.n_iter, random_state=args.seed)
     trials = []
     for i, params in enumerate(sampler):
-        params = {k: (tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in params.items()}
+        params = {k: tuple(v) if isinstance(v, (list, tuple)) else v.item() if hasattr(v, "item") else v
+                  for k, v in params.items()}  # plain Python numbers for the JSON and the log
         start = time.time()
         scores = evaluate(args.model, params, data, args.seed, args.epochs)
         trials.append({"params": params, **scores, "seconds": round(time.time() - start, 2)})

@@ -287,8 +287,9 @@ def main(args: argparse.Namespace) -> None:
     if args.regions:
         summary = {**regions_figure(out_dir / "regions.png", args.seed), "git_sha": meta["git_sha"], "date": now()}
         print(f"regions: {summary['n_regions']} linear regions on [-5, 5]^2, train accuracy "
-              f"{100 * summary['train_accuracy']:.1f}%, median ||grad H|| inner {summary['entropy_grad_median_inner']:.2e}"
-              f" vs outer ring {summary['entropy_grad_median_outer']:.2e}")
+              f"{100 * summary['train_accuracy']:.1f}%, median ||grad H|| inside |x| <= 4.5 "
+              f"{summary['entropy_grad_median_inner']:.2e} vs the outer ring "
+              f"{summary['entropy_grad_median_outer']:.2e}")
         write_rows(rows_dir / "regions.jsonl", [summary])
     torch.set_num_threads(threads)
     if args.runs:

@@ -14,7 +14,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from utils.calibration import TEMPERATURE_GRID, fit_temperature
-from utils.ddu_summary import classification_metrics, ddu_table, make_row, summarize, summary, write_summaries
+from utils.ddu_summary import (classification_metrics, ddu_table, make_row, score_names, summarize, summary,
+                               write_summaries)
 from utils.detectors.ddu import DDU, DDU_DETECTORS, SCORES, JitterError, default_jitters
 from utils.metrics import auroc, ece, nll
 
@@ -209,3 +210,58 @@ def test_summary_json_and_table(tmp_path: Path):
     assert "| DDU | softmax entropy | GMM density | 96.00±0.58 | 2.00±0.58 | 92.00±1.15 |" in table
     with pytest.raises(ValueError, match="lacks"):
         ddu_table([{"run": "x"}])
+    assert score_names("ddu") == ("softmax entropy", "GMM density")
+    assert score_names("ensemble", {"score": "entropy"}) == ("predictive entropy", "predictive entropy")
+    assert score_names("energy", {"temperature": 1.0}) == ("softmax entropy", "softmax density (logsumexp)")
+
+
+def _fake_amnist(root: Path, n_images: int = 6002, labels_per_image: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
+    from data.dirty_mnist import amnist_paths
+    generator = torch.Generator().manual_seed(0)
+    samples = torch.rand(n_images, 1, 28, 28, generator=generator)
+    labels = torch.randint(0, 10, (n_images, labels_per_image), generator=generator)
+    samples_path, labels_path = amnist_paths(root)
+    samples_path.parent.mkdir(parents=True)
+    torch.save(samples, samples_path)
+    torch.save(labels, labels_path)
+    return samples, labels
+
+
+def test_ambiguous_mnist_multi_label_expansion(tmp_path: Path):
+    from data.dirty_mnist import AmbiguousMNIST
+    with pytest.raises(FileNotFoundError, match=r"AmbiguousMNIST/amnist_samples.pt and .*amnist_labels.pt"):
+        AmbiguousMNIST(tmp_path, "train")
+    samples, labels = _fake_amnist(tmp_path)
+    train, test = AmbiguousMNIST(tmp_path, "train"), AmbiguousMNIST(tmp_path, "test")
+    assert len(train) == 60_000 and len(test) == 6002 * 10 - 60_000
+    x, y = train[12_345]  # image 1234, its 6th label
+    assert torch.equal(x, samples[1234]) and int(y) == int(labels[1234, 5]) and x.dtype == torch.float32
+    x, y = test[3]        # the test split starts at expanded item 60 000 = image 6000
+    assert torch.equal(x, samples[6000]) and int(y) == int(labels[6000, 3])
+    assert torch.equal(train.targets, labels.reshape(-1)[:60_000])
+
+
+def test_dirty_mnist_concatenates_mnist_and_ambiguous(tmp_path: Path, shared_data: Path):
+    from data.dirty_mnist import dirty_mnist
+    (tmp_path / "MNIST").symlink_to(shared_data / "MNIST")
+    samples, labels = _fake_amnist(tmp_path)
+    train, test = dirty_mnist("train", tmp_path), dirty_mnist("test", tmp_path)
+    assert len(train) == 120_000 and len(test) == 10_000 + 20
+    x, y = train[60_000 + 7]
+    assert torch.equal(x, samples[0]) and int(y) == int(labels[0, 7])
+    assert x.shape == train[0][0].shape == (1, 28, 28) and 0.0 <= float(train[0][0].min()) <= 1.0
+    assert int(train.targets[60_000 + 7]) == int(labels[0, 7]) and len(train.targets) == 120_000
+
+
+def test_active_learning_acquisition_rules():
+    from active_learning import acquire, initial_indices
+    targets = torch.arange(10).repeat(20)              # 200 samples, 20 per class
+    pool = torch.arange(200)
+    ambiguous = torch.zeros(200, dtype=torch.bool)
+    ambiguous[100:] = True                             # the initial set comes from the clean part only
+    chosen = initial_indices(pool, targets, ambiguous, 20, 10, seed=0)
+    assert torch.equal(torch.bincount(targets[chosen], minlength=10), torch.full((10,), 2))
+    assert (chosen < 100).all() and len(set(chosen.tolist())) == 20
+    confidences = torch.tensor([0.5, -3.0, 2.0, -1.0, 7.0])
+    assert sorted(acquire(confidences, 2).tolist()) == [1, 3]  # the two lowest confidences
+    assert len(acquire(confidences, 10)) == 5

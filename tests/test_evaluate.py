@@ -38,7 +38,7 @@ def test_rows_scores_and_table(digits_run, tmp_path, monkeypatch):
     assert {"auroc", "aupr_in", "aupr_out", "fpr95", "detection_error", "mmc", "mmc_in", "accuracy", "ece",
             "nll", "git_sha", "date", "checkpoint"} <= set(base)
     # the row's AUROC equals scikit-learn's on the cached confidences
-    cache = np.load(next((results / "scores" / "digits").glob("plain-s0__msp__*.npz")))
+    cache = np.load(next((results / "scores" / "digits").glob("plain-s0__Base__msp__*.npz")))
     labels = np.r_[np.ones(len(cache["in"])), np.zeros(len(cache["uniform"]))]
     assert base["auroc"] == pytest.approx(roc_auc_score(labels, np.r_[cache["in"], cache["uniform"]]), abs=1e-12)
     assert base["mmc"] == pytest.approx(cache["uniform__maxprob"].mean())
@@ -91,3 +91,33 @@ def test_odin_protocol_tuning_holds_out_the_tuning_images(digits_run, tmp_path):
     tuned = odin[0]["options"]["tuned"]
     assert tuned["criterion"] == "fpr95" and tuned["temperature"] in (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
     assert all("tuned" not in r["options"] for r in rows if r["detector"] == "msp")
+
+
+def test_ddu_rows_temperature_summary_and_table(tmp_path, monkeypatch):
+    runs = tmp_path / "runs"
+    for seed in (0, 1):  # two seeds with a 10% validation split, as DDU trains
+        train.main(train.get_args_parser().parse_args(
+            ["--dataset", "digits", "--epochs", "2", "--seed", str(seed), "--val-fraction", "0.1",
+             "--runs-root", str(runs), "--no-progress"]))
+    monkeypatch.setitem(model_paths.MODEL_PATHS, "digits", [
+        TableEntry("Softmax", ("plain-s0", "plain-s1"), "ddu", {"score": "softmax_entropy"}),
+        TableEntry("DDU", ("plain-s0", "plain-s1"), "ddu"),
+        TableEntry("DE", ("plain-s0", "plain-s1"), "ensemble", {"score": "entropy"})])
+    results = tmp_path / "results"
+    run_eval(["--dataset", "digits", "--runs-root", str(runs), "--results-root", str(results), "--ood", "uniform",
+              "--n-ood", "200", "--layout", "ddu"])
+    rows = [json.loads(line) for line in (results / "ood" / "digits.jsonl").read_text().splitlines()]
+    softmax = [r for r in rows if r["label"] == "Softmax"]
+    assert sorted(r["seed"] for r in softmax) == [0, 1]
+    assert all(0.1 <= r["temperature"] <= 10.0 and r["t_nll"] <= r["nll"] + 1e-6 for r in softmax)
+    assert all(r["n_in"] == 360 for r in rows)
+    ensemble = next(r for r in rows if r["label"] == "DE")
+    assert ensemble["run"] == "plain-s0+plain-s1" and ensemble["temperature"] is None
+    summary = json.loads((results / "ddu" / "digits_DDU.json").read_text())
+    assert {"accuracy", "ece", "t_accuracy", "t_ece", "auroc", "t_auroc", "info"} <= set(summary)
+    aurocs = [r["auroc"] for r in rows if r["label"] == "DDU"]
+    assert summary["accuracy"]["n"] == 2
+    assert summary["auroc"]["uniform"]["mean"] == pytest.approx(np.mean(aurocs))
+    assert summary["auroc"]["uniform"]["std"] == pytest.approx(np.std(aurocs, ddof=1) / np.sqrt(2))
+    table = (results / "tables" / "digits_ddu.md").read_text()
+    assert "DDU" in table and "Softmax" in table and "DE" in table

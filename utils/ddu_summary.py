@@ -11,7 +11,8 @@ Result rows (`results/ddu/<DATASET>.jsonl`, one row per run and OOD set, written
                                          temperature scaling; scores that ignore the logits (GMM density) copy it
     optional: aupr_in, aupr_out, fpr95 and their t_ versions, carried into the summary when every row has them
 
-`make_row` builds such a row; `classification_metrics` gives its accuracy/ECE block from logits.
+`make_row` builds such a row; `classification_metrics` gives its accuracy/ECE block from logits and
+`score_names(detector, options)` its aleatoric/epistemic names.
 """
 from __future__ import annotations
 
@@ -31,6 +32,28 @@ OPTIONAL_OOD_KEYS = ("aupr_in", "aupr_out", "fpr95", "t_aupr_in", "t_aupr_out", 
 ROW_KEYS = ("dataset", "label", "run", "seed", "ood", "aleatoric", "epistemic", "temperature",
             *CLASSIFICATION_KEYS, *OOD_KEYS)
 STD_NOTE = "std is the standard error: unbiased standard deviation / sqrt(n) (None for one run)"
+
+
+# (detector, score option) -> (aleatoric, epistemic) names of SPEC 4.5's table; the aleatoric score of every
+# single-network row is the network's softmax entropy, the ensemble's its predictive entropy
+SCORE_NAMES: dict[tuple[str, str | None], tuple[str, str]] = {
+    ("ddu", "density"): ("softmax entropy", "GMM density"),
+    ("ddu", "gmm_entropy"): ("softmax entropy", "GMM entropy"),
+    ("ddu", "softmax_entropy"): ("softmax entropy", "softmax entropy"),
+    ("entropy", None): ("softmax entropy", "softmax entropy"),
+    ("energy", None): ("softmax entropy", "softmax density (logsumexp)"),
+    ("msp", None): ("softmax entropy", "max softmax"),
+    ("ensemble", "entropy"): ("predictive entropy", "predictive entropy"),
+    ("ensemble", "mutual_info"): ("predictive entropy", "mutual information"),
+}
+
+
+def score_names(detector: str, options: dict | None = None) -> tuple[str, str]:
+    """(aleatoric, epistemic) names for a table entry's detector and options; unknown ones use their key."""
+    options = options or {}
+    default_score = "density" if detector == "ddu" else None
+    key = (detector, options.get("score", default_score))
+    return SCORE_NAMES.get(key, SCORE_NAMES.get((detector, None), ("softmax entropy", str(key[1] or detector))))
 
 
 def summarize(values: list[float]) -> dict:

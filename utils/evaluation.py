@@ -16,6 +16,8 @@ from utils import metrics
 from utils.detectors import get_detector_class
 from utils.detectors.base import Detector
 from utils.runs import append_jsonl, file_hash, git_sha, now
+from utils.calibration import collect_logits, fit_temperature
+from utils.ddu_summary import classification_metrics, score_names, write_summaries
 from utils.scoring import SetScores, score_dataset
 
 
@@ -93,24 +95,54 @@ def adversarial_sets(model, sets: dict[str, Dataset], adv_sets: list[str], args:
     return made
 
 
+def run_splits(config: dict, args: Namespace) -> tuple[Dataset, Dataset | None]:
+    """The run's own training split (without its held-out validation part) and that validation split."""
+    fraction, seed = float(config.get("val_fraction") or 0.0), int(config.get("seed", 0))
+    train = data.get_dataset(args.dataset, "train", root=args.data_root, val_fraction=fraction, seed=seed)
+    val = data.get_dataset(args.dataset, "val", root=args.data_root, val_fraction=fraction, seed=seed) \
+        if fraction > 0 else None
+    return train, val
+
+
+def fit_run_temperature(model, val_set: Dataset | None, args: Namespace) -> float | None:
+    """Temperature scaling on the run's validation split (SPEC 4.3); None for runs trained without one."""
+    if val_set is None:
+        return None
+    logits, labels = collect_logits(model, DataLoader(val_set, batch_size=args.batch_size), torch.device(args.device))
+    return fit_temperature(logits, labels)
+
+
 def set_rows(entry: TableEntry, run: str, checkpoint: str, scores: dict[str, SetScores], key: str,
-             options: dict, args: Namespace) -> list[dict]:
-    """One row per OOD set with every metric; in-distribution statistics repeated on each row."""
+             options: dict, temperature: float | None, seed: int | None, args: Namespace) -> list[dict]:
+    """One row per OOD set with every metric; in-distribution statistics repeated on each row.
+
+    Temperature-scaled statistics (t_*) use the run's validation temperature; without one they equal the
+    untempered ones and `temperature` is null.
+    """
     test = scores["in"]
     conf_in = test.confidences[key]
-    base = {"dataset": args.dataset, "label": entry.label, "run": run, "checkpoint": checkpoint,
-            "detector": entry.detector, "options": options, "n_in": len(conf_in),
-            "fpr_convention": args.fpr_convention, "git_sha": git_sha(), "date": now(),
-            "accuracy": metrics.accuracy(test.probs, test.labels), "nll": metrics.nll(test.probs, test.labels),
-            "ece": metrics.ece(test.probs, test.labels), "mmc_in": metrics.mmc(test.probs)}
-    base["test_error"] = 1.0 - base["accuracy"]
+    aleatoric, epistemic = score_names(entry.detector, entry.options)
+    base = {"dataset": args.dataset, "label": entry.label, "run": run, "seed": seed, "checkpoint": checkpoint,
+            "detector": entry.detector, "options": options, "n_in": len(conf_in), "aleatoric": aleatoric,
+            "epistemic": epistemic, "fpr_convention": args.fpr_convention, "git_sha": git_sha(), "date": now(),
+            "nll": metrics.nll(test.probs, test.labels), "mmc_in": metrics.mmc(test.probs)}
+    if test.logits is not None:
+        base.update(classification_metrics(test.logits, test.labels, temperature or 1.0))
+        base["t_nll"] = metrics.nll((test.logits / (temperature or 1.0)).softmax(dim=1), test.labels)
+    else:
+        base.update(accuracy=metrics.accuracy(test.probs, test.labels), ece=metrics.ece(test.probs, test.labels))
+        base.update(t_accuracy=base["accuracy"], t_ece=base["ece"], t_nll=base["nll"])
+    base.update(temperature=temperature, test_error=1.0 - base["accuracy"])
     rows = []
     for name, set_scores in scores.items():
         if name == "in":
             continue
         conf_out = set_scores.confidences[key]
-        rows.append({**base, "ood": name, "n_out": len(conf_out), "mmc": metrics.mmc(set_scores.probs),
-                     **metrics.ood_metrics(conf_in, conf_out, args.fpr_convention)})
+        row = {**base, "ood": name, "n_out": len(conf_out), "mmc": metrics.mmc(set_scores.probs),
+               **metrics.ood_metrics(conf_in, conf_out, args.fpr_convention)}
+        tempered = key in test.tempered
+        row["t_auroc"] = metrics.auroc(test.tempered[key], set_scores.tempered[key]) if tempered else row["auroc"]
+        rows.append(row)
     return rows
 
 
@@ -123,38 +155,55 @@ def cache_scores(path: Path, scores: dict[str, SetScores], key: str) -> None:
     tmp.replace(path)
 
 
-def evaluate_entries(entries: list[TableEntry], args: Namespace, ood_sets: list[str], adv_sets: list[str]) -> list[dict]:
-    """Evaluate every entry; entries that share a run share its forward passes."""
+def group_by_runs(entries: list[TableEntry], args: Namespace) -> dict[tuple, list[TableEntry]]:
+    """Entries keyed by the run folders they need: an ensemble needs all of its runs at once, seeds one each."""
+    by_runs: dict[tuple, list[TableEntry]] = defaultdict(list)
+    for entry in entries:
+        runs = tuple(str(p) for p in entry.run_dirs(args.runs_root, args.dataset))
+        for group in ([runs] if entry.is_ensemble else [(run,) for run in runs]):
+            by_runs[group].append(entry)
+    return by_runs
+
+
+def evaluate_group(runs: tuple, group_entries: list[TableEntry], sets: dict, tune_sets: dict, adv_sets: list[str],
+                   args: Namespace) -> list[dict]:
+    """Load the runs once, build every detector of the entries, score every set once, return the rows."""
     device = torch.device(args.device)
+    loaded = [models.load_run(run, device=device) for run in runs]
+    config = getattr(loaded[0], "run_config", {})
+    train_set, val_set = run_splits(config, args)
+    checkpoint = "+".join(file_hash(Path(run) / "model.pt") for run in runs)
+    built = {f"{e.label}|{e.detector}": build_detector(e, loaded, train_set, tune_sets, args) for e in group_entries}
+    detectors = {key: detector for key, (detector, _) in built.items()}
+    model = None if len(loaded) > 1 else loaded[0]
+    temperature = fit_run_temperature(model, val_set, args) if model is not None else None
+    temperatures = {key: temperature for key, det in detectors.items() if temperature and not det.needs_grad}
+    all_sets = {**sets, **adversarial_sets(loaded[0], sets, adv_sets, args)}
+    scores = {name: score_dataset(model, detectors, dataset, args.batch_size, device, progress=args.progress,
+                                  desc=f"{Path(runs[0]).name} {name}", temperatures=temperatures)
+              for name, dataset in all_sets.items()}
+    run_name = "+".join(Path(run).name for run in runs)
+    rows = []
+    for entry in group_entries:
+        key = f"{entry.label}|{entry.detector}"
+        rows += set_rows(entry, run_name, checkpoint, scores, key, built[key][1], temperature,
+                         config.get("seed"), args)
+        safe = f"{run_name}__{entry.label}__{entry.detector}__{checkpoint}".replace("/", "_").replace(" ", "_")
+        cache_scores(Path(args.results_root) / "scores" / args.dataset / f"{safe}.npz", scores, key)
+    return rows
+
+
+def evaluate_entries(entries: list[TableEntry], args: Namespace, ood_sets: list[str], adv_sets: list[str]) -> list[dict]:
+    """Evaluate every entry; entries that share a run share its forward passes. Writes result rows and the DDU
+    JSON summaries (results/ddu/<DATASET>_<label>.json: mean, standard error and values over seeds)."""
     wanted = [args.tune_ood] + [e.options.get("tune_ood") for e in entries]
     ood_sets = ood_sets + [name for name in dict.fromkeys(wanted) if name and name not in ood_sets]
     sets = load_sets(args, ood_sets)
     tuning = any(e.detector in TUNABLE and (args.tune_ood or "tune_ood" in e.options) for e in entries)
     sets, tune_sets = split_for_tuning(sets, args.tune_n) if tuning else (sets, {})
-    train_set = data.get_dataset(args.dataset, "train", root=args.data_root, download=args.download)
-    by_runs: dict[tuple, list[TableEntry]] = defaultdict(list)
-    for entry in entries:
-        runs = tuple(str(p) for p in entry.run_dirs(args.runs_root, args.dataset))
-        groups = [runs] if entry.is_ensemble else [(run,) for run in runs]
-        for group in groups:
-            by_runs[group].append(entry)
     rows = []
-    for runs, group_entries in by_runs.items():
-        loaded = [models.load_run(run, device=device) for run in runs]
-        checkpoint = "+".join(file_hash(Path(run) / "model.pt") for run in runs)
-        built = {f"{e.label}|{e.detector}": build_detector(e, loaded, train_set, tune_sets, args)
-                 for e in group_entries}
-        detectors = {key: detector for key, (detector, _) in built.items()}
-        model = None if len(loaded) > 1 else loaded[0]
-        all_sets = {**sets, **adversarial_sets(loaded[0], sets, adv_sets, args)}
-        scores = {name: score_dataset(model, detectors, dataset, args.batch_size, device,
-                                      desc=f"{Path(runs[0]).name} {name}", progress=args.progress)
-                  for name, dataset in all_sets.items()}
-        run_name = "+".join(Path(run).name for run in runs)
-        for entry in group_entries:
-            key = f"{entry.label}|{entry.detector}"
-            rows += set_rows(entry, run_name, checkpoint, scores, key, built[key][1], args)
-            safe = f"{run_name}__{entry.detector}__{checkpoint}".replace("/", "_")
-            cache_scores(Path(args.results_root) / "scores" / args.dataset / f"{safe}.npz", scores, key)
+    for runs, group_entries in group_by_runs(entries, args).items():
+        rows += evaluate_group(runs, group_entries, sets, tune_sets, adv_sets, args)
     append_jsonl(Path(args.results_root) / "ood" / f"{args.dataset}.jsonl", rows)
+    write_summaries(rows, Path(args.results_root) / "ddu")
     return rows

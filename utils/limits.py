@@ -407,11 +407,15 @@ def audit_directions(model: nn.Module, directions: torch.Tensor, args: argparse.
     levels = torch.tensor([0.0, 0.01, 0.1, 0.5, 0.9], dtype=torch.float64)
     quantiles = torch.quantile(conf, levels).tolist()
     diff = (conf - numeric).abs()
-    return {"method": result.method, "n": len(conf), "share_confident": float((conf > args.threshold).double().mean()),
+
+    def share(mask: torch.Tensor) -> float:
+        return float(mask.double().mean())
+
+    return {"method": result.method, "n": len(conf), "share_confident": share(conf > args.threshold),
             "mean_conf": float(conf.mean()), **{f"q{int(100 * q):02d}": v for q, v in zip(levels.tolist(), quantiles)},
-            "certified": float(result.certified.double().mean()), "share_tied": float((result.n_tied > 1).double().mean()),
-            "numeric_share_confident": float((numeric > args.threshold).double().mean()),
-            "agreement": float((diff <= args.agree_tol).double().mean()), "max_abs_diff": float(diff.max())}
+            "certified": share(result.certified), "share_tied": share(result.n_tied > 1),
+            "numeric_share_confident": share(numeric > args.threshold), "agreement": share(diff <= args.agree_tol),
+            "max_abs_diff": float(diff.max())}
 
 
 def audit_table(rows: list[dict]) -> str:
@@ -427,7 +431,8 @@ def audit_table(rows: list[dict]) -> str:
              "Certified (%)", "Agrees with alpha-check (%)"]]
     for r in newest.values():
         grid.append([r["label"], str(r["run"]), r["source"], r["method"], f"{100 * r['share_confident']:.1f}",
-                     f"{r['q50']:.4f}", f"{r['q01']:.4f}", f"{100 * r['certified']:.1f}", f"{100 * r['agreement']:.1f}"])
+                     f"{r['q50']:.4f}", f"{r['q01']:.4f}", f"{100 * r['certified']:.1f}",
+                     f"{100 * r['agreement']:.1f}"])
     return markdown(grid)
 
 

@@ -1,6 +1,7 @@
 """Per-sample confidences of several detectors of one model, from one forward pass per batch."""
 from __future__ import annotations
 
+from collections import defaultdict
 from dataclasses import dataclass, field
 
 import torch
@@ -9,6 +10,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from utils.detectors.base import Detector
+from utils.detectors.bayes import predictive_confidence
 
 
 def model_outputs(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -25,38 +27,54 @@ def model_outputs(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torc
 
 @dataclass
 class SetScores:
-    """What evaluation keeps of one dataset: confidences per detector key, and the model's predictions."""
+    """What evaluation keeps of one dataset: confidences per detector key (and, where a temperature was given,
+    the same detector on tempered logits), and the model's predictive probabilities."""
     confidences: dict[str, torch.Tensor] = field(default_factory=dict)
+    tempered: dict[str, torch.Tensor] = field(default_factory=dict)
+    logits: torch.Tensor | None = None     # (N, K), None for ensembles
     probs: torch.Tensor | None = None      # (N, K) predictive probabilities (MMC, accuracy, NLL, ECE)
     labels: torch.Tensor | None = None
 
 
+def _batch_scores(model, detectors: dict[str, Detector], temperatures: dict[str, float], x: torch.Tensor,
+                  out: dict[str, list]) -> None:
+    shared = {key: det for key, det in detectors.items() if not det.needs_grad}
+    with torch.no_grad():
+        if model is not None:
+            features, logits = model_outputs(model, x)
+            out["__logits"].append(logits.cpu())
+            out["__probs"].append(logits.softmax(dim=1).cpu())
+            for key, det in shared.items():
+                out[key].append(det.from_outputs(features, logits).cpu())
+                if key in temperatures:
+                    out["t|" + key].append(det.from_outputs(features, logits / temperatures[key]).cpu())
+        else:  # an ensemble: its members' softmaxes give both its score and the predictive probabilities
+            (key, ensemble), = detectors.items()
+            member_probs = ensemble.member_probs(x)
+            out[key].append(predictive_confidence(member_probs, ensemble.score).cpu())
+            out["__probs"].append(member_probs.mean(dim=0).cpu())
+            return
+    for key, det in detectors.items():
+        if det.needs_grad:
+            out[key].append(det.confidence(x).detach().cpu())
+
+
 def score_dataset(model: nn.Module | None, detectors: dict[str, Detector], dataset: Dataset, batch_size: int,
-                  device: torch.device, desc: str = "", num_workers: int = 0, progress: bool = True) -> SetScores:
+                  device: torch.device, desc: str = "", num_workers: int = 0, progress: bool = True,
+                  temperatures: dict[str, float] | None = None) -> SetScores:
     """Run every detector on `dataset`; detectors without input gradients share one forward pass per batch.
 
-    `model` is the network whose softmax gives the reported probabilities; for an ensemble it is None and the
-    ensemble detector's `probs(x)` is used instead.
+    `model` is the network whose softmax gives the reported probabilities; for an ensemble it is None and
+    `detectors` holds the one ensemble detector. `temperatures` (detector key -> T) also scores those
+    logit/feature detectors on logits / T (temperature scaling, DDU's t_* metrics) from the same pass.
     """
-    shared = {key: det for key, det in detectors.items() if not det.needs_grad}
-    own = {key: det for key, det in detectors.items() if det.needs_grad}
-    chunks: dict[str, list] = {key: [] for key in [*detectors, "__probs", "__labels"]}
+    temperatures = temperatures or {}
+    out: dict[str, list] = defaultdict(list)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
     for x, y in tqdm(loader, desc=desc, leave=False, disable=not progress):
-        x = x.to(device, non_blocking=True)
-        with torch.no_grad():
-            if model is not None:
-                features, logits = model_outputs(model, x)
-                chunks["__probs"].append(logits.softmax(dim=1).cpu())
-                for key, det in shared.items():
-                    chunks[key].append(det.from_outputs(features, logits).cpu())
-            else:
-                for key, det in shared.items():
-                    chunks[key].append(det.confidence(x).cpu())
-                chunks["__probs"].append(next(iter(detectors.values())).probs(x).cpu())
-        for key, det in own.items():
-            chunks[key].append(det.confidence(x).detach().cpu())
-        chunks["__labels"].append(y)
-    return SetScores(
-        confidences={key: torch.cat(chunks[key]).double() for key in detectors},
-        probs=torch.cat(chunks["__probs"]).double(), labels=torch.cat(chunks["__labels"]))
+        _batch_scores(model, detectors, temperatures, x.to(device, non_blocking=True), out)
+        out["__labels"].append(y)
+    cat = lambda key: torch.cat(out[key]).double() if out[key] else None  # noqa: E731
+    return SetScores(confidences={key: cat(key) for key in detectors},
+                     tempered={key: cat("t|" + key) for key in detectors if out["t|" + key]},
+                     logits=cat("__logits"), probs=cat("__probs"), labels=torch.cat(out["__labels"]))

@@ -5,6 +5,8 @@ Layouts:
         cells = the chosen metrics joined by "/", test error in the header.
   odin  ODIN Table 2: rows = (OOD set, metric) for FPR@95, detection error, AUROC, AUPR-In, AUPR-Out,
         columns = model labels (e.g. Base vs ODIN).
+  ddu   DDU's README table (SPEC 4.5): per OOD set, one line per model with its aleatoric and epistemic score,
+        accuracy, ECE and AUROC, without and with temperature scaling (utils.ddu_summary.ddu_table).
 Rows of several runs under one label (seeds) are shown as mean +- standard error (unbiased std / sqrt(n)).
 All numbers are percentages.
 """
@@ -84,7 +86,8 @@ def odin_layout(rows: list[dict], cell_metrics: list[str]) -> list[list[str]]:
     return grid
 
 
-LAYOUTS: dict[str, Callable[[list[dict], list[str]], list[list[str]]]] = {"ccu": ccu_layout, "odin": odin_layout}
+LAYOUTS: dict[str, Callable[[list[dict], list[str]], list[list[str]]] | None] = {
+    "ccu": ccu_layout, "odin": odin_layout, "ddu": None}  # ddu: rendered by utils.ddu_summary.ddu_table
 
 
 def markdown(grid: list[list[str]]) -> str:
@@ -109,13 +112,18 @@ def write_tables(dataset: str, results_root: str | Path, layout: str, cell_metri
     rows = latest_rows(read_jsonl(rows_path))
     if not rows:
         raise FileNotFoundError(f"no result rows in {rows_path}; run `python evaluate.py --dataset {dataset}` first")
+    out = Path(results_root) / "tables"
+    if layout == "ddu":  # SPEC 4.5: accuracy, ECE, AUROC with and without temperature scaling, per OOD set
+        from utils.ddu_summary import ddu_table  # noqa: PLC0415
+        text = ddu_table(rows)
+        atomic_write_text(out / f"{dataset}_ddu.md", text)
+        return text
     grid = LAYOUTS[layout](rows, cell_metrics)
     conventions = sorted({row["fpr_convention"] for row in rows})
     what = "/".join(METRIC_NAMES[m] for m in cell_metrics) if layout == "ccu" else "metrics"
     note = (f"{dataset}: {what} in %, TE = test error; FPR@95 convention: "
             + "; ".join(f"{c} = {FPR_CONVENTIONS[c]}" for c in conventions) + "\n\n")
     text = note + markdown(grid)
-    out = Path(results_root) / "tables"
     suffix = "ood" if layout == "ccu" else layout
     atomic_write_text(out / f"{dataset}_{suffix}.md", text)
     atomic_write_text(out / f"{dataset}_{suffix}.tex", latex(grid))

@@ -161,10 +161,11 @@ def train_binary(net: nn.Module, data: MoonsData, lr: float, class_weight: bool 
     """The one training loop of the toy models (SPEC 5.2): Adam, mini-batches of 64, at most `epochs` epochs,
     early stopping when the full-validation loss (eval mode) has not improved for `patience` epochs.
 
-    `optimizer` is "adam" (SPEC 5.2) or "sgd" (Platt scaling). Loss: BCEWithLogits with pos_weight = (1 - ybar) / ybar when `class_weight` (ybar from the training set;
-    the original recomputed it per batch), plus `extra_loss(progress)` (anchor penalty, BBB's KL; progress in
-    [0, 1) is the fraction of the step budget done, for KL annealing). Like the original, training stops
-    without restoring the best epoch. Returns {"epochs", "val_loss", "val_acc"}.
+    `optimizer` is "adam" (SPEC 5.2) or "sgd" (Platt scaling). Loss: BCEWithLogits with pos_weight =
+    (1 - ybar) / ybar when `class_weight` (ybar from the training set; the original recomputed it per batch),
+    plus `extra_loss(progress)` (anchor penalty, BBB's KL; progress in [0, 1) is the fraction of the step
+    budget done, for KL annealing). Like the original, training stops without restoring the best epoch.
+    Returns {"epochs", "val_loss", "val_acc"}.
     """
     generator = torch.Generator().manual_seed(seed)
     ybar = float(data.y_train.mean())

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from utils.detectors.base import Detector
 from utils.detectors.logit import MSP, Energy, Entropy, MaxLogit
+from utils.detectors.ddu import DDU_DETECTORS
 from utils.detectors.posthoc import POSTHOC_DETECTORS
 
 DETECTORS: dict[str, type[Detector]] = {
@@ -11,6 +12,7 @@ DETECTORS: dict[str, type[Detector]] = {
     "energy": Energy,
     "entropy": Entropy,
     **POSTHOC_DETECTORS,
+    **DDU_DETECTORS,
 }
 
 

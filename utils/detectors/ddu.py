@@ -144,10 +144,11 @@ class DDU(Detector):
             return self                                   # the network's own entropy needs no statistics
         self.model.eval()
         device = next(self.model.parameters()).device
+        store = torch.device("cpu") if device.type == "mps" else device   # MPS has no float64
         features, labels = [], []
         for x, y in loader:
-            features.append(self.model.features(x.to(device)).to(torch.float64))
-            labels.append(torch.as_tensor(y).to(device))
+            features.append(self.model.features(x.to(device)).to(store, torch.float64))
+            labels.append(torch.as_tensor(y).to(store))
         num_classes = self.model.head(features[0][:1].to(torch.get_default_dtype())).shape[1]
         return self.fit_features(torch.cat(features), torch.cat(labels), num_classes)
 
