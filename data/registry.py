@@ -8,7 +8,7 @@ from typing import Callable, Optional
 import torch
 from torch.utils.data import Dataset
 
-from data import builtin, noise, real
+from data import builtin, dirty_mnist, noise, real
 from data.base import (DatasetNotFoundError, TensorImageDataset, holdout_indices, make_generator, take,
                        with_transform)
 from data.transforms import build_augment
@@ -91,6 +91,9 @@ DATASETS: dict[str, DatasetSpec] = {
     "FMNIST": DatasetSpec(10, _MNIST_SHAPE, "torchvision", _torchvision("FMNIST"), "ccu"),
     "EMNIST": DatasetSpec(26, _MNIST_SHAPE, "torchvision", _torchvision("EMNIST"), "ccu"),
     "KMNIST": DatasetSpec(10, _MNIST_SHAPE, "torchvision", _torchvision("KMNIST"), "ccu"),
+    # DDU's Dirty-MNIST: MNIST + Ambiguous-MNIST (data/dirty_mnist.py), no augmentation in DDU
+    "DirtyMNIST": DatasetSpec(10, _MNIST_SHAPE, "torchvision",
+                              lambda split, ctx: dirty_mnist.dirty_mnist(split, ctx.root, ctx.download), None),
     "SVHN": DatasetSpec(10, _RGB_SHAPE, "torchvision", _torchvision("SVHN"), "ccu"),
     "CIFAR10": DatasetSpec(10, _RGB_SHAPE, "torchvision", _torchvision("CIFAR10"), "ccu"),
     "CIFAR100": DatasetSpec(100, _RGB_SHAPE, "torchvision", _torchvision("CIFAR100"), "ccu"),
@@ -104,6 +107,7 @@ DATASETS: dict[str, DatasetSpec] = {
 }
 
 OOD_TEST: dict[str, list[str]] = {
+    "DirtyMNIST": ["FMNIST"],
     "MNIST": ["FMNIST", "EMNIST", "GrayCIFAR10", "ccu_noise", "uniform"],
     "FMNIST": ["MNIST", "EMNIST", "GrayCIFAR10", "ccu_noise", "uniform"],
     "SVHN": ["CIFAR10", "CIFAR100", "LSUN_CR", "ImageNet-", "ccu_noise", "uniform"],
