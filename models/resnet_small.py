@@ -23,11 +23,11 @@ BN_MOMENTUM = 0.01  # TF decay 0.99
 
 class PreActUnit(nn.Module):
     def __init__(self, in_planes: int, planes: int, stride: int, activate_before_residual: bool,
-                 mod: bool) -> None:
+                 mod: bool, bn_momentum: float = BN_MOMENTUM) -> None:
         super().__init__()
-        self.bn1, self.act1 = batch_norm(in_planes, BN_MOMENTUM), activation(mod)
+        self.bn1, self.act1 = batch_norm(in_planes, bn_momentum), activation(mod)
         self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
-        self.bn2, self.act2 = batch_norm(planes, BN_MOMENTUM), activation(mod)
+        self.bn2, self.act2 = batch_norm(planes, bn_momentum), activation(mod)
         self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
         self.activate_before_residual = activate_before_residual
         self.shortcut = PoolPadShortcut(in_planes, planes, stride)
@@ -44,7 +44,10 @@ class ResNetSmall(Backbone):
 
     def __init__(self, num_classes: int, in_channels: int, input_size: int, dropout: float = 0.0,
                  normalize: NormalizeSpec = None, spectral_norm_coeff: Optional[float] = None,
-                 mod: bool = False, units: int = 3, widths: Sequence[int] = (16, 32, 64)) -> None:
+                 mod: bool = False, units: int = 3, widths: Sequence[int] = (16, 32, 64),
+                 bn_momentum: float = BN_MOMENTUM) -> None:
+        """`bn_momentum` is PyTorch's (ACET: 0.01); short runs on small data want PyTorch's default 0.1, since
+        running statistics with momentum 0.01 need a few hundred steps to settle."""
         super().__init__()
         size = check_input_size(self.arch, input_size)
         self.normalize = make_normalize(normalize)
@@ -52,12 +55,12 @@ class ResNetSmall(Backbone):
         stages, in_planes = [], widths[0]
         for i, planes in enumerate(widths):
             stride = 1 if i == 0 else 2
-            blocks = [PreActUnit(in_planes, planes, stride, True, mod)]
-            blocks += [PreActUnit(planes, planes, 1, False, mod) for _ in range(units - 1)]
+            blocks = [PreActUnit(in_planes, planes, stride, True, mod, bn_momentum)]
+            blocks += [PreActUnit(planes, planes, 1, False, mod, bn_momentum) for _ in range(units - 1)]
             stages.append(nn.Sequential(*blocks))
             in_planes = planes
         self.stages = nn.Sequential(*stages)
-        self.bn, self.act = batch_norm(in_planes, BN_MOMENTUM), activation(mod)
+        self.bn, self.act = batch_norm(in_planes, bn_momentum), activation(mod)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.num_features = in_planes

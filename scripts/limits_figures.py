@@ -33,7 +33,8 @@ from utils import limits, regions, toy  # noqa: E402
 # SPEC 5.2 grids (start, stop, step) and colour ranges; the original's MI range [4, 5] was its bug's, MI <= 1 bit
 SCORE_GRID = ((-3.5, 4.5, 0.1), (-3.0, 3.5, 0.1))
 GRAD_GRID = ((-5.5, 6.5, 0.1), (-5.0, 5.5, 0.1))
-COLOUR_RANGE = {"entropy": (0, 1), "max_prob": (0, 0.5), "var": (0, 0.25), "mutual_information": (0, 1)}
+COLOUR_RANGE = {"entropy": (0, 1), "max_prob": (0, 0.5), "var": (0, 0.25), "mutual_information": (0, 1),
+                "confidence": (0, 1)}
 SINGLE_SCORES = ("entropy", "max_prob")  # a deterministic model has no variance or mutual information
 
 
@@ -117,13 +118,12 @@ class _TwoLogits(nn.Module):
 
 
 def toy_limits(name: str, model: toy.ToyModel, directions: torch.Tensor) -> tuple[str, torch.Tensor]:
-    """Exact limit probabilities (N, 2) of the mean prediction: NN / Platt directly, ensembles as the mean of
-    their members' limits; MC dropout and BBB have no single network and return ("numeric", None)."""
+    """Exact limit probabilities (S, N, 2) of the model's samples: NN / Platt (S = 1) and each ensemble member;
+    MC dropout and BBB sample fresh networks and return ("numeric", None)."""
     if name in ("NN", "PlattScalingNN"):
-        return "exact", limits.limit_analysis(_TwoLogits(model), directions).probs
+        return "exact", limits.limit_analysis(_TwoLogits(model), directions).probs[None]
     if name in ("NNEnsemble", "AnchoredNNEnsemble"):
-        members = [limits.limit_analysis(_TwoLogits(m), directions).probs for m in model.members]
-        return "exact", torch.stack(members).mean(0)
+        return "exact", torch.stack([limits.limit_analysis(_TwoLogits(m), directions).probs for m in model.members])
     return "numeric", None
 
 
@@ -133,11 +133,11 @@ def far_away_curves(models: dict, alphas: torch.Tensor, directions: torch.Tensor
     for name, model in models.items():
         method, limit_probs = toy_limits(name, model, directions)
         if limit_probs is not None:
-            share = float((limit_probs.amax(-1) > 0.99).double().mean())
+            share = float((limit_probs.mean(0).amax(-1) > 0.99).double().mean())
             print(f"{name:>18s}: limit confidence > 0.99 along {100 * share:.1f}% of the rays (exact)")
         for score in scores_of(name):
             values, grads = limits.ray_curve(model, directions, alphas, score=toy.SCORES[score])
-            limit = toy.SCORES[score](limit_probs[None].float()) if limit_probs is not None else values[-1]
+            limit = toy.SCORES[score](limit_probs.float()) if limit_probs is not None else values[-1]
             curves.setdefault(name, []).append((score, values, grads, limit, method))
     return curves
 
@@ -170,7 +170,8 @@ def plot_rays(curves: dict, alphas: torch.Tensor, path: Path, title: str, n_show
             ax_grad.loglog(alphas, grads[:, :n_show].clamp_min(floor), lw=0.8)
             ax_value.set_title(f"{name}: {score}", fontsize=8)
             ax_grad.set_title(f"||grad {score}||", fontsize=8)
-            ax_grad.set_ylim(floor / 2, None)
+            ax_value.set_ylim(COLOUR_RANGE[score][0], 1.04 * COLOUR_RANGE[score][1])
+            ax_grad.set_ylim(floor / 2, max(10 * float(grads.max()), 1.0))
         for ax in axes[r, 2 * len(entries):]:
             ax.axis("off")
     for ax in axes[-1]:
@@ -276,12 +277,12 @@ def main(args: argparse.Namespace) -> None:
     directions = directions / directions.norm(dim=1, keepdim=True)
     curves = far_away_curves(trained, alphas, directions)
     rows = curve_rows(curves, alphas, meta)
-    for name in trained:
-        for score in scores_of(name):
-            sel = [row for row in rows if row["model"] == name and row["score"] == score]
-            print(f"{name:>18s} {score:>18s}: median {sel[0]['score_median']:.4f} at alpha=1 -> "
-                  f"{sel[-1]['score_median']:.4f} at alpha={sel[-1]['alpha']:g} (limit {sel[-1]['limit_median']:.4f}"
-                  f"), median ||grad|| {sel[0]['grad_median']:.2e} -> {sel[-1]['grad_median']:.2e}")
+    for name, entries in curves.items():
+        for score, values, grads, limit, method in entries:
+            print(f"{name:>18s} {score:>18s}: rays still above 0.01 at alpha={float(alphas[-1]):g}: "
+                  f"{100 * float((values[-1] > 0.01).double().mean()):5.1f}%, max |score - limit| "
+                  f"{float((values[-1] - limit).abs().max()):.1e} ({method}), max ||grad|| "
+                  f"{float(grads[0].max()):.1e} at alpha=1 -> {float(grads[-1].max()):.1e}")
     write_rows(rows_dir / "moons.jsonl", rows)
     plot_rays(curves, alphas, out_dir / "moons_far_away.png", "Two moons: scores along alpha * d, d random unit")
     if args.regions:

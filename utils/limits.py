@@ -19,8 +19,9 @@ never leaves the region iff no unit is heading for a sign change: (z > 0 and a >
 for every ReLU, and for every max-pool window the winner's slope is >= the slopes of the others. Layer by
 layer this certifies that the activation pattern is the same for ALL alpha' >= alpha (in particular at
 2 alpha, 4 alpha, ...), not only at the points looked at. Directions that are not certified yet are looked at
-again at 2 alpha (doubling, from `alpha0`), up to `max_doublings` times; the rest are reported uncertified with
-the estimate at the last alpha.
+again further out: each unit heading for a change predicts where it happens (alpha - z / a), and the next alpha
+is past the farthest predicted change, but at least 2 alpha (doubling) and at most 1024 alpha; after
+`max_steps` looks the rest are reported uncertified with the estimate at the last alpha.
 
 Which networks are piecewise affine is decided while they run: the recorder flags smooth non-linearities
 (exp, softmax, sigmoid, tanh, normalisation by input statistics, powers, ...) and products of two
@@ -69,8 +70,8 @@ class RegionRecorder(TorchFunctionMode):
     stays in the current linear region; flags operations that are not piecewise affine.
 
     `patterns`: one (N, units) bool tensor per ReLU-like call (z > 0) and one (N, outputs) argmax-index tensor
-    per max-pool; `unstable`: (N,) bool, some unit heads for a sign change along the ray; `violation`: the first
-    offending op name or None.
+    per max-pool; `unstable`: (N,) bool, some unit heads for a sign change along the ray; `horizon`: (N,) how
+    much further along alpha the farthest such change is predicted; `violation`: the first offending op or None.
     """
 
     def __init__(self, batch_size: int, dual: bool = True) -> None:
@@ -78,6 +79,7 @@ class RegionRecorder(TorchFunctionMode):
         self.batch_size, self.dual = batch_size, dual
         self.patterns: list[torch.Tensor] = []
         self.unstable = torch.zeros(batch_size, dtype=torch.bool)
+        self.horizon = torch.zeros(batch_size, dtype=torch.float64)
         self.violation: Optional[str] = None
 
     def _flag(self, name: str, why: str) -> None:
@@ -96,7 +98,7 @@ class RegionRecorder(TorchFunctionMode):
         if slope is not None:
             a = slope.detach().reshape(self.batch_size, -1)
             heading = ((z_flat > 0) & (a < 0)) | ((z_flat <= 0) & (a > 0))
-            self.unstable |= heading.any(1).to(self.unstable.device)
+            self._heading(heading, torch.where(heading, -z_flat / a, 0.0))
 
     def _max_pool(self, args: tuple, kwargs: dict) -> None:
         names = ("input", "kernel_size", "stride", "padding", "dilation", "ceil_mode")
@@ -121,8 +123,14 @@ class RegionRecorder(TorchFunctionMode):
         if slope is not None:
             a = F.unfold(slope.detach().reshape(n * c, 1, *primal.shape[2:]), **unfold)
             a_win = a.gather(1, winner)
-            heading = ((a > a_win) & valid).reshape(n, -1).any(1)  # a loser climbs faster than the winner
-            self.unstable |= heading.to(self.unstable.device)
+            heading = (a > a_win) & valid  # a loser climbs faster than the winner: it overtakes it
+            overtake = torch.where(heading, (windows.gather(1, winner) - windows) / (a - a_win), 0.0)
+            self._heading(heading.reshape(n, -1), overtake.reshape(n, -1))
+
+    def _heading(self, heading: torch.Tensor, distance: torch.Tensor) -> None:
+        """heading: (N, units) bool; distance: (N, units) alpha still to go before each such change."""
+        self.unstable = self.unstable.to(heading.device) | heading.any(1)
+        self.horizon = torch.maximum(self.horizon.to(heading.device), distance.amax(1).double())
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -188,39 +196,42 @@ def _ray_pass(net: nn.Module, d: torch.Tensor, alpha: torch.Tensor):
     return logits, slope, recorder
 
 
-def _limit_softmax(logits: torch.Tensor, slope: torch.Tensor, alpha: torch.Tensor, tie_tol: float):
+def _limit_softmax(slope: torch.Tensor, intercept: torch.Tensor, tie_tol: float):
     """softmax of the intercepts over the classes tied at the top slope (one-hot when the top is unique)."""
-    intercept = logits - alpha[:, None] * slope
     top = slope.amax(-1, keepdim=True)
     tied = slope >= top - tie_tol * slope.abs().amax(-1, keepdim=True)
     probs = torch.softmax(intercept.masked_fill(~tied, float("-inf")), -1)
-    return probs, intercept, tied.sum(-1)
+    return probs, tied.sum(-1)
 
 
-def _limit_chunk(net: nn.Module, d: torch.Tensor, alpha0: float, max_doublings: int, tie_tol: float):
+def _limit_chunk(net: nn.Module, d: torch.Tensor, alpha0: float, max_steps: int, tie_tol: float):
     n = len(d)
     alpha = torch.full((n,), float(alpha0), dtype=d.dtype, device=d.device)
     certified = torch.zeros(n, dtype=torch.bool, device=d.device)
-    logits = slope = None
+    slope = intercept = None
+    seen = alpha.clone()  # the alpha each direction was last looked at
     todo = torch.arange(n, device=d.device)
-    for _ in range(max_doublings + 1):
+    for _ in range(max_steps):
         out, s, recorder = _ray_pass(net, d[todo], alpha[todo])
         if recorder.violation:
             raise NotPiecewiseAffineError(
                 f"{type(net).__name__} is not piecewise affine: it applies {recorder.violation} to its input, "
                 "so Theorem 3.1 does not apply; measure it with numeric_confidence(model, d, alpha=1e6) or "
                 "pass on_non_pa='numeric'")
-        if logits is None:
-            logits, slope = out.clone(), s.clone()
-        logits[todo], slope[todo] = out, s
+        if slope is None:
+            slope, intercept = out.new_empty(n, out.shape[1]), out.new_empty(n, out.shape[1])
+        seen[todo] = alpha[todo]
+        slope[todo], intercept[todo] = s, out - alpha[todo, None] * s  # f(alpha d) = alpha s + b
         stable = ~recorder.unstable.to(d.device)
         certified[todo[stable]] = True
+        # past the farthest predicted change (the pattern may change on the way: look again there), >= doubling
+        step = (recorder.horizon.to(d) * 1.001).clamp(min=alpha[todo], max=1023 * alpha[todo])
+        alpha[todo] = alpha[todo] + torch.where(stable, 0.0, step)
         todo = todo[~stable]
         if len(todo) == 0:
             break
-        alpha[todo] *= 2.0  # some unit is still heading for a sign change: look further out
-    probs, intercept, n_tied = _limit_softmax(logits, slope, alpha, tie_tol)
-    return probs, slope, intercept, alpha, certified, n_tied
+    probs, n_tied = _limit_softmax(slope, intercept, tie_tol)
+    return probs, slope, intercept, seen, certified, n_tied
 
 
 @torch.no_grad()
@@ -239,7 +250,7 @@ def numeric_confidence(model: nn.Module, directions: torch.Tensor, alpha: float 
     return numeric_probs(model, directions, alpha, **kwargs).amax(-1)
 
 
-def limit_analysis(model: nn.Module, directions: torch.Tensor, alpha0: float = 1.0, max_doublings: int = 60,
+def limit_analysis(model: nn.Module, directions: torch.Tensor, alpha0: float = 1.0, max_steps: int = 64,
                    tie_tol: float = 1e-9, batch_size: int = 512, dtype: Optional[torch.dtype] = torch.float64,
                    on_non_pa: str = "raise", numeric_alpha: float = 1e6) -> LimitResult:
     """Exact limit of softmax(f(alpha d)) as alpha -> inf for each direction d (rows of `directions`, any input
@@ -254,7 +265,7 @@ def limit_analysis(model: nn.Module, directions: torch.Tensor, alpha0: float = 1
     net = _prepare(model, dtype)
     device, net_dtype = _device_dtype(net)
     try:
-        parts = [_limit_chunk(net, d.to(device, net_dtype), alpha0, max_doublings, tie_tol)
+        parts = [_limit_chunk(net, d.to(device, net_dtype), alpha0, max_steps, tie_tol)
                  for d in directions.split(batch_size)]
     except NotPiecewiseAffineError as error:
         if on_non_pa == "raise":

@@ -152,7 +152,7 @@ class ODIN(Detector):
         """
         direction, logits = self._direction(x)
         rows = []
-        with torch.no_grad():
+        with torch.inference_mode():  # a little faster than no_grad; the stack below leaves inference mode
             for eps in eps_list:
                 step_logits = logits if eps == 0 else self.model(perturb(x, direction, float(eps), self.clip))
                 rows.append(self._score(step_logits))
