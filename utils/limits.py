@@ -24,10 +24,12 @@ is past the farthest predicted change, but at least 2 alpha (doubling) and at mo
 `max_steps` looks the rest are reported uncertified with the estimate at the last alpha.
 
 Which networks are piecewise affine is decided while they run: the recorder flags smooth non-linearities
-(exp, softmax, sigmoid, tanh, normalisation by input statistics, powers, ...) and products of two
-input-dependent tensors applied to input-dependent tensors (a CCU model's Gaussian mixtures, for example);
-such a model raises `NotPiecewiseAffineError`, or, with on_non_pa="numeric"/"nan", falls back to the measured
-confidence at alpha = 1e6 (`numeric_confidence`) or NaN.
+(exp, softmax, sigmoid, tanh, powers, normalisation by input statistics, ...) applied to input-dependent
+tensors, products or quotients of two input-dependent tensors, and piecewise-affine ops it cannot track
+(clamp, abs, max over a dim, ...). A CCU model (Gaussian mixtures: squared distances, exp) is flagged this
+way. Such a model raises `NotPiecewiseAffineError`, or, with on_non_pa="numeric" / "nan", gets the confidence
+measured at alpha = 1e6 (`numeric_confidence`) or NaN. Layers need not be nn.Modules: functional calls
+(F.relu, torch.relu, Tensor.relu, F.max_pool2d) are seen too, through a TorchFunctionMode.
 """
 from __future__ import annotations
 
@@ -49,11 +51,13 @@ SMOOTH = {"exp", "exp_", "exp2", "expm1", "log", "log_", "log2", "log10", "log1p
           "tanh_", "softmax", "log_softmax", "softmin", "logsumexp", "gelu", "silu", "elu", "selu", "celu",
           "softplus", "mish", "pow", "pow_", "__pow__", "__rpow__", "square", "sqrt", "rsqrt", "reciprocal",
           "norm", "vector_norm", "cdist", "erf", "sin", "cos", "atan", "logit", "layer_norm", "group_norm",
-          "instance_norm", "local_response_norm", "normalize", "glu", "var", "std"}
+          "instance_norm", "local_response_norm", "normalize", "glu", "var", "std", "logsigmoid", "softsign",
+          "tanhshrink", "cosine_similarity", "tan", "sinh", "cosh", "asinh"}
 UNTRACKED_PA = {"max", "min", "amax", "amin", "maximum", "minimum", "clamp", "clamp_", "clip", "hardtanh",
                 "relu6", "abs", "where", "sort", "topk", "max_pool1d", "max_pool3d", "adaptive_max_pool1d",
                 "adaptive_max_pool2d", "hardswish", "hardsigmoid", "prelu", "rrelu"}
-BILINEAR = {"mul", "mul_", "__mul__", "__rmul__", "matmul", "__matmul__", "mm", "bmm", "einsum", "bilinear"}
+BILINEAR = {"mul", "mul_", "__mul__", "__rmul__", "matmul", "__matmul__", "mm", "bmm", "einsum", "bilinear", "linear",
+            "conv1d", "conv2d", "conv3d", "addmm", "baddbmm"}  # non-affine when two operands depend on the input
 DIVISION = {"div", "div_", "__truediv__", "true_divide"}
 
 
@@ -417,7 +421,7 @@ def audit_directions(model: nn.Module, directions: torch.Tensor, args: argparse.
                if result.method == "exact" else conf).double()
     levels = torch.tensor([0.0, 0.01, 0.1, 0.5, 0.9], dtype=torch.float64)
     quantiles = torch.quantile(conf, levels).tolist()
-    diff = (conf - numeric).abs()
+    diff = (conf - numeric).abs() if result.method == "exact" else torch.full_like(conf, float("nan"))
 
     def share(mask: torch.Tensor) -> float:
         return float(mask.double().mean())
@@ -425,7 +429,8 @@ def audit_directions(model: nn.Module, directions: torch.Tensor, args: argparse.
     return {"method": result.method, "n": len(conf), "share_confident": share(conf > args.threshold),
             "mean_conf": float(conf.mean()), **{f"q{int(100 * q):02d}": v for q, v in zip(levels.tolist(), quantiles)},
             "certified": share(result.certified), "share_tied": share(result.n_tied > 1),
-            "numeric_share_confident": share(numeric > args.threshold), "agreement": share(diff <= args.agree_tol),
+            "numeric_share_confident": share(numeric > args.threshold),
+            "agreement": share(diff <= args.agree_tol) if result.method == "exact" else float("nan"),
             "max_abs_diff": float(diff.max())}
 
 
@@ -443,7 +448,7 @@ def audit_table(rows: list[dict]) -> str:
     for r in newest.values():
         grid.append([r["label"], str(r["run"]), r["source"], r["method"], f"{100 * r['share_confident']:.1f}",
                      f"{r['q50']:.4f}", f"{r['q01']:.4f}", f"{100 * r['certified']:.1f}",
-                     f"{100 * r['agreement']:.1f}"])
+                     "n/a" if r["method"] != "exact" else f"{100 * r['agreement']:.1f}"])
     return markdown(grid)
 
 
@@ -472,9 +477,10 @@ def main(args: argparse.Namespace) -> None:
                          "checkpoint": runs.file_hash(Path(run_dir) / "model.pt"), "source": source,
                          "threshold": args.threshold, "alpha_check": args.alpha_check, "seed": args.seed, **stats,
                          "git_sha": runs.git_sha(), "date": runs.now()})
+            agreement = "n/a" if stats["method"] != "exact" else f"{100 * stats['agreement']:.1f}%"
             print(f"{label:>14s} {source:>8s} [{stats['method']}]: {100 * stats['share_confident']:.1f}% of limits "
                   f"> {args.threshold}, median {stats['q50']:.4f}, certified {100 * stats['certified']:.1f}%, "
-                  f"agreement with alpha={args.alpha_check:g}: {100 * stats['agreement']:.1f}%")
+                  f"agreement with alpha={args.alpha_check:g}: {agreement}")
     results = Path(args.results)
     rows_path = results / "attacks" / f"{args.dataset}_audit.jsonl"
     runs.append_jsonl(rows_path, rows)
