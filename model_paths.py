@@ -70,3 +70,28 @@ def table_entries(dataset: str) -> list[TableEntry]:
         raise ValueError(f"no table is defined for dataset {dataset!r}; model_paths.MODEL_PATHS has: "
                          f"{', '.join(MODEL_PATHS)} (or pass --runs DIR ...)")
     return MODEL_PATHS[dataset]
+
+
+# How each run kind of the tables is trained: run "<kind>-s<seed>" = `train.py --seed <seed> <flags>`.
+# scripts/train_table.py trains every run a dataset's table names (after gen_gmm.py for ccu/ccus).
+RUN_FLAGS: dict[str, list[str]] = {
+    "plain": ["--method", "plain"],
+    # CCU's MC-dropout baseline (SPEC 1.4): dropout 0.5 kept active at test time, Adam 2e-4
+    "mcd": ["--method", "plain", "--dropout", "0.5", "--optimizer", "adam", "--lr", "2e-4"],
+    "edl": ["--method", "edl", "--optimizer", "adam", "--lr", "1e-3"],
+    "ceda": ["--method", "ceda"],
+    "acet": ["--method", "acet"],
+    "oe": ["--method", "oe", "--out-data", "natural_patches"],
+    "ccu": ["--method", "ccu", "--gmm", "gmm-s0", "--out-data", "natural_patches"],
+    "ccus": ["--method", "ccus", "--gmm", "gmm-s0", "--out-data", "uniform"],
+    "ddu": ["--method", "plain", "--recipe", "ddu"],
+}
+
+
+def run_flags(run: str) -> tuple[list[str], int]:
+    """train.py flags and seed of a run named "<kind>-s<seed>"."""
+    kind, _, seed = run.rpartition("-s")
+    if kind not in RUN_FLAGS or not seed.isdigit():
+        raise ValueError(f"cannot derive training flags from run name {run!r}; expected <kind>-s<seed> with kind in "
+                         f"{', '.join(RUN_FLAGS)}")
+    return RUN_FLAGS[kind], int(seed)

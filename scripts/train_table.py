@@ -1,0 +1,67 @@
+"""Train every run that a dataset's paper table names in model_paths.MODEL_PATHS, in order.
+
+    python scripts/train_table.py --dataset MNIST --data-root ../shared/datasets --dry-run   # print the commands
+    python scripts/train_table.py --dataset CIFAR10 --download -- --epochs 100               # extra train.py flags
+
+CCU runs need CCU's mixtures first; they are fitted once (gen_gmm.py, run gmm-s0). Finished runs are skipped;
+interrupted ones are resumed.
+"""
+from __future__ import annotations
+
+import argparse
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from model_paths import run_flags, table_entries  # noqa: E402
+
+
+def commands(args: argparse.Namespace) -> list[list[str]]:
+    common = ["--dataset", args.dataset, "--runs-root", args.runs_root]
+    if args.data_root:
+        common += ["--data-root", args.data_root]
+    runs = list(dict.fromkeys(run for entry in table_entries(args.dataset) for run in entry.runs))
+    todo = []
+    if any(run.startswith("ccu") for run in runs) and not (Path(args.runs_root) / args.dataset / "gmm-s0").exists():
+        todo.append([sys.executable, "gen_gmm.py", *common, "--name", "gmm-s0"])
+    for run in runs:
+        flags, seed = run_flags(run)
+        checkpoint = Path(args.runs_root) / args.dataset / run / "model.pt"
+        resume = []
+        if checkpoint.exists():
+            saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
+            if saved["epoch"] >= saved["config"]["epochs"]:
+                continue
+            resume = ["--resume"]
+        download = ["--download"] if args.download else []
+        todo.append([sys.executable, "train.py", *common, *download, "--seed", str(seed), "--name", run, *flags,
+                     *resume, *args.train_flags])
+    return todo
+
+
+def main(args: argparse.Namespace) -> None:
+    for command in commands(args):
+        print("$", shlex.join(command), flush=True)
+        if not args.dry_run:
+            subprocess.run(command, cwd=ROOT, check=True)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", required=True)
+    parser.add_argument("--runs-root", default="runs")
+    parser.add_argument("--data-root", default=None)
+    parser.add_argument("--download", action=argparse.BooleanOptionalAction, default=False)
+    parser.add_argument("--dry-run", action=argparse.BooleanOptionalAction, default=False)
+    parser.add_argument("train_flags", nargs="*", help="extra train.py flags, after --")
+    return parser
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
