@@ -20,19 +20,19 @@ import gen_gmm  # noqa: E402
 import train  # noqa: E402
 
 # (run name, train.py flags) in training order; model_paths.MODEL_PATHS["digits"] names them in the table.
-# Attacks are shortened (5 PGD steps instead of 40) so the whole demo stays within minutes on a laptop CPU.
+# Attacks are shortened (10 PGD steps instead of 40 in training) so the whole demo stays within minutes on a laptop CPU.
 DEMO_RUNS: list[tuple[str, list[str]]] = [
-    ("plain-s0", ["--method", "plain", "--epochs", "10"]),
-    ("ceda-s0", ["--method", "ceda", "--epochs", "10"]),
-    ("acet-s0", ["--method", "acet", "--attack-steps", "5", "--epochs", "8"]),
+    ("plain-s0", ["--method", "plain", "--epochs", "20"]),
+    ("ceda-s0", ["--method", "ceda", "--epochs", "20"]),
+    ("acet-s0", ["--method", "acet", "--attack-steps", "10", "--epochs", "20"]),
     ("ddu-s0", ["--method", "plain", "--arch", "resnet_small", "--arch-kwargs", '{"bn_momentum": 0.1}',
                 "--spectral-norm-coeff", "3", "--mod",
-                "--epochs", "8", "--val-fraction", "0.1"]),
-    ("ccu-s0", ["--method", "ccu", "--gmm", "gmm-s0", "--out-data", "natural_patches", "--epochs", "10"]),
+                "--epochs", "20", "--val-fraction", "0.1"]),
+    ("ccu-s0", ["--method", "ccu", "--gmm", "gmm-s0", "--out-data", "natural_patches", "--epochs", "20"]),
 ]
 GMM_FLAGS = ["--n-components", "20", "--out-data", "natural_patches", "--n-out", "3000", "--no-augment"]
-ATTACK_FLAGS = ["--n-seeds", "100", "--restarts", "2", "--steps", "40"]
-EVALUATE_FLAGS = ["--adv-sets", "adv_noise", "--attack-steps", "20", "--n-adv", "360", "--n-ood", "2000"]
+ATTACK_FLAGS = ["--n-seeds", "200", "--restarts", "5", "--steps", "100"]
+EVALUATE_FLAGS = ["--adv-sets", "adv_noise", "--attack-steps", "40", "--n-adv", "360", "--n-ood", "5000"]
 
 
 def train_once(name: str, flags: list[str], runs_root: str) -> None:
