@@ -15,6 +15,16 @@ pytorch-ood is never a project dependency: run this with a separate environment 
     /tmp/bench-venv/bin/pip install pytorch-ood==0.4.0 --no-deps
     /tmp/bench-venv/bin/python benchmarks/bench_detectors.py --data-root ../shared/datasets
 Without pytorch-ood only our timings are printed.
+
+Recorded (defaults: LeNet 300 steps, 10 000 MNIST-test vs 10 000 ccu_noise, Mahalanobis fit on 10 000 train
+images, ODIN on 1 000 + 1 000; 2 shared CPU cores, torch 2.14.1; best of 3, ours and reference alternated):
+    five one-pass scores   17.6 s vs 65.5 s   3.7x   AUROC diff 0 (MSP, energy, max-logit), 1e-16 (entropy)
+    Mahalanobis fit         3.5 s vs  6.0 s   1.7x   AUROC diff 2.9e-6 = the reference's float32 inverse (0 vs
+                                                     its formula in float64; ours uses ridge = 1e-6 / N there)
+    ODIN T=1000, 0.0014     3.5 s vs  3.3 s   0.95x  same three passes (1.05x in an earlier run): parity
+    ODIN sweep, 21 eps     20.1 s vs 65.4 s   3.3x   (4.6x in an earlier run); AUROC diff <= 2.2e-16
+The sweep's speed-up is bounded by (forward + backward + forward) per separate run over one forward per extra
+eps, about 3-4.5x for LeNet on CPU. Timings on this shared machine varied by up to 2x between runs.
 """
 from __future__ import annotations
 

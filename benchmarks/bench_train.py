@@ -58,6 +58,7 @@ def our_loop(train_set, batches: int, batch_size: int, device, num_workers: int)
 
 def main(args: Namespace) -> None:
     torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)  # as train.py does, for both loops
     device = torch.device(args.device)
     train_set = data.get_dataset("MNIST", "train", root=args.data_root)
     x_all, y_all = next(iter(torch.utils.data.DataLoader(train_set, batch_size=len(train_set))))
