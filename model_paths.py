@@ -95,3 +95,23 @@ def run_flags(run: str) -> tuple[list[str], int]:
         raise ValueError(f"cannot derive training flags from run name {run!r}; expected <kind>-s<seed> with kind in "
                          f"{', '.join(RUN_FLAGS)}")
     return RUN_FLAGS[kind], int(seed)
+
+
+def distinct_runs(dataset: str | None, runs_root: str | Path, runs: list[str] | None = None,
+                  include_ensembles: bool = True) -> list[tuple[str, Path]]:
+    """(label, run folder) once per distinct network: `runs` as given, else every run of the dataset's table.
+
+    Entries that differ only by detector (Base, ODIN, Maha on plain-s0) name one network, labelled by all of
+    them ("Base/ODIN/Maha"); the studies of gen_attack_stats.py look at each network once.
+    """
+    if runs:
+        return [(Path(run).name, Path(run)) for run in runs]
+    if dataset is None:
+        raise ValueError("pass --runs DIR ... or --dataset (to take the runs of model_paths.MODEL_PATHS)")
+    labels: dict[Path, list[str]] = {}
+    for entry in table_entries(dataset):
+        if entry.is_ensemble and not include_ensembles:
+            continue
+        for run_dir in entry.run_dirs(runs_root, dataset):
+            labels.setdefault(run_dir, []).append(entry.label)
+    return [("/".join(dict.fromkeys(names)), run_dir) for run_dir, names in labels.items()]

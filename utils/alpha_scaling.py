@@ -112,20 +112,10 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_list(args: argparse.Namespace) -> list[tuple[str, Path]]:
-    """(label, run_dir) pairs, one per distinct run folder."""
-    if args.runs:
-        return [(Path(d).name, Path(d)) for d in args.runs]
+    """(label, run_dir) once per network; an ensemble's members are ordinary runs, studied one by one."""
     import model_paths
 
-    pairs, seen = [], set()
-    for entry in model_paths.table_entries(args.dataset):
-        if entry.is_ensemble:
-            continue  # an ensemble's members are ordinary runs; their softmax is studied one by one
-        for run_dir in entry.run_dirs(args.runs_root, args.dataset):
-            if run_dir not in seen:  # Base/MaxLogit/Energy share one network: study it once
-                seen.add(run_dir)
-                pairs.append((entry.label, run_dir))
-    return pairs
+    return model_paths.distinct_runs(args.dataset, args.runs_root, args.runs, include_ensembles=False)
 
 
 def _dataset_of(run_dir: Path) -> Optional[str]:

@@ -374,17 +374,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 def _audit_runs(args: argparse.Namespace) -> list[tuple[str, "object"]]:
     """(label, run_dir) per distinct run folder: --runs, else the entries of model_paths for --dataset."""
-    from pathlib import Path
-
-    if args.runs:
-        return [(Path(run).name, Path(run)) for run in args.runs]
     import model_paths
 
-    labels: dict = {}
-    for entry in model_paths.table_entries(args.dataset):
-        for run_dir in entry.run_dirs(args.runs_root, args.dataset):
-            labels.setdefault(run_dir, []).append(entry.label)  # one network, audited once
-    return [("/".join(names), run_dir) for run_dir, names in labels.items()]
+    return model_paths.distinct_runs(args.dataset, args.runs_root, args.runs)
 
 
 def _audit_directions(args: argparse.Namespace, shape: tuple) -> dict[str, torch.Tensor]:
