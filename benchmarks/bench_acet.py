@@ -96,6 +96,7 @@ def main(args: argparse.Namespace) -> list[dict]:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)  # as train.py: denormal input gradients slow long CPU attacks several-fold
     x, y, source = load_batch(args.data_root, args.batch_size)
     x, y = x.to(args.device), y.to(args.device)
     plain = time_steps(plain_loss, Namespace(), x, y, args)

@@ -53,7 +53,7 @@ METRIC_KEYS = {"auroc": "AUROC", "aupr_in": "AUPR-IN", "aupr_out": "AUPR-OUT", "
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data-root", default=os.environ.get("DATA_ROOT", "./datasets"))
+    parser.add_argument("--data-root", default=os.environ.get("DATA_ROOT", "../shared/datasets"))
     parser.add_argument("--out-data", default=None, help="OOD set (default: FMNIST if on disk, else ccu_noise)")
     parser.add_argument("--steps", type=int, default=300, help="LeNet training steps (Adam 1e-3, batch 128)")
     parser.add_argument("--n-in", type=int, default=10000, help="MNIST test images scored")

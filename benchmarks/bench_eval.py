@@ -27,6 +27,7 @@ SCORES = ("msp", "maxlogit", "energy", "entropy")
 
 def main(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)  # as evaluate.py
     device = torch.device(args.device)
     torch.manual_seed(0)
     model = models.build_model({"arch": "lenet", "num_classes": 10, "in_channels": 1, "input_size": 28})
