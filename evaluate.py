@@ -29,6 +29,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default="digits", help="in-distribution: a key of data.DATASETS")
     p.add_argument("--runs", nargs="*", default=None, help="run folders (default: model_paths for --dataset)")
     p.add_argument("--runs-root", default="runs")
+    p.add_argument("--paths", default=None, help="key of model_paths.MODEL_PATHS (default: --dataset), e.g. CIFAR10/ddu")
     p.add_argument("--detectors", default=None,
                    help=f"comma list from {sorted(DETECTORS)}; with --runs the detectors to use (default msp), "
                         "otherwise extra detectors added to every single-model table entry")
@@ -58,6 +59,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     t.add_argument("--table", action=argparse.BooleanOptionalAction, default=False)
     t.add_argument("--layout", default="ccu", choices=sorted(tables.LAYOUTS))
     t.add_argument("--metrics", default="auroc,fpr95,mmc", help=f"cells of the ccu layout: {tables.CELL_METRICS}")
+    t.add_argument("--labels", default=None, help="comma list: only these columns (default: every label in the rows)")
     t.add_argument("--print", dest="print_table", action=argparse.BooleanOptionalAction, default=True)
     return p
 
@@ -73,7 +75,7 @@ def entries_from_args(args: Namespace) -> list[TableEntry]:
         return [TableEntry(label=Path(run).name if len(detectors) == 1 else f"{Path(run).name}:{det}",
                            runs=(str(Path(run).resolve()),), detector=det)
                 for run in args.runs for det in detectors]
-    entries = list(table_entries(args.dataset))
+    entries = list(table_entries(args.dataset, args.paths))
     singles = [e for e in entries if not e.is_ensemble]
     return entries + [TableEntry(f"{e.label}:{det}", e.runs, det) for e in singles for det in extra
                       if det != e.detector]
@@ -83,7 +85,8 @@ def main(args: Namespace) -> None:
     data.dataset_info(args.dataset)  # unknown names fail before anything runs
     torch.set_flush_denormal(True)  # denormal floats make CPU passes several times slower (see train.py)
     if args.table:
-        text = tables.write_tables(args.dataset, args.results_root, args.layout, args.metrics.split(","))
+        text = tables.write_tables(args.dataset, args.results_root, args.layout, args.metrics.split(","),
+                                   _labels(args))
         if args.print_table:
             print(text)
         return
@@ -93,9 +96,14 @@ def main(args: Namespace) -> None:
     adv_sets = [name for name in args.adv_sets.split(",") if name]
     rows = evaluation.evaluate_entries(entries, args, ood_sets, adv_sets)
     print(f"wrote {len(rows)} rows to {Path(args.results_root) / 'ood' / (args.dataset + '.jsonl')}")
-    text = tables.write_tables(args.dataset, args.results_root, args.layout, args.metrics.split(","))
+    labels = _labels(args) or list(dict.fromkeys(entry.label for entry in entries))
+    text = tables.write_tables(args.dataset, args.results_root, args.layout, args.metrics.split(","), labels)
     if args.print_table:
         print(text)
+
+
+def _labels(args: Namespace) -> list[str] | None:
+    return [label for label in args.labels.split(",") if label] if args.labels else None
 
 
 if __name__ == "__main__":

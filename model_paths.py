@@ -58,18 +58,32 @@ _PAPER = [
     TableEntry("DDU", ("ddu-s0",), "ddu"),
 ]
 
+# DDU's README table (SPEC 4.5): WRN-28-10 + SN + mod (`--recipe ddu`), seeds 1..5, mean +- standard error.
+# Evaluate with `evaluate.py --dataset CIFAR10 --paths CIFAR10/ddu --layout ddu`.
+_DDU_SEEDS = _seeds("ddu", 5, start=1)
+_DDU = [
+    TableEntry("Softmax", _DDU_SEEDS, "ddu", {"score": "softmax_entropy"}),
+    TableEntry("Energy-based", _DDU_SEEDS, "energy"),
+    TableEntry("5-Ensemble", _seeds("ddu", 5, start=1), "ensemble", {"score": "entropy"}),
+    TableEntry("DDU", _DDU_SEEDS, "ddu"),
+]
+
 MODEL_PATHS: dict[str, list[TableEntry]] = {
     "digits": _DEMO,
+    "CIFAR10/ddu": _DDU,
+    "CIFAR100/ddu": _DDU,
     "moons": [TableEntry("Base", ("plain-s0",)), TableEntry("CEDA", ("ceda-s0",)), TableEntry("ACET", ("acet-s0",))],
     **{name: list(_PAPER) for name in ("MNIST", "FMNIST", "SVHN", "CIFAR10", "CIFAR100")},
 }
 
 
-def table_entries(dataset: str) -> list[TableEntry]:
-    if dataset not in MODEL_PATHS:
-        raise ValueError(f"no table is defined for dataset {dataset!r}; model_paths.MODEL_PATHS has: "
+def table_entries(dataset: str, paths: str | None = None) -> list[TableEntry]:
+    """The entries of MODEL_PATHS[paths or dataset] (a key such as "CIFAR10/ddu" names a second table)."""
+    key = paths or dataset
+    if key not in MODEL_PATHS:
+        raise ValueError(f"no table is defined for {key!r}; model_paths.MODEL_PATHS has: "
                          f"{', '.join(MODEL_PATHS)} (or pass --runs DIR ...)")
-    return MODEL_PATHS[dataset]
+    return MODEL_PATHS[key]
 
 
 # How each run kind of the tables is trained: run "<kind>-s<seed>" = `train.py --seed <seed> <flags>`.

@@ -2,6 +2,7 @@
 
     python scripts/train_table.py --dataset MNIST --data-root ../shared/datasets --dry-run   # print the commands
     python scripts/train_table.py --dataset CIFAR10 --download -- --epochs 100               # extra train.py flags
+    python scripts/train_table.py --dataset CIFAR10 --paths CIFAR10/ddu --download            # DDU's 5 seeds
 
 CCU runs need CCU's mixtures first; they are fitted once (gen_gmm.py, run gmm-s0). Finished runs are skipped;
 interrupted ones are resumed.
@@ -26,7 +27,7 @@ def commands(args: argparse.Namespace) -> list[list[str]]:
     common = ["--dataset", args.dataset, "--runs-root", args.runs_root]
     if args.data_root:
         common += ["--data-root", args.data_root]
-    runs = list(dict.fromkeys(run for entry in table_entries(args.dataset) for run in entry.runs))
+    runs = list(dict.fromkeys(run for entry in table_entries(args.dataset, args.paths) for run in entry.runs))
     todo = []
     if any(run.startswith("ccu") for run in runs) and not (Path(args.runs_root) / args.dataset / "gmm-s0").exists():
         todo.append([sys.executable, "gen_gmm.py", *common, "--name", "gmm-s0"])
@@ -55,6 +56,7 @@ def main(args: argparse.Namespace) -> None:
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", required=True)
+    parser.add_argument("--paths", default=None, help="key of model_paths.MODEL_PATHS (default: --dataset)")
     parser.add_argument("--runs-root", default="runs")
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--download", action=argparse.BooleanOptionalAction, default=False)

@@ -103,13 +103,19 @@ def latex(grid: list[list[str]]) -> str:
             + "\n".join(body[1:]) + "\n\\bottomrule\n\\end{tabular}\n")
 
 
-def write_tables(dataset: str, results_root: str | Path, layout: str, cell_metrics: list[str]) -> str:
-    """Render results/ood/<dataset>.jsonl as Markdown and LaTeX under results/tables/; returns the Markdown."""
+def write_tables(dataset: str, results_root: str | Path, layout: str, cell_metrics: list[str],
+                 labels: list[str] | None = None) -> str:
+    """Render results/ood/<dataset>.jsonl as Markdown and LaTeX under results/tables/; returns the Markdown.
+
+    `labels` keeps only those columns, in that order (default: every label, in order of appearance).
+    """
     unknown = [m for m in cell_metrics if m not in CELL_METRICS]
     if unknown:
         raise ValueError(f"unknown table metric(s) {unknown}; valid: {', '.join(CELL_METRICS)}")
     rows_path = Path(results_root) / "ood" / f"{dataset}.jsonl"
     rows = latest_rows(read_jsonl(rows_path))
+    if labels:
+        rows = sorted((r for r in rows if r["label"] in labels), key=lambda r: labels.index(r["label"]))
     if not rows:
         raise FileNotFoundError(f"no result rows in {rows_path}; run `python evaluate.py --dataset {dataset}` first")
     out = Path(results_root) / "tables"
