@@ -29,6 +29,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from utils import limits, regions, toy  # noqa: E402
+from utils.plots import save_figure  # noqa: E402
 
 # SPEC 5.2 grids (start, stop, step) and colour ranges; the original's MI range [4, 5] was its bug's, MI <= 1 bit
 SCORE_GRID = ((-3.5, 4.5, 0.1), (-3.0, 3.5, 0.1))
@@ -100,9 +101,7 @@ def plot_model_maps(name: str, model: toy.ToyModel, data: toy.MoonsData, path: P
             fig.colorbar(image, ax=ax, fraction=0.046)
     acc = model.accuracy(data.x_val, data.y_val)
     fig.suptitle(f"{name}: validation accuracy {100 * acc:.1f}%")
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    save_figure(fig, path, dpi=80)
 
 
 class _TwoLogits(nn.Module):
@@ -177,9 +176,7 @@ def plot_rays(curves: dict, alphas: torch.Tensor, path: Path, title: str, n_show
     for ax in axes[-1]:
         ax.set_xlabel("alpha")
     fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    save_figure(fig, path, dpi=80)
 
 
 def regions_figure(path: Path, seed: int) -> dict:
@@ -214,9 +211,7 @@ def regions_figure(path: Path, seed: int) -> dict:
         if ax is not axes[0]:
             fig.colorbar(mesh, ax=ax, fraction=0.046)
     fig.suptitle(f"PLNN [2, 5, 5, 9] on 9 clusters (train accuracy {100 * accuracy:.1f}%)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    save_figure(fig, path, dpi=80)
     border = (points.abs() > 4.5).any(1)  # outer ring of the grid: entropy frozen, gradients vanishing
     return {"dataset": "nine_clusters", "n_regions": count, "train_accuracy": accuracy,
             "entropy_grad_median_outer": float(grad[border].median()),

@@ -6,6 +6,7 @@ window shows Theorem 3.1 (a ReLU network is overconfident far away from the data
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
 import torch
@@ -59,3 +60,15 @@ def plot_confidence_planes(models: Mapping[str, nn.Module], x: torch.Tensor, y: 
     if path is not None:
         fig.savefig(path, dpi=120)
     return fig
+
+
+def save_figure(fig, path, dpi: int = 120) -> Path:
+    """Lay out, save (creating the folder) and close a figure; returns the path written."""
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path

@@ -22,6 +22,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from utils.plots import save_figure
+
 SCORE_LABELS = {"softmax_entropy": "softmax entropy (aleatoric)",
                 "log_density": "feature log-density log q(z) (epistemic)"}
 
@@ -115,12 +117,7 @@ def histogram_figure(scores: dict[str, np.ndarray], path: str | Path, title: str
         ax.set_ylabel("density")
         ax.legend(fontsize=8)
     fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_active_learning(rows: list[dict], path: str | Path, title: str = "") -> Path:
@@ -146,12 +143,7 @@ def plot_active_learning(rows: list[dict], path: str | Path, title: str = "") ->
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def tiny_digits_run(runs_root: str | Path) -> Path:
