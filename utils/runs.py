@@ -92,8 +92,9 @@ def prepare_run_dir(runs_root: str | Path, dataset: str, name: str, resume: bool
     run_dir = Path(runs_root) / dataset / name
     if resume:
         if not (run_dir / "model.pt").exists():
-            raise FileNotFoundError(f"--resume: no checkpoint at {run_dir / 'model.pt'}; start the run without "
-                                    "--resume")
+            hint = (f"it stopped before its first epoch ended; delete {run_dir} to start it again"
+                    if run_dir.exists() else "start the run without --resume")
+            raise FileNotFoundError(f"--resume: no checkpoint at {run_dir / 'model.pt'}; {hint}")
         return run_dir
     if run_dir.exists() and any(run_dir.iterdir()):
         raise FileExistsError(f"run folder {run_dir} already exists; pass --resume to continue it or choose "
