@@ -96,7 +96,7 @@ def test_kill_and_resume_gives_bit_identical_weights(tmp_path):
 
 
 def test_torchrun_two_processes_on_cpu(tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "train.py", "--dataset", "digits", "--epochs", "3", "--batch-size", "32", "--runs-root", str(tmp_path),
            "--no-progress", "--device", "cpu"]
     result = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
