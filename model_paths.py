@@ -111,6 +111,14 @@ def run_flags(run: str) -> tuple[list[str], int]:
     return RUN_FLAGS[kind], int(seed)
 
 
+def add_run_args(parser, what: str = "study") -> None:
+    """The run-selection flags shared by the studies of gen_attack_stats.py."""
+    parser.add_argument("--dataset", default=None, help="in-distribution dataset (default: the runs' config)")
+    parser.add_argument("--runs", nargs="+", default=None, metavar="DIR",
+                        help=f"run folders to {what} (default: every run of model_paths.MODEL_PATHS[dataset])")
+    parser.add_argument("--runs-root", default="runs")
+
+
 def distinct_runs(dataset: str | None, runs_root: str | Path, runs: list[str] | None = None,
                   include_ensembles: bool = True) -> list[tuple[str, Path]]:
     """(label, run folder) once per distinct network: `runs` as given, else every run of the dataset's table.

@@ -45,7 +45,7 @@ def main(args: argparse.Namespace) -> None:
     seconds = time.perf_counter() - start
     rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     images = len(test) + len(noise)
-    print(f"| images | seconds | images/s | peak RSS (MiB) | RSS growth during scoring (MiB) |\n|---|---|---|---|---|")
+    print("| images | seconds | images/s | peak RSS (MiB) | RSS growth during scoring (MiB) |\n|---|---|---|---|---|")
     print(f"| {images} | {seconds:.2f} | {images / seconds:,.0f} | {rss_after / 1024:.0f} | "
           f"{(rss_after - rss_before) / 1024:.0f} |")
 

@@ -1,6 +1,5 @@
 """evaluate.py end to end on a tiny digits run: rows, cached scores, metrics, tables, errors."""
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest

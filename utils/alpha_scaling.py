@@ -94,10 +94,9 @@ def format_alpha(alpha: float, alpha_max: float) -> str:
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dataset", default=None, help="in-distribution dataset (default: from the runs' config)")
-    parser.add_argument("--runs", nargs="+", default=None, metavar="DIR",
-                        help="run folders to study (default: model_paths.MODEL_PATHS[dataset])")
-    parser.add_argument("--runs-root", default="runs")
+    import model_paths
+
+    model_paths.add_run_args(parser, "study")
     parser.add_argument("--n", type=int, default=10000, help="uniform noise draws (paper: 10 000)")
     parser.add_argument("--target", type=float, default=0.999, help="confidence alpha must reach")
     parser.add_argument("--alpha-max", type=float, default=1e20)

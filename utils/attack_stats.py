@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import model_paths
 from models.gmm import PCAMetric
 from utils.attacks import eval_mode
 
@@ -126,13 +127,10 @@ class _EnsembleLogProbs(nn.Module):
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dataset", default=None, help="in-distribution dataset (default: the CCU run's)")
+    model_paths.add_run_args(parser, "attack")
     parser.add_argument("--ccu-run", default=None, metavar="DIR",
                         help="CCU run whose certified radii bound the attack (default: the entry labelled CCU "
                              "in model_paths.MODEL_PATHS[dataset])")
-    parser.add_argument("--runs", nargs="+", default=None, metavar="DIR",
-                        help="run folders to attack (default: every entry of model_paths.MODEL_PATHS[dataset])")
-    parser.add_argument("--runs-root", default="runs")
     parser.add_argument("--seeds", default="uniform",
                         help="'uniform' (U[0,1]^D, the paper's default) or any data.DATASETS key (test split)")
     parser.add_argument("--n-seeds", type=int, default=200, help="paper: 2 x 100")
@@ -152,8 +150,6 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 def _ccu_run(args: argparse.Namespace) -> Path:
     if args.ccu_run:
         return Path(args.ccu_run)
-    import model_paths
-
     if args.dataset is None:
         raise ValueError("pass --ccu-run DIR or --dataset (to find the entry labelled CCU in model_paths)")
     for entry in model_paths.table_entries(args.dataset):
@@ -167,8 +163,6 @@ def _targets(args: argparse.Namespace, ccu_dir: Path) -> list[tuple[str, list[Pa
     if args.runs:
         pairs = [(Path(d).name, [Path(d)]) for d in args.runs]
     else:
-        import model_paths
-
         pairs, seen = [], set()
         for entry in model_paths.table_entries(args.dataset):
             dirs = entry.run_dirs(args.runs_root, args.dataset)

@@ -353,10 +353,9 @@ AUDIT_SOURCES = ("gaussian", "test", "noise")
 
 def add_args(parser: argparse.ArgumentParser) -> None:
     """Flags of `gen_attack_stats.py --study audit`."""
-    parser.add_argument("--dataset", default=None, help="in-distribution dataset (default: the runs' config)")
-    parser.add_argument("--runs", nargs="+", default=None, metavar="DIR",
-                        help="run folders to audit (default: model_paths.MODEL_PATHS[dataset])")
-    parser.add_argument("--runs-root", default="runs")
+    import model_paths
+
+    model_paths.add_run_args(parser, "audit")
     parser.add_argument("--n-directions", type=int, default=1000, help="directions d per source")
     parser.add_argument("--sources", nargs="+", default=list(AUDIT_SOURCES), choices=AUDIT_SOURCES,
                         help="gaussian: d ~ N(0, I); test: test images; noise: --noise images")

@@ -139,7 +139,6 @@ def ece(probs, labels, n_bins: int = 15) -> float:
     conf, pred = probs.max(dim=1)
     bins = (torch.ceil(conf * n_bins).long() - 1).clamp(0, n_bins - 1)
     correct = (pred == labels).double()
-    count = torch.bincount(bins, minlength=n_bins).double()
     conf_sum = torch.bincount(bins, weights=conf, minlength=n_bins)
     correct_sum = torch.bincount(bins, weights=correct, minlength=n_bins)
     return float((conf_sum - correct_sum).abs().sum() / conf.numel())
