@@ -162,6 +162,8 @@ def main(args: Namespace) -> Path:
         start_epoch = _restore(run_dir, model, optimizer, scheduler)
     elif rank == 0:
         write_json(run_dir / "config.json", {**config, "provenance": provenance()})
+    if rank == 0:
+        print(f"{run_dir}: " + json.dumps(config, sort_keys=True, default=str), flush=True)
     out_source = training.OutSource(opts, opts.data_root, opts.num_workers) if method.uses_out_data else None
     writer = _tensorboard(run_dir) if rank == 0 else None
     for epoch in range(start_epoch, opts.epochs):
