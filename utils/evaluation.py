@@ -91,6 +91,9 @@ def adversarial_sets(model, sets: dict[str, Dataset], adv_sets: list[str], args:
     for name in adv_sets:
         adv = ADV_SETS[name](model, x_in, y_in, args)
         x_adv = adv.x if adv.keep is None else adv.x[adv.keep]  # adv_samples: only the non-resisted ones
+        if len(x_adv) == 0:
+            print(f"{name}: the model resisted every attack, so the set is empty and gets no row")
+            continue
         made[name] = TensorDataset(x_adv.detach().cpu(), torch.full((len(x_adv),), -1))
     return made
 
