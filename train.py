@@ -151,8 +151,7 @@ def main(args: Namespace) -> Path:
     method, model, optimizer, scheduler = build(opts, device)  # before any file is written: bad configs fail here
     if rank == 0:
         run_dir = prepare_run_dir(opts.runs_root, opts.dataset, opts.name, opts.resume)
-    augment = None if opts.augment in (None, "none") else opts.augment
-    train_set = data.get_dataset(opts.dataset, "train", root=opts.data_root, augment=augment,
+    train_set = data.get_dataset(opts.dataset, "train", root=opts.data_root, augment=opts.augment,
                                  download=opts.download, val_fraction=opts.val_fraction, seed=opts.seed)
     test_set = data.get_dataset(opts.dataset, "test", root=opts.data_root, download=opts.download)
     test_loader = DataLoader(test_set, batch_size=opts.test_batch_size, num_workers=opts.num_workers)

@@ -177,9 +177,6 @@ def main(args: argparse.Namespace) -> None:
         print(f"{label:>12s} {run_dir}: median alpha {row['median_alpha_str']}, reached {100 * row['reached']:.1f}%,"
               f" overconfident {row['pct_overconfident']:.1f}%")
         rows.append(row)
-    results = Path(args.results)
-    rows_path = results / "attacks" / f"{args.dataset}_alpha.jsonl"
-    runs.append_jsonl(rows_path, rows)
-    table = alpha_table(runs.read_jsonl(rows_path))
-    runs.atomic_write_text(results / "tables" / f"{args.dataset}_alpha.md", table)
+    name = f"{args.dataset}_alpha"
+    table = runs.record_study(args.results, name, name, rows, alpha_table)
     print(table)

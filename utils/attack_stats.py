@@ -268,9 +268,7 @@ def main(args: argparse.Namespace) -> None:
                            ("in_log_conf", in_scores.numpy())):
             dump[key].append(value)
     results = Path(args.results)
-    runs.append_jsonl(results / "attacks" / f"{args.dataset}.jsonl", rows)
-    table = attack_table(runs.read_jsonl(results / "attacks" / f"{args.dataset}.jsonl"))
-    runs.atomic_write_text(results / "tables" / f"{args.dataset}_ccu_attack.md", table)
+    table = runs.record_study(results, args.dataset, f"{args.dataset}_ccu_attack", rows, attack_table)
     scores_path = results / "scores" / f"{args.dataset}_ccu_attack.npz"
     scores_path.parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(scores_path, seeds=seeds.cpu().numpy(), radii=radius.cpu().numpy(), f=args.f,

@@ -472,9 +472,6 @@ def main(args: argparse.Namespace) -> None:
             print(f"{label:>14s} {source:>8s} [{stats['method']}]: {100 * stats['share_confident']:.1f}% of limits "
                   f"> {args.threshold}, median {stats['q50']:.4f}, certified {100 * stats['certified']:.1f}%, "
                   f"agreement with alpha={args.alpha_check:g}: {agreement}")
-    results = Path(args.results)
-    rows_path = results / "attacks" / f"{args.dataset}_audit.jsonl"
-    runs.append_jsonl(rows_path, rows)
-    table = audit_table(runs.read_jsonl(rows_path))
-    runs.atomic_write_text(results / "tables" / f"{args.dataset}_audit.md", table)
+    name = f"{args.dataset}_audit"
+    table = runs.record_study(args.results, name, name, rows, audit_table)
     print(table)

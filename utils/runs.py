@@ -10,7 +10,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -69,6 +69,17 @@ def append_jsonl(path: str | Path, rows: Iterable[dict]) -> None:
         handle.write(text)
         handle.flush()
         os.fsync(handle.fileno())
+
+
+def record_study(results_root: str | Path, rows_name: str, table_name: str, rows: list[dict],
+                 render: Callable[[list[dict]], str]) -> str:
+    """Append a study's rows to results/attacks/<rows_name>.jsonl and rebuild results/tables/<table_name>.md from
+    every row of that file (so re-runs and other runs stay in the table); returns the table."""
+    rows_path = Path(results_root) / "attacks" / f"{rows_name}.jsonl"
+    append_jsonl(rows_path, rows)
+    table = render(read_jsonl(rows_path))
+    atomic_write_text(Path(results_root) / "tables" / f"{table_name}.md", table)
+    return table
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
