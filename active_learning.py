@@ -265,7 +265,7 @@ def write_rows(path: Path, rows: list[dict]) -> None:
 
 def plot_dataset(results_root: str | Path, dataset: str) -> Path:
     """<results-root>/active_learning/<DATASET>.png from every acquisition's rows of the dataset."""
-    from utils.plots_ddu import plot_active_learning
+    from utils.plots.ddu import plot_active_learning
     folder = Path(results_root) / "active_learning"
     rows = [row for path in sorted(folder.glob(f"{dataset}_*.jsonl")) for row in read_jsonl(path)
             if row.get("dataset") == dataset]

@@ -2,10 +2,10 @@
 
 Three studies, one per `--study`:
   ccu    CCU Table 1: adversarial noise inside CCU's certified balls, attacking every model of a table
-         (`utils/attack_stats.py`).
+         (`utils/studies/ccu.py`).
   alpha  The ACET paper's alpha-scaling experiment: how far uniform noise must be scaled before a model is
          99.9% confident, and how often clipped scaled noise is predicted with > 95% confidence
-         (`utils/alpha_scaling.py`).
+         (`utils/studies/alpha.py`).
   audit  The far-away confidence audit: the exact limit of a ReLU network's confidence along rays
          alpha * d as alpha -> infinity (Theorem 3.1 of the ACET paper; `utils/limits.py`).
 
@@ -20,7 +20,7 @@ import sys
 import torch
 
 # study name -> module that provides add_args(parser) and main(args)
-STUDIES = {"ccu": "utils.attack_stats", "alpha": "utils.alpha_scaling", "audit": "utils.limits"}
+STUDIES = {"ccu": "utils.studies.ccu", "alpha": "utils.studies.alpha", "audit": "utils.studies.audit"}
 
 
 def get_args_parser(study: str) -> argparse.ArgumentParser:

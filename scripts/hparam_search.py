@@ -23,7 +23,7 @@ if str(ROOT) not in sys.path:  # run as `python scripts/hparam_search.py` from a
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from utils import toy  # noqa: E402
+from utils.studies import toy  # noqa: E402
 
 SEARCHABLE = ("NN", "MCDropout", "BBB")
 ORIGINAL_N_ITER = {"NN": 200, "MCDropout": 100, "BBB": 250}

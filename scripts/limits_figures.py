@@ -28,7 +28,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from utils import limits, regions, toy  # noqa: E402
+from utils import limits
+from utils.studies import regions, toy  # noqa: E402
 from utils.plots import save_figure  # noqa: E402
 
 # SPEC 5.2 grids (start, stop, step) and colour ranges; the original's MI range [4, 5] was its bug's, MI <= 1 bit

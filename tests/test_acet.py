@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import models
-from utils.alpha_scaling import max_confidence, median_of, min_alpha
+from utils.studies.alpha import max_confidence, median_of, min_alpha
 from utils.attacks import (ADV_SETS, AdvBatch, adversarial_samples, confidence_attack, eval_mode, max_log_conf,
                            non_resisted_mask, pgd_maximize)
 from utils.methods.noise import NOISE_METHODS

@@ -14,7 +14,7 @@ from torch import nn
 from models import save_checkpoint
 from models.ccu import CCUModel, build_ccu
 from models.gmm import GMM, PCAMetric
-from utils.attack_stats import pca_ball_attack
+from utils.studies.ccu import pca_ball_attack
 from utils.certify import asymptotic_check, bound_gap, bound_terms, certified_radius
 from utils.methods.ccu import CCU_METHODS, ccu_loss, ccu_param_groups, clamp_out_variances
 
@@ -313,7 +313,7 @@ def test_attack_study_end_to_end(tmp_path, monkeypatch):
     """gen_attack_stats --study ccu on digits: CCU's adversarial confidence stays under f/K where certified."""
     import gen_attack_stats
     from utils import methods
-    from utils.plots_ccu import save_all
+    from utils.plots.ccu import save_all
 
     monkeypatch.setitem(methods.METHODS, "ccu", CCU_METHODS["ccu"])
     base_config = {"arch": "mlp", "num_classes": 10, "in_channels": 1, "input_size": [1, 8, 8],

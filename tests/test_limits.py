@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from utils import limits, regions, toy
+from utils import limits
+from utils.studies import regions, toy
 
 torch.set_num_threads(1)
 
@@ -200,11 +201,13 @@ def test_audit_main_writes_rows(tmp_path):
     model = models.build_model(config)
     run_dir = tmp_path / "runs" / "digits" / "plain-s0"
     models.save_checkpoint(run_dir / "model.pt", {"model": model.state_dict(), "config": config, "epoch": 0})
+    from utils.studies import audit
+
     parser = argparse.ArgumentParser()
-    limits.add_args(parser)
+    audit.add_args(parser)
     args = parser.parse_args(["--runs", str(run_dir), "--dataset", "digits", "--n-directions", "40",
                               "--results", str(tmp_path / "results"), "--device", "cpu"])
-    limits.main(args)
+    audit.main(args)
     rows = [json.loads(line) for line in (tmp_path / "results/attacks/digits_audit.jsonl").read_text().splitlines()]
     assert {row["source"] for row in rows} == {"gaussian", "test", "noise"}
     for row in rows:

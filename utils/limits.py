@@ -33,7 +33,6 @@ measured at alpha = 1e6 (`numeric_confidence`) or NaN. Layers need not be nn.Mod
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import warnings
 from dataclasses import dataclass
@@ -326,7 +325,7 @@ def ray_curve(model: nn.Module, x_dirs: torch.Tensor, alphas: Sequence[float] | 
               batch_size: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
     """score(origin + alpha d) and ||grad_x score||_2 for every alpha and direction: two (A, N) tensors.
 
-    `score` maps (S, N, K) probabilities to (N,) (e.g. `max_confidence`, or utils.toy.SCORES entries).
+    `score` maps (S, N, K) probabilities to (N,) (e.g. `max_confidence`, or utils.studies.toy.SCORES entries).
     """
     probs_of = probability_fn(model)
     device = next(iter(model.parameters())).device
@@ -345,133 +344,3 @@ def ray_curve(model: nn.Module, x_dirs: torch.Tensor, alphas: Sequence[float] | 
         norms.append(grad.flatten(1).norm(dim=1).cpu())
     shape = (len(alphas), len(d))
     return torch.cat(scores).reshape(shape), torch.cat(norms).reshape(shape)
-
-
-# ---------------------------------------------------------------------------------------------------- audit CLI
-AUDIT_SOURCES = ("gaussian", "test", "noise")
-
-
-def add_args(parser: argparse.ArgumentParser) -> None:
-    """Flags of `gen_attack_stats.py --study audit`."""
-    import model_paths
-
-    model_paths.add_run_args(parser, "audit")
-    parser.add_argument("--n-directions", type=int, default=1000, help="directions d per source")
-    parser.add_argument("--sources", nargs="+", default=list(AUDIT_SOURCES), choices=AUDIT_SOURCES,
-                        help="gaussian: d ~ N(0, I); test: test images; noise: --noise images")
-    parser.add_argument("--noise", default="uniform", help="noise dataset key of data.DATASETS")
-    parser.add_argument("--alpha-check", type=float, default=1e6, help="alpha of the numeric cross-check")
-    parser.add_argument("--threshold", type=float, default=0.99, help="'confident' limit threshold")
-    parser.add_argument("--agree-tol", type=float, default=1e-3, help="|exact - numeric| counted as agreement")
-    parser.add_argument("--float64", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--data-root", default=None)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--results", default="results", help="root of results/attacks and results/tables")
-
-
-def _audit_runs(args: argparse.Namespace) -> list[tuple[str, "object"]]:
-    """(label, run_dir) per distinct run folder: --runs, else the entries of model_paths for --dataset."""
-    import model_paths
-
-    return model_paths.distinct_runs(args.dataset, args.runs_root, args.runs)
-
-
-def _audit_directions(args: argparse.Namespace, shape: tuple) -> dict[str, torch.Tensor]:
-    import data
-    from utils.runs import resolve_data_root
-
-    n, root = args.n_directions, resolve_data_root(args.data_root)
-    generator = torch.Generator().manual_seed(args.seed)
-    out = {}
-    for source in args.sources:
-        if source == "gaussian":
-            out[source] = torch.randn((n, *shape), generator=generator)
-            continue
-        try:
-            dataset = (data.get_dataset(args.dataset, "test", root=root) if source == "test" else
-                       data.get_dataset(args.noise, "test", root=root, like=args.dataset, n=n, seed=args.seed))
-        except data.DatasetNotFoundError as error:
-            warnings.warn(f"audit: skipping source {source!r}: {error}")
-            continue
-        index = torch.randperm(len(dataset), generator=generator)[:n]
-        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, index.tolist()), batch_size=n)
-        out[source] = next(iter(loader))[0]
-    return out
-
-
-def audit_directions(model: nn.Module, directions: torch.Tensor, args: argparse.Namespace) -> dict:
-    """Limit confidences of one model along `directions`: share above the threshold, quantiles, and the
-    agreement with the network evaluated at alpha = --alpha-check."""
-    dtype = torch.float64 if args.float64 else None
-    result = limit_analysis(model, directions, batch_size=args.batch_size, dtype=dtype, on_non_pa="numeric",
-                            numeric_alpha=args.alpha_check)
-    conf = result.confidence.double()
-    numeric = (numeric_confidence(model, directions, args.alpha_check, dtype=dtype, batch_size=args.batch_size)
-               if result.method == "exact" else conf).double()
-    levels = torch.tensor([0.0, 0.01, 0.1, 0.5, 0.9], dtype=torch.float64)
-    quantiles = torch.quantile(conf, levels).tolist()
-    diff = (conf - numeric).abs() if result.method == "exact" else torch.full_like(conf, float("nan"))
-
-    def share(mask: torch.Tensor) -> float:
-        return float(mask.double().mean())
-
-    return {"method": result.method, "n": len(conf), "share_confident": share(conf > args.threshold),
-            "mean_conf": float(conf.mean()), **{f"q{int(100 * q):02d}": v for q, v in zip(levels.tolist(), quantiles)},
-            "certified": share(result.certified), "share_tied": share(result.n_tied > 1),
-            "numeric_share_confident": share(numeric > args.threshold),
-            "agreement": share(diff <= args.agree_tol) if result.method == "exact" else float("nan"),
-            "max_abs_diff": float(diff.max())}
-
-
-def audit_table(rows: list[dict]) -> str:
-    """Markdown: one line per (label, run, source), newest row wins."""
-    from utils.tables import markdown
-
-    newest: dict = {}
-    for row in rows:
-        key = (row["label"], row["run"], row["source"])
-        if key not in newest or row["date"] >= newest[key]["date"]:
-            newest[key] = row
-    grid = [["Model", "Run", "Directions", "Method", "Limit conf > thr (%)", "Median", "1% quantile",
-             "Certified (%)", "Agrees with alpha-check (%)"]]
-    for r in newest.values():
-        grid.append([r["label"], str(r["run"]), r["source"], r["method"], f"{100 * r['share_confident']:.1f}",
-                     f"{r['q50']:.4f}", f"{r['q01']:.4f}", f"{100 * r['certified']:.1f}",
-                     "n/a" if r["method"] != "exact" else f"{100 * r['agreement']:.1f}"])
-    return markdown(grid)
-
-
-def main(args: argparse.Namespace) -> None:
-    import json
-    from pathlib import Path
-
-    import data
-    import models
-    from utils import runs
-
-    run_list = _audit_runs(args)
-    if args.dataset is None and args.runs:
-        config = Path(args.runs[0]) / "config.json"
-        args.dataset = json.loads(config.read_text()).get("dataset") if config.exists() else None
-    if args.dataset is None:
-        raise ValueError("pass --dataset (it names the result files and the shape of the directions)")
-    _, shape = data.dataset_info(args.dataset)
-    directions = _audit_directions(args, shape)
-    rows = []
-    for label, run_dir in run_list:
-        model = models.load_run(run_dir, device=args.device)
-        for source, d in directions.items():
-            stats = audit_directions(model, d, args)
-            rows.append({"study": "audit", "dataset": args.dataset, "label": label, "run": str(run_dir),
-                         "checkpoint": runs.file_hash(Path(run_dir) / "model.pt"), "source": source,
-                         "threshold": args.threshold, "alpha_check": args.alpha_check, "seed": args.seed, **stats,
-                         "git_sha": runs.git_sha(), "date": runs.now()})
-            agreement = "n/a" if stats["method"] != "exact" else f"{100 * stats['agreement']:.1f}%"
-            print(f"{label:>14s} {source:>8s} [{stats['method']}]: {100 * stats['share_confident']:.1f}% of limits "
-                  f"> {args.threshold}, median {stats['q50']:.4f}, certified {100 * stats['certified']:.1f}%, "
-                  f"agreement with alpha={args.alpha_check:g}: {agreement}")
-    name = f"{args.dataset}_audit"
-    table = runs.record_study(args.results, name, name, rows, audit_table)
-    print(table)

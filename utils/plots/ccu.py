@@ -4,7 +4,7 @@ Meinke & Hein, ICLR 2020 (arXiv 1909.12180), Figures 2/3 style: for a few noise 
 point each model reaches inside CCU's certified ball, with its confidence; plus the distribution of certified
 radii and of the adversarial confidences per model against CCU's bound f/K.
 
-    python -m utils.plots_ccu --dump results/scores/MNIST_ccu_attack.npz --out-dir results/figures
+    python -m utils.plots.ccu --dump results/scores/MNIST_ccu_attack.npz --out-dir results/figures
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import numpy as np  # noqa: E402
 
 
 def load_dump(path: str | Path) -> dict:
-    """The npz written by utils.attack_stats.main as a dict of numpy arrays (no pickled objects)."""
+    """The npz written by utils.studies.ccu.main as a dict of numpy arrays (no pickled objects)."""
     with np.load(path, allow_pickle=False) as dump:
         return {key: dump[key] for key in dump.files}
 

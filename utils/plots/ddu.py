@@ -2,9 +2,9 @@
 feature log-density log q(z) = LSE_c log N(z; mu_c, Sigma_c) (epistemic) on in-distribution, ambiguous and OOD
 inputs; and the active-learning curves of `active_learning.py`.
 
-    python -m utils.plots_ddu                                   # trains a tiny LeNet on digits if needed
-    python -m utils.plots_ddu --run runs/MNIST/plain-s0 --ood FMNIST
-    python -m utils.plots_ddu --scores results/figures/ddu/digits_plain-s0.npz   # replot cached scores
+    python -m utils.plots.ddu                                   # the demo's DDU run (make demo)
+    python -m utils.plots.ddu --run runs/MNIST/plain-s0 --ood FMNIST
+    python -m utils.plots.ddu --scores results/figures/ddu/digits_plain-s0.npz   # replot cached scores
 
 The paper's ambiguous set is Ambiguous-MNIST (`data/dirty_mnist.py`); for datasets without one, `--blends N`
 adds N half/half blends of two test images of different classes, an ambiguous set made from the test set.
@@ -30,14 +30,14 @@ SCORE_LABELS = {"softmax_entropy": "softmax entropy (aleatoric)",
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", default=None, help="run folder (default: train or reuse <runs-root>/digits/ddu-hist-s0)")
+    p.add_argument("--run", default=None, help="run folder (default: the demo's <runs-root>/digits/ddu-s0)")
     p.add_argument("--scores", default=None, help="plot cached scores (.npz) without loading a model")
     p.add_argument("--ood", default=None, help="comma list of OOD sets (default: natural_patches,uniform on "
                                                "digits, else data.OOD_TEST[dataset][:2])")
     p.add_argument("--blends", type=int, default=500, help="ambiguous blends of test images (0: none)")
     p.add_argument("--ambiguous", default=None, help="a dataset to show as the ambiguous set instead of blends")
     p.add_argument("--n", type=int, default=2000, help="samples per OOD set")
-    p.add_argument("--runs-root", default="runs")
+    p.add_argument("--runs-root", default="runs/demo")
     p.add_argument("--out", default="results/figures/ddu")
     p.add_argument("--batch-size", type=int, default=500)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -146,13 +146,11 @@ def plot_active_learning(rows: list[dict], path: str | Path, title: str = "") ->
     return save_figure(fig, path)
 
 
-def tiny_digits_run(runs_root: str | Path) -> Path:
-    """<runs-root>/digits/ddu-hist-s0: a LeNet trained on digits by train.py (reused when it exists)."""
-    run_dir = Path(runs_root) / "digits" / "ddu-hist-s0"
+def default_run(runs_root: str | Path) -> Path:
+    """The demo's DDU network, <runs-root>/digits/ddu-s0 (made by `make demo`); this module never trains."""
+    run_dir = Path(runs_root) / "digits" / "ddu-s0"
     if not (run_dir / "model.pt").exists():
-        import train
-        train.main(train.get_args_parser().parse_args(
-            ["--dataset", "digits", "--name", "ddu-hist-s0", "--runs-root", str(runs_root), "--no-progress"]))
+        raise FileNotFoundError(f"no trained run at {run_dir}: run `make demo` first, or pass --run RUN_DIR")
     return run_dir
 
 
@@ -185,7 +183,7 @@ def main(args: Namespace) -> Path:
         scores = dict(np.load(cache))
         name = cache.stem
     else:
-        run_dir = Path(args.run) if args.run else tiny_digits_run(args.runs_root)
+        run_dir = Path(args.run) if args.run else default_run(args.runs_root)
         dataset, scores = compute_for_run(run_dir, args)
         name = f"{dataset}_{run_dir.name}"
         out.mkdir(parents=True, exist_ok=True)
