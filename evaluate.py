@@ -7,10 +7,20 @@
 Every (model, detector, OOD set) gives one long-format row in results/ood/<DATASET>.jsonl with every metric of
 utils/metrics.py; per-sample confidences are cached in results/scores/<DATASET>/ (keyed by the checkpoint's
 hash, so a table never recomputes a network). Confidences follow one sign: higher = more in-distribution.
+Rows are keyed (utils.store.KEYS["ood"]): evaluating the same thing again replaces its rows.
+
+Before scoring anything it checks that every run folder exists, loads and was trained on --dataset, and that
+every OOD set is available; a paper table with untrained runs lists them with the train.py commands that make
+them (exit status 2; --skip-missing-runs scores the rest). `--runs DIR ...` is an ad-hoc evaluation: its rows
+and tables go to <DATASET>_adhoc_<NAME> (--table-name, default a hash of the run folders), never to the paper
+table, and its labels are always "<run folder name>:<detector>".
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
+import re
+import sys
 from argparse import Namespace
 from pathlib import Path
 
@@ -18,7 +28,7 @@ import torch
 
 import data
 from model_paths import TableEntry, table_entries
-from utils import evaluation, tables
+from utils import evaluation, preflight, tables
 from utils.detectors import DETECTORS
 from utils.metrics import FPR_CONVENTIONS
 from utils.runs import resolve_data_root
@@ -26,8 +36,16 @@ from utils.runs import resolve_data_root
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", default="digits", help="in-distribution: a key of data.DATASETS")
-    p.add_argument("--runs", nargs="*", default=None, help="run folders (default: model_paths for --dataset)")
+    p.add_argument("--dataset", default=None,
+                   help="in-distribution: a key of data.DATASETS (default: the dataset of --runs, else digits)")
+    p.add_argument("--runs", nargs="*", default=None,
+                   help="run folders for an ad-hoc table, labelled <folder name>:<detector> (default: the paper "
+                        "table's runs of model_paths for --dataset)")
+    p.add_argument("--table-name", default=None,
+                   help="name of the ad-hoc table of --runs: rows results/ood/<DATASET>_adhoc_<NAME>.jsonl "
+                        "(default: a hash of the run folders); with --table, rebuilds that table")
+    p.add_argument("--skip-missing-runs", action=argparse.BooleanOptionalAction, default=False,
+                   help="score the paper table's entries whose runs exist instead of listing the missing ones")
     p.add_argument("--runs-root", default="runs")
     p.add_argument("--paths", default=None, help="key of model_paths.MODEL_PATHS (default: --dataset), e.g. CIFAR10/ddu")
     p.add_argument("--detectors", default=None,
@@ -71,9 +89,8 @@ def entries_from_args(args: Namespace) -> list[TableEntry]:
         if name not in DETECTORS:
             raise ValueError(f"unknown detector {name!r}; valid: {', '.join(sorted(DETECTORS))}")
     if args.runs:
-        detectors = extra or ["msp"]
-        return [TableEntry(label=Path(run).name if len(detectors) == 1 else f"{Path(run).name}:{det}",
-                           runs=(str(Path(run).resolve()),), detector=det)
+        detectors = extra or ["msp"]  # one label rule whatever their number: "<run folder name>:<detector>"
+        return [TableEntry(label=f"{Path(run).name}:{det}", runs=(str(Path(run).resolve()),), detector=det)
                 for run in args.runs for det in detectors]
     entries = list(table_entries(args.dataset, args.paths))
     singles = [e for e in entries if not e.is_ensemble]
@@ -81,23 +98,62 @@ def entries_from_args(args: Namespace) -> list[TableEntry]:
                       if det != e.detector]
 
 
+def rows_name(args: Namespace) -> str:
+    """<DATASET> for the paper table; <DATASET>_adhoc_<NAME> for --runs (or --table --table-name NAME)."""
+    if not args.runs and not args.table_name:
+        return args.dataset
+    name = args.table_name or hashlib.sha256("\n".join(sorted(str(Path(run).resolve()) for run in args.runs))
+                                            .encode()).hexdigest()[:8]
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+        raise ValueError(f"--table-name {name!r}: use letters, digits, '_', '-' and '.' only")
+    return f"{args.dataset}_adhoc_{name}"
+
+
+def checked_entries(args: Namespace) -> list[TableEntry]:
+    """The entries to score, after checking every run they need (exists, loads, trained on --dataset)."""
+    entries = entries_from_args(args)
+    if not args.runs:
+        missing = preflight.missing_runs(entries, args.runs_root, args.dataset)
+        if missing and not args.skip_missing_runs:
+            raise preflight.MissingRunsError(preflight.missing_runs_message(
+                missing, entries, args.dataset, args.runs_root, args.data_root_given, args.paths or args.dataset))
+        if missing:
+            kept = preflight.drop_missing(entries, missing)
+            print(f"skipping {len(entries) - len(kept)} entries whose runs are not trained: {', '.join(missing)}")
+            entries = kept
+        if not entries:
+            raise preflight.MissingRunsError(f"no run of the {args.paths or args.dataset} table is trained under "
+                                             f"{Path(args.runs_root) / args.dataset}")
+    preflight.check_runs([d for e in entries for d in e.run_dirs(args.runs_root, args.dataset)], args.dataset)
+    return entries
+
+
 def main(args: Namespace) -> None:
+    if args.dataset is None:
+        args.dataset = preflight.runs_dataset(args.runs) if args.runs else "digits"
     data.dataset_info(args.dataset)  # unknown names fail before anything runs
     torch.set_flush_denormal(True)  # denormal floats make CPU passes several times slower (see train.py)
+    args.rows_name = rows_name(args)
     if args.table:
         text = tables.write_tables(args.dataset, args.results_root, args.layout, args.metrics.split(","),
-                                   _labels(args))
+                                   _labels(args), name=args.rows_name)
         if args.print_table:
             print(text)
         return
-    args.data_root = resolve_data_root(args.data_root)
-    entries = entries_from_args(args)
-    ood_sets = args.ood.split(",") if args.ood else list(data.OOD_TEST[args.dataset])
+    args.data_root_given, args.data_root = args.data_root, resolve_data_root(args.data_root)
     adv_sets = [name for name in args.adv_sets.split(",") if name]
+    if adv_sets:
+        from utils.attacks import ADV_SETS  # noqa: PLC0415 (optional piece, imported only when asked for)
+        unknown = [name for name in adv_sets if name not in ADV_SETS]
+        if unknown:
+            raise ValueError(f"unknown adversarial set(s) {unknown}; valid: {', '.join(ADV_SETS)}")
+    entries = checked_entries(args)
+    ood_sets = args.ood.split(",") if args.ood else list(data.OOD_TEST[args.dataset])
     rows = evaluation.evaluate_entries(entries, args, ood_sets, adv_sets)
-    print(f"wrote {len(rows)} rows to {Path(args.results_root) / 'ood' / (args.dataset + '.jsonl')}")
+    print(f"wrote {len(rows)} rows to {evaluation.rows_path(args)}")
     labels = _labels(args) or list(dict.fromkeys(entry.label for entry in entries))
-    text = tables.write_tables(args.dataset, args.results_root, args.layout, args.metrics.split(","), labels)
+    text = tables.write_tables(args.dataset, args.results_root, args.layout, args.metrics.split(","), labels,
+                               name=args.rows_name)
     if args.print_table:
         print(text)
 
@@ -107,4 +163,8 @@ def _labels(args: Namespace) -> list[str] | None:
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    try:
+        main(get_args_parser().parse_args())
+    except (preflight.MissingRunsError, preflight.RunCheckError) as error:  # user errors: the message, exit 2
+        print(f"evaluate.py: {error}", file=sys.stderr)
+        sys.exit(2)

@@ -56,9 +56,14 @@ def test_rows_scores_and_table(digits_run, tmp_path, monkeypatch):
 def test_runs_flag_and_extra_detectors(digits_run, tmp_path):
     run_dir = digits_run / "digits" / "plain-s0"
     run_eval(["--dataset", "digits", "--runs", str(run_dir), "--detectors", "maxlogit,entropy",
-              "--results-root", str(tmp_path), "--ood", "uniform", "--n-ood", "100"])
-    rows = [json.loads(line) for line in (tmp_path / "ood" / "digits.jsonl").read_text().splitlines()]
+              "--results-root", str(tmp_path), "--ood", "uniform", "--n-ood", "100", "--table-name", "t"])
+    rows = [json.loads(line) for line in (tmp_path / "ood" / "digits_adhoc_t.jsonl").read_text().splitlines()]
     assert sorted(r["label"] for r in rows) == ["plain-s0:entropy", "plain-s0:maxlogit"]
+    # one label rule whatever the number of detectors: a single detector is labelled the same way
+    run_eval(["--runs", str(run_dir), "--results-root", str(tmp_path), "--ood", "uniform", "--n-ood", "100",
+              "--table-name", "one"])
+    rows = [json.loads(line) for line in (tmp_path / "ood" / "digits_adhoc_one.jsonl").read_text().splitlines()]
+    assert [r["label"] for r in rows] == ["plain-s0:msp"] and rows[0]["dataset"] == "digits"
 
 
 def test_bad_names_and_missing_sets(digits_run, tmp_path):
@@ -70,9 +75,9 @@ def test_bad_names_and_missing_sets(digits_run, tmp_path):
         run_eval(["--dataset", "digits", "--runs", str(digits_run / "digits" / "plain-s0"), "--ood", "FMNIST",
                   "--data-root", str(tmp_path), "--results-root", str(tmp_path)])
     run_eval(["--dataset", "digits", "--runs", str(digits_run / "digits" / "plain-s0"), "--ood", "FMNIST,uniform",
-              "--n-ood", "50",
+              "--n-ood", "50", "--table-name", "t",
               "--data-root", str(tmp_path), "--results-root", str(tmp_path), "--skip-missing"])
-    rows = (tmp_path / "ood" / "digits.jsonl").read_text()
+    rows = (tmp_path / "ood" / "digits_adhoc_t.jsonl").read_text()
     assert '"ood": "uniform"' in rows and "FMNIST" not in rows
     with pytest.raises(FileNotFoundError, match="no result rows"):
         run_eval(["--dataset", "digits", "--results-root", str(tmp_path / "empty"), "--table"])
@@ -81,8 +86,8 @@ def test_bad_names_and_missing_sets(digits_run, tmp_path):
 def test_odin_protocol_tuning_holds_out_the_tuning_images(digits_run, tmp_path):
     run_eval(["--dataset", "digits", "--runs", str(digits_run / "digits" / "plain-s0"), "--detectors", "msp,odin",
               "--tune-ood", "uniform", "--tune-n", "60", "--ood", "natural_patches", "--n-ood", "200",
-              "--results-root", str(tmp_path)])
-    rows = [json.loads(line) for line in (tmp_path / "ood" / "digits.jsonl").read_text().splitlines()]
+              "--results-root", str(tmp_path), "--table-name", "t"])
+    rows = [json.loads(line) for line in (tmp_path / "ood" / "digits_adhoc_t.jsonl").read_text().splitlines()]
     odin = [r for r in rows if r["detector"] == "odin"]
     assert {r["ood"] for r in odin} == {"natural_patches", "uniform"}  # the tuning set is evaluated too ...
     assert all(r["n_in"] == 360 - 60 for r in rows)                     # ... on what tuning did not see

@@ -15,7 +15,8 @@ from model_paths import TableEntry
 from utils import metrics
 from utils.detectors import get_detector_class
 from utils.detectors.base import Detector
-from utils.runs import append_jsonl, file_hash, git_sha, now
+from utils.runs import file_hash, git_sha, now
+from utils.store import KEYS, upsert_rows
 from utils.calibration import collect_logits, fit_temperature
 from utils.ddu_summary import classification_metrics, score_names, write_summaries
 from utils.scoring import SetScores, score_dataset
@@ -115,6 +116,20 @@ def fit_run_temperature(model, val_set: Dataset | None, args: Namespace) -> floa
     return fit_temperature(logits, labels)
 
 
+def row_settings(options: dict, ood: str, tuning: bool, args: Namespace) -> dict:
+    """What besides run, detector and OOD set changes a row's numbers (part of its key, see utils.store.KEYS):
+    the detector options as given (a tuned choice is a result), the OOD sample size and seed, the FPR
+    convention, the held-out tuning size, and the attack settings of an attack-made set."""
+    settings = {"detector_options": {k: v for k, v in options.items() if k != "tuned"}, "n_ood": args.n_ood,
+                "ood_seed": args.seed, "fpr_convention": args.fpr_convention, "tune_n": args.tune_n if tuning else None}
+    if "tuned" in options and isinstance(options["tuned"], dict):
+        settings["tune_criterion"] = options["tuned"].get("criterion")
+    if ood in [name for name in args.adv_sets.split(",") if name]:
+        settings["attack"] = {"n_adv": args.n_adv, "eps": args.attack_eps, "steps": args.attack_steps,
+                              "step_size": args.attack_step_size, "norm": args.attack_norm}
+    return settings
+
+
 def set_rows(entry: TableEntry, run: str, checkpoint: str, scores: dict[str, SetScores], key: str,
              options: dict, temperature: float | None, seed: int | None, args: Namespace) -> list[dict]:
     """One row per OOD set with every metric; in-distribution statistics repeated on each row.
@@ -142,6 +157,7 @@ def set_rows(entry: TableEntry, run: str, checkpoint: str, scores: dict[str, Set
             continue
         conf_out = set_scores.confidences[key]
         row = {**base, "ood": name, "n_out": len(conf_out), "mmc": metrics.mmc(set_scores.probs),
+               "settings": row_settings(options, name, bool(getattr(args, "tuning", False)), args),
                **metrics.ood_metrics(conf_in, conf_out, args.fpr_convention)}
         tempered = key in test.tempered
         row["t_auroc"] = metrics.auroc(test.tempered[key], set_scores.tempered[key]) if tempered else row["auroc"]
@@ -196,17 +212,39 @@ def evaluate_group(runs: tuple, group_entries: list[TableEntry], sets: dict, tun
     return rows
 
 
+def rows_path(args: Namespace) -> Path:
+    """results/ood/<name>.jsonl: <DATASET> for the paper tables, <DATASET>_adhoc_<name> for `--runs`."""
+    return Path(args.results_root) / "ood" / f"{getattr(args, 'rows_name', None) or args.dataset}.jsonl"
+
+
 def evaluate_entries(entries: list[TableEntry], args: Namespace, ood_sets: list[str], adv_sets: list[str]) -> list[dict]:
-    """Evaluate every entry; entries that share a run share its forward passes. Writes result rows and the DDU
-    JSON summaries (results/ddu/<DATASET>_<label>.json: mean, standard error and values over seeds)."""
+    """Evaluate every entry; entries that share a run share its forward passes. The rows of each group of runs
+    are written to the store (utils.store, key KEYS["ood"]) as soon as it is scored, so a kill loses at most the
+    group in progress; then the DDU JSON summaries (results/ddu/<DATASET>_<label>.json: mean, standard error
+    and values over seeds). An error while scoring names the run folder(s) it came from."""
     wanted = [args.tune_ood] + [e.options.get("tune_ood") for e in entries]
     ood_sets = ood_sets + [name for name in dict.fromkeys(wanted) if name and name not in ood_sets]
     sets = load_sets(args, ood_sets)
     tuning = any(e.detector in TUNABLE and (args.tune_ood or "tune_ood" in e.options) for e in entries)
     sets, tune_sets = split_for_tuning(sets, args.tune_n) if tuning else (sets, {})
+    args.tuning = tuning
     rows = []
     for runs, group_entries in group_by_runs(entries, args).items():
-        rows += evaluate_group(runs, group_entries, sets, tune_sets, adv_sets, args)
-    append_jsonl(Path(args.results_root) / "ood" / f"{args.dataset}.jsonl", rows)
+        try:
+            group_rows = evaluate_group(runs, group_entries, sets, tune_sets, adv_sets, args)
+        except Exception as error:  # noqa: BLE001 (re-raised with the run named, same type where possible)
+            raise naming_run(error, runs) from error
+        upsert_rows(rows_path(args), group_rows, KEYS["ood"])
+        rows += group_rows
     write_summaries(rows, Path(args.results_root) / "ddu")
     return rows
+
+
+def naming_run(error: Exception, runs: tuple) -> Exception:
+    """`error` with "run <dir>: " in front of its message, of the same type when that type takes a message."""
+    message = f"run {' + '.join(map(str, runs))}: {error}"
+    try:
+        named = type(error)(message)
+    except Exception:  # noqa: BLE001 (an exception type with another signature)
+        return RuntimeError(message)
+    return named if str(named) == message else RuntimeError(message)

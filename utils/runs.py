@@ -72,22 +72,25 @@ def append_jsonl(path: str | Path, rows: Iterable[dict]) -> None:
 
 
 def record_study(results_root: str | Path, rows_name: str, table_name: str, rows: list[dict],
-                 render: Callable[[list[dict]], str]) -> str:
-    """Append a study's rows to results/attacks/<rows_name>.jsonl and rebuild results/tables/<table_name>.md from
-    every row of that file (so re-runs and other runs stay in the table); returns the table."""
+                 render: Callable[[list[dict]], str], key_fields: tuple[str, ...] | None = None) -> str:
+    """Upsert a study's rows into results/attacks/<rows_name>.jsonl (keyed by `key_fields`, default
+    `utils.store.KEYS[row["study"]]`: a re-run replaces its rows) and rebuild results/tables/<table_name>.md from
+    every row of that file (so other runs stay in the table); returns the table."""
+    from utils.store import KEYS, upsert_rows  # noqa: PLC0415 (runs.py is imported by everything; keep it light)
+
     rows_path = Path(results_root) / "attacks" / f"{rows_name}.jsonl"
-    append_jsonl(rows_path, rows)
+    if rows:
+        upsert_rows(rows_path, rows, key_fields or KEYS[rows[0]["study"]])
     table = render(read_jsonl(rows_path))
     atomic_write_text(Path(results_root) / "tables" / f"{table_name}.md", table)
     return table
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
-    path = Path(path)
-    if not path.exists():
-        return []
-    with open(path) as handle:
-        return [json.loads(line) for line in handle if line.strip()]
+    """Rows of a JSON-lines file ([] if absent); an unreadable line raises naming `<file>:<line>`."""
+    from utils.store import read_rows  # noqa: PLC0415
+
+    return read_rows(path)
 
 
 def file_hash(path: str | Path, length: int = 12) -> str:

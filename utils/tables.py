@@ -104,25 +104,28 @@ def latex(grid: list[list[str]]) -> str:
 
 
 def write_tables(dataset: str, results_root: str | Path, layout: str, cell_metrics: list[str],
-                 labels: list[str] | None = None) -> str:
-    """Render results/ood/<dataset>.jsonl as Markdown and LaTeX under results/tables/; returns the Markdown.
+                 labels: list[str] | None = None, name: str | None = None) -> str:
+    """Render results/ood/<name>.jsonl as Markdown and LaTeX results/tables/<name>_<layout>.*; returns the
+    Markdown. `name` defaults to the dataset (the paper table); ad-hoc tables are "<dataset>_adhoc_<name>".
 
     `labels` keeps only those columns, in that order (default: every label, in order of appearance).
     """
+    name = name or dataset
     unknown = [m for m in cell_metrics if m not in CELL_METRICS]
     if unknown:
         raise ValueError(f"unknown table metric(s) {unknown}; valid: {', '.join(CELL_METRICS)}")
-    rows_path = Path(results_root) / "ood" / f"{dataset}.jsonl"
+    rows_path = Path(results_root) / "ood" / f"{name}.jsonl"
     rows = latest_rows(read_jsonl(rows_path))
     if labels:
         rows = sorted((r for r in rows if r["label"] in labels), key=lambda r: labels.index(r["label"]))
     if not rows:
-        raise FileNotFoundError(f"no result rows in {rows_path}; run `python evaluate.py --dataset {dataset}` first")
+        raise FileNotFoundError(f"no result rows in {rows_path}; run `python evaluate.py --dataset {dataset}"
+                                + (" --runs ...` first" if name != dataset else "` first"))
     out = Path(results_root) / "tables"
     if layout == "ddu":  # SPEC 4.5: accuracy, ECE, AUROC with and without temperature scaling, per OOD set
         from utils.ddu_summary import ddu_table  # noqa: PLC0415
         text = ddu_table(rows)
-        atomic_write_text(out / f"{dataset}_ddu.md", text)
+        atomic_write_text(out / f"{name}_ddu.md", text)
         return text
     grid = LAYOUTS[layout](rows, cell_metrics)
     conventions = sorted({row["fpr_convention"] for row in rows})
@@ -131,6 +134,6 @@ def write_tables(dataset: str, results_root: str | Path, layout: str, cell_metri
             + "; ".join(f"{c} = {FPR_CONVENTIONS[c]}" for c in conventions) + "\n\n")
     text = note + markdown(grid)
     suffix = "ood" if layout == "ccu" else layout
-    atomic_write_text(out / f"{dataset}_{suffix}.md", text)
-    atomic_write_text(out / f"{dataset}_{suffix}.tex", latex(grid))
+    atomic_write_text(out / f"{name}_{suffix}.md", text)
+    atomic_write_text(out / f"{name}_{suffix}.tex", latex(grid))
     return text
