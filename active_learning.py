@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import copy
 import itertools
-import json
 from argparse import Namespace
 from pathlib import Path
 
@@ -50,7 +49,8 @@ from utils.detectors.base import Detector
 from utils.detectors.bayes import Ensemble
 from utils.detectors.ddu import DDU
 from utils.methods import METHODS
-from utils.runs import atomic_write_text, git_sha, now, read_jsonl, resolve_data_root
+from utils.runs import git_sha, now, read_jsonl, resolve_data_root
+from utils.store import KEYS, upsert_rows
 
 ACQUISITIONS = ("random", "softmax", "ensemble_pe", "ensemble_mi", "ddu")
 DIRTY = "DirtyMNIST"
@@ -204,18 +204,17 @@ def rows_path(opts: Namespace) -> Path:
     return Path(opts.results_root) / "active_learning" / f"{opts.dataset}_{opts.acquisition}.jsonl"
 
 
-def previous_rows(opts: Namespace) -> list[dict]:
-    """Rows of other seeds; rows of this seed make the run refuse to start unless --overwrite."""
+def check_previous_rows(opts: Namespace) -> None:
+    """Rows of this seed make the run refuse to start unless --overwrite."""
     rows = read_jsonl(rows_path(opts))
     if any(row["seed"] == opts.seed for row in rows) and not opts.overwrite:
         raise FileExistsError(f"{rows_path(opts)} already holds seed {opts.seed}; pass --overwrite to replace it")
-    return [row for row in rows if row["seed"] != opts.seed]
 
 
 def main(args: Namespace) -> list[dict]:
     opts = resolve(args)
     print({k: v for k, v in sorted(vars(opts).items())})
-    kept = previous_rows(opts)
+    check_previous_rows(opts)
     device = torch.device(opts.device)
     splits = build_splits(opts)
     train_set, targets, ambiguous = splits["train"], splits["targets"], splits["ambiguous"]
@@ -252,15 +251,16 @@ def main(args: Namespace) -> list[dict]:
         keep[picked] = False
         labelled, pool = torch.cat([labelled, pool[picked]]), pool[keep]
     print(f"final: labelled {len(labelled)}  test acc {rows[-1]['test_accuracy']:.4f}")
-    write_rows(rows_path(opts), kept + rows)
+    write_rows(rows_path(opts), rows, opts.seed)
     if opts.plot:
         plot_dataset(opts.results_root, opts.dataset)
     return rows
 
 
-def write_rows(path: Path, rows: list[dict]) -> None:
-    """Rewrite the jsonl atomically (other seeds' rows kept, this seed's replaced)."""
-    atomic_write_text(path, "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows))
+def write_rows(path: Path, rows: list[dict], seed: int) -> None:
+    """Replace this seed's rows in the store (utils.store: locked, atomic), keeping the rows that other seeds,
+    possibly running at the same time, wrote meanwhile."""
+    upsert_rows(path, rows, KEYS["active_learning"], drop=lambda row: row.get("seed") == seed)
 
 
 def plot_dataset(results_root: str | Path, dataset: str) -> Path:
