@@ -1,7 +1,7 @@
 """evaluate.py and the results store: checks before scoring, rows replaced not duplicated, rows written per run
 group, ad-hoc tables apart from the paper tables, errors that name the run."""
 import json
-import subprocess
+import runpy
 import sys
 
 import pytest
@@ -12,7 +12,7 @@ import train
 from model_paths import TableEntry
 from tests.conftest import ROOT
 from utils import evaluation
-from utils.preflight import MissingRunsError, RunCheckError
+from utils.preflight import MissingRunsError, RunCheckError, missing_runs_message
 
 FAST = ["--ood", "uniform", "--n-ood", "100", "--no-progress", "--no-print"]
 
@@ -98,11 +98,28 @@ def test_missing_runs_of_a_paper_table_are_listed_with_their_train_commands(two_
     assert {r["label"] for r in rows_of(tmp_path / "ood" / "digits.jsonl")} == {"Base", "ODIN", "Maha"}
 
 
-def test_missing_runs_exit_2_from_the_command_line(two_runs, tmp_path):
-    result = subprocess.run([sys.executable, "evaluate.py", "--dataset", "digits", "--runs-root", str(two_runs),
-                             "--results-root", str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert f"--name ddu-s0 --runs-root {two_runs} --method plain --recipe ddu" in result.stderr
+def test_missing_runs_exit_2_from_the_command_line(two_runs, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["evaluate.py", "--dataset", "digits", "--runs-root", str(two_runs),
+                                      "--results-root", str(tmp_path)])
+    with pytest.raises(SystemExit) as exit_info:  # run as `python evaluate.py ...` (in-process: no second torch import)
+        runpy.run_path(str(ROOT / "evaluate.py"), run_name="__main__")
+    assert exit_info.value.code == 2
+    stderr = capsys.readouterr().err
+    assert stderr.startswith("evaluate.py: 4 run(s) of the digits table are not trained") and "Traceback" not in stderr
+    # the digits table is the demo's: its runs are listed with the demo's flags
+    assert f"--name ddu-s0 --runs-root {two_runs} --method plain --arch resnet_small" in stderr
+
+
+def test_missing_runs_of_a_real_dataset_table_use_model_paths_run_flags():
+    message = missing_runs_message(["ceda-s0", "ccu-s0", "plain-s3"], model_paths.table_entries("MNIST"), "MNIST",
+                                   "runs", "../data", "MNIST")
+    assert message.splitlines()[1:5] == [
+        "  python gen_gmm.py --dataset MNIST --name gmm-s0 --data-root ../data",
+        "  python train.py --dataset MNIST --seed 0 --name ceda-s0 --data-root ../data --method ceda",
+        "  python train.py --dataset MNIST --seed 0 --name ccu-s0 --data-root ../data --method ccu --gmm gmm-s0 "
+        "--out-data natural_patches",
+        "  python train.py --dataset MNIST --seed 3 --name plain-s3 --data-root ../data --method plain"]
+    assert "python scripts/train_table.py --dataset MNIST --data-root ../data" in message
 
 
 def test_runs_are_checked_before_anything_is_scored(two_runs, tmp_path):

@@ -1,17 +1,20 @@
 """Checks evaluate.py makes before it scores anything: the runs exist, load, and were trained on --dataset.
 
 A paper table (model_paths.MODEL_PATHS) whose runs are missing is answered with the list of the missing runs,
-each with the `train.py` command that makes it (model_paths.run_flags), instead of a traceback after an hour of
+each with the `train.py` command that makes it (model_paths.run_flags; for the digits table, the flags of
+the demo, scripts/demo.py), instead of a traceback after an hour of
 scoring the runs that happen to exist. Every error here is one the user can fix: a ValueError or
 FileNotFoundError subclass with a message that says what to do (exit status 2 in evaluate.py).
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import shlex
 from pathlib import Path
 
 from model_paths import TableEntry, run_flags
+from utils.runs import REPO_ROOT
 
 
 class MissingRunsError(FileNotFoundError):
@@ -45,16 +48,35 @@ def runs_dataset(runs: list[str]) -> str:
     return next(iter(datasets.values()))
 
 
-def train_command(run: str, dataset: str, runs_root: str, data_root: str | None) -> str:
-    """The train.py command that makes run <kind>-s<seed> of a paper table (model_paths.run_flags)."""
+def demo_flags() -> tuple[dict[str, list[str]], list[str]]:
+    """The demo's own train.py flags per run and its gen_gmm.py flags (scripts/demo.py, the digits table)."""
+    spec = importlib.util.spec_from_file_location("_demo", REPO_ROOT / "scripts" / "demo.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    return dict(demo.DEMO_RUNS), list(demo.GMM_FLAGS)
+
+
+def train_flags(run: str, table: str) -> tuple[list[str], int] | None:
+    """train.py flags and seed of a table's run: the demo's for the digits table, else model_paths.run_flags."""
+    if table == "digits":
+        flags = demo_flags()[0].get(run)
+        if flags is not None:
+            return flags, int(run.rpartition("-s")[2] or 0)
     try:
-        flags, seed = run_flags(run)
+        return run_flags(run)
     except ValueError:
+        return None
+
+
+def train_command(run: str, dataset: str, table: str, runs_root: str, data_root: str | None) -> str:
+    """The train.py command that makes run <kind>-s<seed> of a table."""
+    flags_seed = train_flags(run, table)
+    if flags_seed is None:
         return f"(no recipe for {run!r} in model_paths.RUN_FLAGS: train it with train.py --name {run})"
     where = ([] if runs_root == "runs" else ["--runs-root", runs_root]) + ([] if not data_root else
                                                                           ["--data-root", data_root])
-    return shlex.join(["python", "train.py", "--dataset", dataset, "--seed", str(seed), "--name", run, *where,
-                       *flags])
+    return shlex.join(["python", "train.py", "--dataset", dataset, "--seed", str(flags_seed[1]), "--name", run,
+                       *where, *flags_seed[0]])
 
 
 def missing_runs(entries: list[TableEntry], runs_root: str, dataset: str) -> list[str]:
@@ -67,27 +89,25 @@ def missing_runs_message(missing: list[str], entries: list[TableEntry], dataset:
                          data_root: str | None, table: str) -> str:
     lines = [f"{len(missing)} run(s) of the {table} table are not trained under {Path(runs_root) / dataset} "
              f"(labels: {', '.join(e.label for e in entries if set(e.runs) & set(missing))}); train them with:"]
-    gmms = sorted({flags[flags.index("--gmm") + 1] for run in missing for flags in [_flags_or_empty(run)]
-                   if "--gmm" in flags})
+    flags = [(train_flags(run, table) or ([], 0))[0] for run in missing]
+    gmms = sorted({run_flags[run_flags.index("--gmm") + 1] for run_flags in flags if "--gmm" in run_flags})
+    gmm_flags = demo_flags()[1] if table == "digits" else []
     for gmm in gmms:
         if not (Path(runs_root) / dataset / gmm / "gmm.pt").exists():
-            where = [] if runs_root == "runs" else ["--runs-root", runs_root]
-            lines.append("  " + shlex.join(["python", "gen_gmm.py", "--dataset", dataset, "--name", gmm, *where]))
-    lines += ["  " + train_command(run, dataset, runs_root, data_root) for run in missing]
+            where = ([] if runs_root == "runs" else ["--runs-root", runs_root]) + ([] if not data_root else
+                                                                                  ["--data-root", data_root])
+            lines.append("  " + shlex.join(["python", "gen_gmm.py", "--dataset", dataset, "--name", gmm, *where,
+                                            *gmm_flags]))
+    lines += ["  " + train_command(run, dataset, table, runs_root, data_root) for run in missing]
     lines.append(f"or all at once: python scripts/train_table.py --dataset {dataset}"
-                 + (f" --runs-root {runs_root}" if runs_root != "runs" else ""))
-    if dataset == "digits":
-        lines.append(f"(the demo's shorter settings: python scripts/demo.py --runs-root {runs_root} "
-                     "--results-root results)")
+                 + ("" if table == dataset else f" --paths {table}")
+                 + (f" --runs-root {runs_root}" if runs_root != "runs" else "")
+                 + (f" --data-root {data_root}" if data_root else ""))
+    if table == "digits":
+        lines[-1] = (f"or all at once (the demo): python scripts/demo.py --runs-root {runs_root} "
+                     "--results-root results")
     lines.append("or pass --skip-missing-runs to score the entries whose runs exist")
     return "\n".join(lines)
-
-
-def _flags_or_empty(run: str) -> list[str]:
-    try:
-        return run_flags(run)[0]
-    except ValueError:
-        return []
 
 
 def drop_missing(entries: list[TableEntry], missing: list[str]) -> list[TableEntry]:
