@@ -125,3 +125,13 @@ def test_study_rows_are_keyed_by_what_they_measured(tmp_path):
     rows = _rows(tmp_path / "attacks" / "digits_alpha.jsonl")
     assert again == "1 rows\n" and other == "2 rows\n"
     assert [(r["seed"], r["median_alpha"]) for r in rows] == [(0, 3.0), (1, 2.0)]
+
+
+def test_appending_to_a_log_with_a_torn_last_line_never_glues_onto_it(tmp_path):
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"epoch": 1, "loss": 0.5}\n{"epoch": 2, "lo')  # a kill in the middle of an append
+    runs.append_jsonl(log, [{"epoch": 2, "loss": 0.4}])
+    lines = log.read_text().splitlines()
+    assert lines[1] == '{"epoch": 2, "lo' and json.loads(lines[2]) == {"epoch": 2, "loss": 0.4}
+    with pytest.raises(ValueError, match=rf"{log}:2: unreadable result row"):
+        runs.read_jsonl(log)

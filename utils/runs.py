@@ -61,12 +61,18 @@ def write_json(path: str | Path, obj: Any) -> None:
 
 
 def append_jsonl(path: str | Path, rows: Iterable[dict]) -> None:
-    """Append rows as JSON lines in one write (a line is never interleaved with another writer's)."""
+    """Append rows as JSON lines in one write (a line is never interleaved with another writer's). For logs
+    (a run's log.jsonl); result rows go through utils.store, which replaces keyed rows and cannot tear a line.
+    A last line cut off by a kill is left on a line of its own, never glued onto the first new row."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     text = "".join(json.dumps(row, sort_keys=True, default=str) + "\n" for row in rows)
-    with open(path, "a") as handle:
-        handle.write(text)
+    with open(path, "a+b") as handle:
+        if handle.seek(0, os.SEEK_END) > 0:
+            handle.seek(-1, os.SEEK_END)
+            if handle.read(1) != b"\n":
+                text = "\n" + text
+        handle.write(text.encode())
         handle.flush()
         os.fsync(handle.fileno())
 
