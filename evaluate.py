@@ -32,6 +32,7 @@ from utils import evaluation, preflight, tables
 from utils.detectors import DETECTORS
 from utils.metrics import FPR_CONVENTIONS
 from utils.runs import resolve_data_root
+from utils.store import UnreadableRowError
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -165,6 +166,6 @@ def _labels(args: Namespace) -> list[str] | None:
 if __name__ == "__main__":
     try:
         main(get_args_parser().parse_args())
-    except (preflight.MissingRunsError, preflight.RunCheckError) as error:  # user errors: the message, exit 2
+    except (preflight.MissingRunsError, preflight.RunCheckError, UnreadableRowError) as error:  # user errors: exit 2
         print(f"evaluate.py: {error}", file=sys.stderr)
         sys.exit(2)

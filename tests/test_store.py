@@ -22,7 +22,7 @@ def test_torn_last_line_is_named_and_never_glued_onto(tmp_path):
                        "date": "2026-01-01"})
     path.write_text(good + "\n" + good[: len(good) // 2])  # what a kill or a full disk left behind an append
     before = path.read_bytes()
-    with pytest.raises(ValueError, match=rf"{path}:2: unreadable result row \(the last line is cut off"):
+    with pytest.raises(ValueError, match=rf"{path}:2: unreadable row \(the last line is cut off"):
         runs.read_jsonl(path)
     with pytest.raises(ValueError, match=rf"{path}:2:"):  # --table names the line instead of a bare JSON error
         tables.write_tables("digits", tmp_path, "ccu", ["auroc"])
@@ -34,7 +34,7 @@ def test_torn_last_line_is_named_and_never_glued_onto(tmp_path):
         runs.record_study(tmp_path, "digits_alpha", "t", [{"study": "alpha", "label": "x"}], lambda rows: "")
     assert study.read_bytes() == before
     path.write_text(good + "\n[1, 2]\n")
-    with pytest.raises(ValueError, match=rf"{path}:2: a result row must be a JSON object"):
+    with pytest.raises(ValueError, match=rf"{path}:2: a row must be a JSON object"):
         store.read_rows(path)
 
 
@@ -133,5 +133,5 @@ def test_appending_to_a_log_with_a_torn_last_line_never_glues_onto_it(tmp_path):
     runs.append_jsonl(log, [{"epoch": 2, "loss": 0.4}])
     lines = log.read_text().splitlines()
     assert lines[1] == '{"epoch": 2, "lo' and json.loads(lines[2]) == {"epoch": 2, "loss": 0.4}
-    with pytest.raises(ValueError, match=rf"{log}:2: unreadable result row"):
+    with pytest.raises(ValueError, match=rf"{log}:2: unreadable row"):
         runs.read_jsonl(log)

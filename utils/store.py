@@ -15,7 +15,8 @@ Why this mechanism (and not appending, nor SQLite):
     `os.replace`s it over the old file (then fsyncs the folder). A reader sees the old or the new file, never a
     part of one; a kill or a full disk leaves the old file untouched (and at worst a stale temporary file,
     removed by the next writer); two writers take turns, so neither loses the other's rows. The cost is a
-    rewrite of the file per write, a few milliseconds for the thousands of rows a results file holds.
+    read and rewrite of the file per write (per run group for evaluate.py): measured 0.17 s for a file of
+    1000 rows of 1 kB and 1.1 s for 5000 rows, on 2 busy CPU cores; scoring one run takes far longer.
 
 Keys. A row is identified by what it measured, never by when: `KEYS[kind]` names the fields of each kind's key,
 and writing a row whose key is already present replaces the old row in place (so the diff shows the change
@@ -67,7 +68,12 @@ def _line(row: dict) -> str:
 
 def read_rows(path: str | Path) -> list[dict]:
     """Every row of a results file ([] if it does not exist); an unreadable line raises naming file and line."""
-    path = Path(path)
+    return [row for row, _ in _rows_and_lines(Path(path))]
+
+
+def _rows_and_lines(path: Path) -> list[tuple[dict, str]]:
+    """(row, its line as stored) for every non-blank line; rewriting kept rows from their stored text keeps
+    their bytes (and `git diff`) unchanged and skips re-encoding them."""
     if not path.exists():
         return []
     rows = []
@@ -79,12 +85,12 @@ def read_rows(path: str | Path) -> list[dict]:
                 row = json.loads(line)
             except json.JSONDecodeError as error:
                 torn = "" if line.endswith("\n") else " (the last line is cut off: a write was interrupted)"
-                raise UnreadableRowError(f"{path}:{number}: unreadable result row{torn}: {error.msg}; delete or "
+                raise UnreadableRowError(f"{path}:{number}: unreadable row{torn}: {error.msg}; delete or "
                                          "repair that line, the other rows are intact") from None
             if not isinstance(row, dict):
-                raise UnreadableRowError(f"{path}:{number}: a result row must be a JSON object, found "
+                raise UnreadableRowError(f"{path}:{number}: a row must be a JSON object, found "
                                          f"{type(row).__name__}; delete or repair that line")
-            rows.append(row)
+            rows.append((row, line if line.endswith("\n") else line + "\n"))
     return rows
 
 
@@ -141,15 +147,15 @@ def upsert_rows(path: str | Path, rows: Iterable[dict], key_fields: Iterable[str
     path.parent.mkdir(parents=True, exist_ok=True)
     with locked(path):
         _remove_stale_temporaries(path)
-        kept, placed = [], set()
-        for row in read_rows(path):
+        lines, placed = [], set()
+        for row, line in _rows_and_lines(path):
             key = row_key(row, key_fields)
             if key in new:
                 if key not in placed:
-                    kept.append(new[key])
+                    lines.append(_line(new[key]))
                     placed.add(key)
             elif drop is None or not drop(row):
-                kept.append(row)
-        kept += [row for key, row in new.items() if key not in placed]
-        _replace_file(path, "".join(_line(row) for row in kept))
-    return len(kept)
+                lines.append(line)
+        lines += [_line(row) for key, row in new.items() if key not in placed]
+        _replace_file(path, "".join(lines))
+    return len(lines)
