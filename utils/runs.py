@@ -82,13 +82,15 @@ def record_study(results_root: str | Path, rows_name: str, table_name: str, rows
     """Upsert a study's rows into results/attacks/<rows_name>.jsonl (keyed by `key_fields`, default
     `utils.store.KEYS[row["study"]]`: a re-run replaces its rows) and rebuild results/tables/<table_name>.md from
     every row of that file (so other runs stay in the table); returns the table."""
-    from utils.store import KEYS, upsert_rows  # noqa: PLC0415 (runs.py is imported by everything; keep it light)
+    from utils.store import KEYS, locked, upsert_rows  # noqa: PLC0415 (runs.py is imported by everything)
 
     rows_path = Path(results_root) / "attacks" / f"{rows_name}.jsonl"
     if rows:
         upsert_rows(rows_path, rows, key_fields or KEYS[rows[0]["study"]])
-    table = render(read_jsonl(rows_path))
-    atomic_write_text(Path(results_root) / "tables" / f"{table_name}.md", table)
+    rows_path.parent.mkdir(parents=True, exist_ok=True)
+    with locked(rows_path):  # the table shows the rows as one writer left them (two studies finishing together)
+        table = render(read_jsonl(rows_path))
+        atomic_write_text(Path(results_root) / "tables" / f"{table_name}.md", table)
     return table
 
 

@@ -19,6 +19,7 @@ from typing import Callable
 
 from utils.metrics import FPR_CONVENTIONS
 from utils.runs import atomic_write_text, read_jsonl
+from utils.store import locked
 
 CELL_METRICS = ("auroc", "fpr95", "mmc", "aupr_in", "aupr_out", "detection_error")
 METRIC_NAMES = {"auroc": "AUROC", "fpr95": "FPR@95", "mmc": "MMC", "aupr_in": "AUPR-In", "aupr_out": "AUPR-Out",
@@ -115,7 +116,17 @@ def write_tables(dataset: str, results_root: str | Path, layout: str, cell_metri
     if unknown:
         raise ValueError(f"unknown table metric(s) {unknown}; valid: {', '.join(CELL_METRICS)}")
     rows_path = Path(results_root) / "ood" / f"{name}.jsonl"
-    rows = latest_rows(read_jsonl(rows_path))
+    if not rows_path.parent.is_dir():
+        return _write_tables(dataset, results_root, layout, cell_metrics, labels, name, [])
+    # under the store's lock, so that of two evaluations finishing together the later table shows both
+    with locked(rows_path):
+        return _write_tables(dataset, results_root, layout, cell_metrics, labels, name, read_jsonl(rows_path))
+
+
+def _write_tables(dataset: str, results_root: str | Path, layout: str, cell_metrics: list[str],
+                  labels: list[str] | None, name: str, all_rows: list[dict]) -> str:
+    rows_path = Path(results_root) / "ood" / f"{name}.jsonl"
+    rows = latest_rows(all_rows)
     if labels:
         rows = sorted((r for r in rows if r["label"] in labels), key=lambda r: labels.index(r["label"]))
     if not rows:
