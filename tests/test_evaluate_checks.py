@@ -2,11 +2,13 @@
 group, ad-hoc tables apart from the paper tables, errors that name the run."""
 import json
 import runpy
+import shlex
 import sys
 
 import pytest
 
 import evaluate
+import gen_gmm
 import model_paths
 import train
 from model_paths import TableEntry
@@ -93,6 +95,11 @@ def test_missing_runs_of_a_paper_table_are_listed_with_their_train_commands(two_
                 in message)
     assert f"python gen_gmm.py --dataset digits --name gmm-s0 --runs-root {two_runs}" in message
     assert "CEDA, ACET, DDU, CCU" in message and "plain-s0" not in message and "--skip-missing-runs" in message
+    commands = [shlex.split(line) for line in message.splitlines() if line.startswith("  python ")]
+    assert [c[1] for c in commands] == ["gen_gmm.py"] + ["train.py"] * 4
+    for command in commands:  # every listed command is one the script accepts
+        script = gen_gmm if command[1] == "gen_gmm.py" else train
+        script.get_args_parser().parse_args(command[2:])
     assert not (tmp_path / "ood").exists()  # nothing was scored
     run_eval([*argv, "--skip-missing-runs"])  # Base, ODIN and Maha of plain-s0 are scored
     assert {r["label"] for r in rows_of(tmp_path / "ood" / "digits.jsonl")} == {"Base", "ODIN", "Maha"}
