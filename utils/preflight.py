@@ -8,6 +8,7 @@ FileNotFoundError subclass with a message that says what to do (exit status 2 in
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import shlex
@@ -48,20 +49,22 @@ def runs_dataset(runs: list[str]) -> str:
     return next(iter(datasets.values()))
 
 
+@functools.lru_cache(maxsize=1)
 def demo_flags() -> tuple[dict[str, list[str]], list[str]]:
-    """The demo's own train.py flags per run and its gen_gmm.py flags (scripts/demo.py, the digits table)."""
+    """The demo's own train.py flags per run and its gen_gmm.py flags (scripts/demo.py, the digits table), read
+    from the demo itself so the two never disagree; empty if the demo no longer defines them."""
     spec = importlib.util.spec_from_file_location("_demo", REPO_ROOT / "scripts" / "demo.py")
     demo = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(demo)
-    return dict(demo.DEMO_RUNS), list(demo.GMM_FLAGS)
+    return dict(getattr(demo, "DEMO_RUNS", [])), list(getattr(demo, "GMM_FLAGS", []))
 
 
 def train_flags(run: str, table: str) -> tuple[list[str], int] | None:
     """train.py flags and seed of a table's run: the demo's for the digits table, else model_paths.run_flags."""
     if table == "digits":
-        flags = demo_flags()[0].get(run)
+        flags, seed = demo_flags()[0].get(run), run.rpartition("-s")[2]
         if flags is not None:
-            return flags, int(run.rpartition("-s")[2] or 0)
+            return flags, int(seed) if seed.isdigit() else 0
     try:
         return run_flags(run)
     except ValueError:
@@ -99,6 +102,10 @@ def missing_runs_message(missing: list[str], entries: list[TableEntry], dataset:
             lines.append("  " + shlex.join(["python", "gen_gmm.py", "--dataset", dataset, "--name", gmm, *where,
                                             *gmm_flags]))
     lines += ["  " + train_command(run, dataset, table, runs_root, data_root) for run in missing]
+    started = [run for run in missing if (Path(runs_root) / dataset / run).exists()]
+    if started:
+        lines.append(f"  ({', '.join(started)}: the folder exists without model.pt, a start that ended before its "
+                     "first checkpoint; delete it first)")
     lines.append(f"or all at once: python scripts/train_table.py --dataset {dataset}"
                  + ("" if table == dataset else f" --paths {table}")
                  + (f" --runs-root {runs_root}" if runs_root != "runs" else "")
