@@ -38,7 +38,7 @@ DDU_FIGURE_FLAGS = ["--blends", "500", "--n", "2000"]
 # appended after the flags above, so argparse's last-wins makes them override.
 TINY_FLAGS = {"train": ["--epochs", "1", "--max-batches", "2", "--attack-steps", "2"],
               "gmm": ["--n-components", "2", "--n-in", "200", "--n-out", "200", "--max-iter", "5"],
-              "evaluate": ["--adv-sets", "", "--n-ood", "200"],
+              "evaluate": ["--adv-sets", "", "--ood", "uniform,natural_patches", "--n-ood", "100"],
               "attack": ["--n-seeds", "6", "--restarts", "1", "--steps", "3", "--n-test", "100"],
               "ddu": ["--blends", "50", "--n", "100"]}
 
