@@ -1,4 +1,4 @@
-"""The ACET paper's two-moons toy (Hein et al., CVPR 2019, arXiv 1812.05720; SPEC 2.3).
+"""The ACET paper's two-moons toy (Hein et al., CVPR 2019, arXiv 1812.05720; docs/methods.md#two-moons-toy).
 
 An MLP 2-100-100-2 is trained full batch with Adam (lr 0.01) on two moons rescaled into [0,1]^2, three ways:
   plain  mean CE, 400 iterations;
@@ -33,7 +33,7 @@ from torch import nn  # noqa: E402
 from utils.attacks import CONF_OBJECTIVES, confidence_attack  # noqa: E402
 
 ITERATIONS = {"plain": 400, "ceda": 3000, "acet": 3000}  # the notebook's: 400 plain, 3000 with noise
-# SPEC 2.3's toy attack; out_loss max_conf as for every CEDA/ACET model of the paper
+# the toy's attack (docs/methods.md#two-moons-toy); out_loss max_conf as for every CEDA/ACET model of the paper
 TOY_OPTS = Namespace(out_loss="max_conf", attack_eps=0.025, attack_steps=4, attack_step_size=0.02,
                      attack_norm="linf", attack_random_start=True)
 
