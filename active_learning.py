@@ -1,4 +1,5 @@
-"""Active learning with DDU's feature density (Mukhoti et al., arXiv 2102.11582, SPEC 4.4).
+"""Active learning with DDU's feature density (Mukhoti et al., arXiv 2102.11582;
+docs/methods.md#dirty-mnist-and-active-learning).
 
     python active_learning.py --dataset digits --acquisition ddu          # CPU, about a minute
     python active_learning.py --dataset MNIST --acquisition softmax --seed 1
@@ -16,7 +17,7 @@ set, until it holds --max-pool samples. Acquisitions (confidence = higher is mor
     ddu           lowest feature density sum_c pi_c N(z; mu_c, Sigma_c), pi_c = labelled-class frequencies
                   (DDU, priors="class"), fitted on the labelled set's features every round
 
-Dirty-MNIST pool (SPEC 4.4): --clean-pool-size random MNIST images plus every Ambiguous-MNIST image; the initial
+Dirty-MNIST pool: --clean-pool-size random MNIST images plus every Ambiguous-MNIST image; the initial
 set is drawn from the clean part, test = MNIST test; rows record the ambiguous fraction of the labelled set.
 Validation is --val-fraction of the training set (np seed = run seed), held out before the pool is formed.
 
@@ -25,8 +26,8 @@ seed, round, acquired (labelled-set size), test_accuracy, val_accuracy, ambiguou
 jitter (ddu), git_sha, date. <DATASET>.png plots every acquisition's rows for the dataset.
 
 Differences from the original `active_learning_script.py`: the best-on-validation model is deep-copied (the
-original kept a reference to the live model, SPEC 6 [BUG]); the sampler draws with replacement instead of
-cycling a fixed-length permutation.
+original kept a reference to the live model, docs/methods.md#ddu-deviations); the sampler draws with replacement instead
+of cycling a fixed-length permutation.
 """
 from __future__ import annotations
 
@@ -54,7 +55,8 @@ from utils.store import KEYS, upsert_rows
 
 ACQUISITIONS = ("random", "softmax", "ensemble_pe", "ensemble_mi", "ddu")
 DIRTY = "DirtyMNIST"
-# SPEC 4.4's settings, and a laptop-sized variant for the built-in digits (1437 training images)
+# the paper's settings (docs/methods.md#dirty-mnist-and-active-learning), and a laptop-sized variant for the built-in
+# digits (1437 training images)
 AL_DEFAULTS: dict[str, dict] = {
     "paper": dict(arch="resnet18", initial_size=20, acquire_size=5, max_pool=300, epochs=20,
                   samples_per_epoch=5056, batch_size=64, ensemble_size=5),
@@ -93,7 +95,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def resolve(args: Namespace) -> Namespace:
-    """Fill None flags from AL_DEFAULTS (digits, else SPEC 4.4's) and add the data shape."""
+    """Fill None flags from AL_DEFAULTS (digits, else the paper's) and add the data shape."""
     opts = Namespace(**vars(args))
     for key, value in AL_DEFAULTS.get(args.dataset, AL_DEFAULTS["paper"]).items():
         if getattr(opts, key) is None:
@@ -160,7 +162,7 @@ def train_model(opts: Namespace, train_subset: Dataset, val_loader: DataLoader, 
         training.train_epoch(model, loader, optimizer, METHODS["plain"], opts, None, device, None, False)
         accuracy = training.evaluate_clean(model, val_loader, device)["test_acc"]
         if accuracy > best_accuracy:
-            # a copy, not a reference: the original's best_model kept training along (SPEC 6 [BUG])
+            # a copy, not a reference: the original's best_model kept training along (docs/methods.md#ddu-deviations)
             best_accuracy, best_state = accuracy, copy.deepcopy(model.state_dict())
     model.load_state_dict(best_state)
     return model.eval(), best_accuracy

@@ -1,4 +1,4 @@
-"""Fit CCU's in- and out-distribution Gaussian mixtures and their shared PCA metric (SPEC 1.2).
+"""Fit CCU's in- and out-distribution Gaussian mixtures and their shared PCA metric (docs/methods.md#ccu-mixtures).
 
 Meinke & Hein, ICLR 2020 (arXiv 1909.12180). Steps:
   1. X_in = `--n-in` flattened training images (all by default: 60 000 for MNIST/FMNIST, 50 000 for

@@ -1,4 +1,5 @@
-"""Per-dataset training defaults (SPEC 1.3, 2.3, 4.2). Numbers and names only; nothing runs at import.
+"""Per-dataset training defaults (docs/methods.md#ccu-training, #acet-schedules, #ddu-training). Numbers and names only;
+nothing runs at import.
 
 `train.py` flags that default to None take their value from `PARAMS[dataset]` (or from `RECIPES[name]`
 when `--recipe` names one), so one table lists every default of the paper reproductions.
@@ -38,8 +39,8 @@ PARAMS: dict[str, Params] = {
     "SVHN": Params(arch="resnet18", **_SGD),
     "CIFAR10": Params(arch="resnet18", **_SGD),
     "CIFAR100": Params(arch="resnet18", **_SGD),
-    # DDU's Dirty-MNIST (SPEC 4.4): its training recipe is not in the original repo; ResNet-18 with SN + mod and
-    # a 10% validation split is the paper's Figure 1 model.
+    # DDU's Dirty-MNIST (docs/methods.md#ddu-training): its training recipe is not in the original repo; ResNet-18 with
+    # SN + mod and a 10% validation split is the paper's Figure 1 model.
     "DirtyMNIST": replace(_MNIST, arch="resnet18", augment="none", val_fraction=0.1, spectral_norm_coeff=3.0,
                           mod=True, epochs=50),
     # Built-in offline sets: small enough for a laptop CPU in seconds.
@@ -51,11 +52,12 @@ PARAMS: dict[str, Params] = {
 
 # Named alternatives to a dataset's defaults (`train.py --recipe NAME`).
 RECIPES: dict[str, dict] = {
-    # DDU (SPEC 4.2): WRN-28-10 with soft spectral normalisation (coeff 3) and the leaky-ReLU/avg-pool
-    # modifications, SGD 0.1 for 350 epochs with x0.1 at epochs 150 and 250, 10% held out for validation.
+    # DDU (docs/methods.md#ddu-training): WRN-28-10 with soft spectral normalisation (coeff 3) and the
+    # leaky-ReLU/avg-pool modifications, SGD 0.1 for 350 epochs with x0.1 at epochs 150 and 250, 10% held out for
+    # validation.
     "ddu": dict(arch="wrn", optimizer="sgd", lr=0.1, epochs=350, milestones=(150 / 350, 250 / 350),
                 spectral_norm_coeff=3.0, mod=True, val_fraction=0.1, augment="ddu", dropout=0.3),
-    # ACET (SPEC 2.3): the pre-activation ResNet-20 on SVHN/CIFAR, always-on crop augmentation.
+    # ACET (docs/methods.md#acet-schedules): the pre-activation ResNet-20 on SVHN/CIFAR, always-on crop augmentation.
     "acet": dict(arch="resnet_small", augment="acet"),
 }
 

@@ -58,8 +58,8 @@ _PAPER = [
     TableEntry("DDU", ("ddu-s0",), "ddu"),
 ]
 
-# DDU's README table (SPEC 4.5): WRN-28-10 + SN + mod (`--recipe ddu`), seeds 1..5, mean +- standard error.
-# Evaluate with `evaluate.py --dataset CIFAR10 --paths CIFAR10/ddu --layout ddu`.
+# DDU's README table (docs/methods.md#ddu-table): WRN-28-10 + SN + mod (`--recipe ddu`), seeds 1..5, mean +- standard
+# error. Evaluate with `evaluate.py --dataset CIFAR10 --paths CIFAR10/ddu --layout ddu`.
 _DDU_SEEDS = _seeds("ddu", 5, start=1)
 _DDU = [
     TableEntry("Softmax", _DDU_SEEDS, "ddu", {"score": "softmax_entropy"}),
@@ -90,7 +90,7 @@ def table_entries(dataset: str, paths: str | None = None) -> list[TableEntry]:
 # scripts/train_table.py trains every run a dataset's table names (after gen_gmm.py for ccu/ccus).
 RUN_FLAGS: dict[str, list[str]] = {
     "plain": ["--method", "plain"],
-    # CCU's MC-dropout baseline (SPEC 1.4): dropout 0.5 kept active at test time, Adam 2e-4
+    # CCU's MC-dropout baseline (docs/methods.md#mc-dropout): dropout 0.5 kept active at test time, Adam 2e-4
     "mcd": ["--method", "plain", "--dropout", "0.5", "--optimizer", "adam", "--lr", "2e-4"],
     "edl": ["--method", "edl", "--optimizer", "adam", "--lr", "1e-3"],
     "ceda": ["--method", "ceda"],

@@ -1,7 +1,8 @@
 """Cost of an ACET training step relative to a plain one (DESIGN: "ACET with k attack steps is about k+1
 forward/backward passes per batch, no more").
 
-One training step = loss + backward + optimiser step on a batch of 128 28x28 images with LeNet (SPEC 2.3):
+One training step = loss + backward + optimiser step on a batch of 128 28x28 images with LeNet
+(docs/methods.md#acet-schedules):
   plain      mean CE on the clean batch;
   acet(k)    k PGD steps on ACET noise made from the batch (input gradients only, BN in inference mode), one
              scoring forward, then one joint forward/backward on cat(x, z^) (2x the batch).

@@ -1,9 +1,9 @@
 """CCU certified radii: one batched Newton/bisection for all points vs brentq per point.
 
 Meinke & Hein (arXiv 1909.12180) find each radius with `scipy.optimize.brentq` on g(r) = log U_i(r) -
-log L_o(r) - log b, one point at a time (SPEC 1.6). `utils.certify.certified_radius` solves all points at once
-in float64 torch. Setting: a random CCU model of MNIST size (D = 784, 100 in- and 100 out-components sharing a
-PCA-like metric with singular values spread over six decades, out-variances = 4 x in-variances as after CCU's
+log L_o(r) - log b, one point at a time (docs/methods.md#ccu-certificate). `utils.certify.certified_radius` solves all
+points at once in float64 torch. Setting: a random CCU model of MNIST size (D = 784, 100 in- and 100 out-components
+sharing a PCA-like metric with singular values spread over six decades, out-variances = 4 x in-variances as after CCU's
 clamp) and 10 000 points (uniform noise, and noisy copies of in-means at several scales, so that radii range
 from 0 to large).
 

@@ -1,4 +1,5 @@
-"""Dirty-MNIST (Mukhoti et al., DDU, arXiv 2102.11582, SPEC 4.4): MNIST plus Ambiguous-MNIST.
+"""Dirty-MNIST (Mukhoti et al., DDU, arXiv 2102.11582, docs/methods.md#dirty-mnist-and-active-learning): MNIST plus
+Ambiguous-MNIST.
 
 Ambiguous-MNIST ships as two tensors, `amnist_samples.pt` (N, 1, 28, 28) float images in [0, 1] and
 `amnist_labels.pt` (N, L) with L sampled labels per image, from

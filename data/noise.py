@@ -2,12 +2,12 @@
 
 * ``uniform``: U[0,1] per pixel (CCU "UniformNoise", ODIN "Uniform").
 * ``gaussian``: ODIN's N(0.5, 1) clipped to [0, 1] (Liang et al., arXiv:1706.02690).
-* ``ccu_noise``: CCU's "Noise" (Meinke & Hein, arXiv:1909.12180, SPEC 1.5): from in-distribution images,
-  x <- sigmoid(gamma * (G_sigma * P(x) - 0.5)) with P one permutation of the HxW positions shared by the
+* ``ccu_noise``: CCU's "Noise" (Meinke & Hein, arXiv:1909.12180, docs/methods.md#noise-families): from in-distribution
+  images, x <- sigmoid(gamma * (G_sigma * P(x) - 0.5)) with P one permutation of the HxW positions shared by the
   channels, G_sigma scipy's ``gaussian_filter`` over the whole CxHxW tensor (mode "reflect", truncate 4),
   sigma ~ U[1, 2.5] and gamma ~ U[5, 30], all drawn per image.
-* ``acet_noise``: ACET/CEDA's ``gen_adv`` (Hein et al., arXiv:1812.05720, SPEC 2.2): the first half of a
-  batch are pixel permutations of clean images, the rest U[0,1]; all are low-passed per channel by a 15x15
+* ``acet_noise``: ACET/CEDA's ``gen_adv`` (Hein et al., arXiv:1812.05720, docs/methods.md#noise-families): the first
+  half of a batch are pixel permutations of clean images, the rest U[0,1]; all are low-passed per channel by a 15x15
   Gaussian with one sigma ~ U[1, 2.5] per batch and symmetric padding, then min-max rescaled per image.
 
 Every function takes an optional ``torch.Generator``; it must live on the same device as the input.
@@ -125,7 +125,7 @@ def ccu_noise_batch(x: torch.Tensor, generator: Optional[torch.Generator] = None
 
 
 def acet_noise_batch(x: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """ACET/CEDA noise from a clean batch x (N, C, H, W), on x's device (SPEC 2.2).
+    """ACET/CEDA noise from a clean batch x (N, C, H, W), on x's device (docs/methods.md#noise-families).
 
     z = [P(x_1..x_{N/2}); U[0,1]^(N - N/2)], z <- G_sigma * z per channel (15x15, one sigma per batch,
     symmetric padding), then z_i <- (z_i - min z_i) / (max z_i - min z_i).

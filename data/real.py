@@ -63,7 +63,7 @@ def _to_tensors(name: str, dataset) -> tuple[torch.Tensor, torch.Tensor]:
         return images, torch.as_tensor(dataset.targets, dtype=torch.int64)
     images, labels = dataset.data, torch.as_tensor(dataset.targets, dtype=torch.int64)
     if name == "EMNIST":
-        # the EMNIST files store letters transposed (SPEC 1.5); letters labels are 1..26
+        # the EMNIST files store letters transposed (docs/methods.md#ood-test-sets); letters labels are 1..26
         images, labels = images.transpose(1, 2).contiguous(), labels - 1
     return images.unsqueeze(1), labels
 

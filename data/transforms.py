@@ -1,9 +1,9 @@
 """Training augmentations of the seed papers, as torchvision transforms on float tensors in [0, 1].
 
-* ``ccu`` (CCU, SPEC 1.5): RandomChoice([augmented, plain]), so half the samples are augmented;
+* ``ccu`` (CCU, docs/methods.md#augmentation): RandomChoice([augmented, plain]), so half the samples are augmented;
   MNIST-like: RandomCrop(pad 2); SVHN: RandomCrop(pad 4, edge); CIFAR-like: HFlip + RandomCrop(pad 4, reflect).
-* ``acet`` (ACET/CEDA, SPEC 2.3): RandomCrop(pad 4), plus HFlip for CIFAR-like sets.
-* ``ddu`` (DDU, SPEC 4.2): RandomCrop(pad 4) + HFlip.
+* ``acet`` (ACET/CEDA): RandomCrop(pad 4), plus HFlip for CIFAR-like sets.
+* ``ddu`` (DDU): RandomCrop(pad 4) + HFlip.
 
 Paddings are given for 28/32-pixel images and scaled to other sizes (at least 1 pixel). Flips are only used
 where the papers use them (never on digits or letters, whose mirror images are other symbols).

@@ -1,6 +1,6 @@
 """CCU: a classifier combined with in- and out-distribution Gaussian mixtures in input space.
 
-Meinke & Hein, ICLR 2020 (arXiv 1909.12180), SPEC 1.1. With lambda = e^{loglam} = p(o)/p(i):
+Meinke & Hein, ICLR 2020 (arXiv 1909.12180), docs/methods.md#ccu-model. With lambda = e^{loglam} = p(o)/p(i):
 
     p(y|x) = [ p_hat(y|x) p(x|i) + (lambda/K) p(x|o) ] / [ p(x|i) + lambda p(x|o) ]
 

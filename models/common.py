@@ -40,7 +40,7 @@ def make_normalize(normalize: NormalizeSpec) -> nn.Module:
 
 
 def activation(mod: bool) -> nn.Module:
-    """ReLU, or leaky ReLU with slope 0.01 under DDU's `-mod` (SPEC 4.1)."""
+    """ReLU, or leaky ReLU with slope 0.01 under DDU's `-mod` (docs/methods.md#ddu-architecture)."""
     return nn.LeakyReLU(0.01) if mod else nn.ReLU()
 
 

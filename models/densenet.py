@@ -1,4 +1,5 @@
-"""DenseNet-BC (Huang et al., arXiv 1608.06993) as ODIN's pretrained `DenseNet3(100, K)` (SPEC 3.4).
+"""DenseNet-BC (Huang et al., arXiv 1608.06993) as ODIN's pretrained `DenseNet3(100, K)`
+(docs/methods.md#architectures).
 
 conv3x3 stem to 2*growth channels; 3 dense blocks of n = (depth - 4) / 6 bottleneck layers
 (BN-act-conv1x1 to 4*growth, BN-act-conv3x3 to growth, output concatenated to the input); between blocks a

@@ -46,7 +46,7 @@ class _ResizeOnLoad(nn.Module):
 
 
 class PCAMetric(_ResizeOnLoad):
-    """The metric d(x, y) = ||S^{-1/2} V (x - y)|| (SPEC 1.1/1.2) with buffers V (D, D), s (D,), mean (D,).
+    """The metric d(x, y) = ||S^{-1/2} V (x - y)|| (docs/methods.md#ccu-model) with buffers V (D, D), s (D,), mean (D,).
 
     `whiten(x) = x_flat V^T / sqrt(s)` is linear and does NOT centre, so d(x, y) = ||whiten(x - y)||;
     `mean` is kept because centring before taking pairwise distances is free and improves float precision.
@@ -122,8 +122,8 @@ def pairwise_sq_dist(u: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
 
 
 class GMM(_ResizeOnLoad):
-    """Spherical Gaussian mixture in the PCA metric (SPEC 1.1): trainable pixel-space means `mu` (K, D) and
-    log-variances `logvar` (K,), frozen uniform log-weights `logweight` (K,) (a buffer, never trained).
+    """Spherical Gaussian mixture in the PCA metric (docs/methods.md#ccu-model): trainable pixel-space means `mu` (K, D)
+    and log-variances `logvar` (K,), frozen uniform log-weights `logweight` (K,) (a buffer, never trained).
 
     `metric` is a shared submodule: the in- and out-mixture of one CCU model hold the same PCAMetric object.
     """

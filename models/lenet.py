@@ -1,7 +1,7 @@
 """Small MNIST ConvNets.
 
-* `LeNet` (LeNetMadry; CCU SPEC 1.4, ACET SPEC 2.3): conv5x5 32 (pad 2), act, maxpool 2, conv5x5 64 (pad 2),
-  act, maxpool 2, FC 1024, act, FC K; init N(0, 2/fan_in) with zero biases as ACET. The first FC's in-size is
+* `LeNet` (LeNetMadry of CCU and ACET, docs/methods.md#architectures): conv5x5 32 (pad 2), act, maxpool 2, conv5x5 64
+  (pad 2), act, maxpool 2, FC 1024, act, FC K; init N(0, 2/fan_in) with zero biases as ACET. The first FC's in-size is
   computed from input_size (3136 at 28x28, 256 at 8x8). Features: the 1024-d hidden layer.
 * `LeNetDDU` (DDU, arXiv 2102.11582): conv5x5 6, act, maxpool 2, conv5x5 16, act, maxpool 2, FC 120, act,
   FC 84, act, FC K (no padding: 28x28 -> 16x4x4). Features: the 84-d layer.

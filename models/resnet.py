@@ -1,5 +1,5 @@
 """CIFAR-style post-activation ResNets (He et al., arXiv 1512.03385) in the kuangliu/pytorch-cifar layout that
-CCU (SPEC 1.4) and DDU (SPEC 4.1) use: conv3x3 64 stem (no max-pool), four stages of BasicBlock or Bottleneck
+CCU and DDU use (docs/methods.md#architectures): conv3x3 64 stem (no max-pool), four stages of BasicBlock or Bottleneck
 with widths 64/128/256/512 (x `width`/64) and strides 1/2/2/2, global average pool, FC.
 
 Features: the pooled vector (512 for ResNet-18/34, 2048 for ResNet-50). The original uses avgpool 4 on the 4x4

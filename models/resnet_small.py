@@ -1,5 +1,5 @@
-"""ACET's ResNetSmall (Hein, Andriushchenko, Bitterwolf, arXiv 1812.05720; SPEC 2.3): a pre-activation
-ResNet-20 (He et al., arXiv 1603.05027) for SVHN / CIFAR.
+"""ACET's ResNetSmall (Hein, Andriushchenko, Bitterwolf, arXiv 1812.05720; docs/methods.md#architectures): a
+pre-activation ResNet-20 (He et al., arXiv 1603.05027) for SVHN / CIFAR.
 
 conv3x3 16 stem; 3 stages of `units` (3) units with widths 16/32/64 and strides 1/2/2; each unit is
 BN-act-conv3x3, BN-act-conv3x3 plus a shortcut; the first unit of every stage applies its BN-act before the

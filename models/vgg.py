@@ -1,5 +1,5 @@
 """VGG-13 / VGG-16 with batch norm (Simonyan & Zisserman, arXiv 1409.1556) in the CIFAR layout of
-kuangliu/pytorch-cifar, used by CCU's MC-dropout baseline (VGG-13, SPEC 1.4) and DDU (VGG-16, SPEC 4.1).
+kuangliu/pytorch-cifar, used by CCU's MC-dropout baseline (VGG-13) and DDU (VGG-16), docs/methods.md#architectures.
 
 Stages of conv3x3-BN-act with max-pool 2 between them, global average pool, FC; features 512 (x width/64).
 Max-pools use ceil_mode so 28x28 inputs reach 1x1 as 32x32 ones do (identical results at 32x32).

@@ -1,4 +1,4 @@
-"""Wide ResNet (Zagoruyko & Komodakis, arXiv 1605.07146) as DDU (SPEC 4.1) and ODIN (SPEC 3.4) use it:
+"""Wide ResNet (Zagoruyko & Komodakis, arXiv 1605.07146) as DDU and ODIN use it (docs/methods.md#architectures):
 WRN-28-10 by default.
 
 conv3x3 16 stem; 3 stages of n = (depth - 4) / 6 pre-activation blocks with widths 16k/32k/64k

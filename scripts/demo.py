@@ -33,6 +33,19 @@ DEMO_RUNS: list[tuple[str, list[str]]] = [
 GMM_FLAGS = ["--n-components", "20", "--out-data", "natural_patches", "--n-out", "3000", "--no-augment"]
 ATTACK_FLAGS = ["--n-seeds", "200", "--restarts", "5", "--steps", "100"]
 EVALUATE_FLAGS = ["--adv-sets", "adv_noise", "--attack-steps", "40", "--n-adv", "360", "--n-ood", "5000"]
+DDU_FIGURE_FLAGS = ["--blends", "500", "--n", "2000"]
+# --tiny: the same pipeline and output files in seconds (tests/test_notebooks.py runs the notebooks on them);
+# appended after the flags above, so argparse's last-wins makes them override.
+TINY_FLAGS = {"train": ["--epochs", "1", "--max-batches", "2", "--attack-steps", "2"],
+              "gmm": ["--n-components", "2", "--n-in", "200", "--n-out", "200", "--max-iter", "5"],
+              "evaluate": ["--adv-sets", "", "--ood", "uniform,natural_patches", "--n-ood", "100"],
+              "attack": ["--n-seeds", "6", "--restarts", "1", "--steps", "3", "--n-test", "100"],
+              "ddu": ["--blends", "50", "--n", "100"]}
+
+
+def tiny(args: argparse.Namespace, step: str) -> list[str]:
+    """The --tiny overrides of one step (none without --tiny)."""
+    return TINY_FLAGS[step] if getattr(args, "tiny", False) else []
 
 
 def train_once(name: str, flags: list[str], runs_root: str) -> None:
@@ -50,24 +63,35 @@ def train_once(name: str, flags: list[str], runs_root: str) -> None:
     print(f"{run_dir}: trained in {time.perf_counter() - start:.0f}s")
 
 
-def fit_gmm_once(runs_root: str) -> None:
+def fit_gmm_once(runs_root: str, extra_flags: list[str] = ()) -> None:
     if (Path(runs_root) / "digits" / "gmm-s0" / "gmm.pt").exists():
         return
     gen_gmm.main(gen_gmm.get_args_parser().parse_args(
-        ["--dataset", "digits", "--name", "gmm-s0", "--runs-root", runs_root, *GMM_FLAGS]))
+        ["--dataset", "digits", "--name", "gmm-s0", "--runs-root", runs_root, *GMM_FLAGS, *extra_flags]))
+
+
+def ddu_figure_scores(args: argparse.Namespace) -> None:
+    """Cache the DDU run's entropy / log-density scores for notebooks/ddu_histograms.ipynb (seconds)."""
+    from utils.plots import ddu
+
+    ddu.main(ddu.get_args_parser().parse_args(
+        ["--runs-root", args.runs_root, "--out", str(Path(args.results_root) / "figures" / "ddu"),
+         *DDU_FIGURE_FLAGS, *tiny(args, "ddu")]))
 
 
 def main(args: argparse.Namespace) -> None:
     start = time.perf_counter()
-    fit_gmm_once(args.runs_root)
+    fit_gmm_once(args.runs_root, tiny(args, "gmm"))
     for name, flags in DEMO_RUNS:
-        train_once(name, flags, args.runs_root)
+        train_once(name, [*flags, *tiny(args, "train")], args.runs_root)
     common = ["--dataset", "digits", "--runs-root", args.runs_root]
     print("\n== OOD detection on digits (evaluate.py) ==")
     evaluate.main(evaluate.get_args_parser().parse_args(
-        [*common, "--results-root", args.results_root, "--no-progress", *EVALUATE_FLAGS, *args.evaluate_flags]))
+        [*common, "--results-root", args.results_root, "--no-progress", *EVALUATE_FLAGS, *tiny(args, "evaluate"), *args.evaluate_flags]))
     print("== Adversarial noise inside CCU's certified balls (gen_attack_stats.py --study ccu) ==")
-    gen_attack_stats.main(["--study", "ccu", *common, "--results", args.results_root, *ATTACK_FLAGS])
+    gen_attack_stats.main(["--study", "ccu", *common, "--results", args.results_root, *ATTACK_FLAGS, *tiny(args, "attack")])
+    print("== DDU entropy and feature density of the DDU run (python -m utils.plots.ddu) ==")
+    ddu_figure_scores(args)
     print(f"demo finished in {time.perf_counter() - start:.0f}s; runs in {args.runs_root}, results in "
           f"{args.results_root}")
 
@@ -76,6 +100,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--runs-root", default="runs/demo")
     parser.add_argument("--results-root", default="results/demo")
+    parser.add_argument("--tiny", action=argparse.BooleanOptionalAction, default=False,
+                        help="seconds-long budget with the same outputs (for tests), not meaningful numbers")
     parser.add_argument("--evaluate-flags", nargs="*", default=[], help="extra evaluate.py flags")
     return parser
 

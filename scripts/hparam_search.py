@@ -1,4 +1,5 @@
-"""Random hyperparameter search for the Know-your-limits toy models (Ulmer & Cina, arXiv 2012.05329; SPEC 5.2).
+"""Random hyperparameter search for the Know-your-limits toy models (Ulmer & Cina, arXiv 2012.05329;
+docs/methods.md#hyperparameter-search).
 
 As the original `hyperparameter_search.py`: sklearn `ParameterSampler` draws --n-iter configurations (original:
 200 NN, 100 MCDropout, 250 BBB) from hidden sizes [h] * L with h in {15, 20, 25}, L in 1..4, lr log-uniform in
@@ -30,7 +31,7 @@ ORIGINAL_N_ITER = {"NN": 200, "MCDropout": 100, "BBB": 250}
 
 
 def search_space(model: str) -> dict:
-    """SPEC 5.2's distributions (scipy frozen distributions or lists, as ParameterSampler takes them)."""
+    """The paper's distributions (scipy frozen distributions or lists, as ParameterSampler takes them)."""
     from scipy.stats import loguniform, uniform
 
     space = {"hidden": [(h,) * n_layers for h in (15, 20, 25) for n_layers in range(1, 5)],

@@ -1,10 +1,11 @@
-"""Know your limits (Ulmer & Cina, UAI 2021, arXiv 2012.05329; SPEC 5): uncertainty of ReLU classifiers far away.
+"""Know your limits (Ulmer & Cina, UAI 2021, arXiv 2012.05329; docs/methods.md#know-your-limits): uncertainty of ReLU
+classifiers far away.
 
-Trains the toy models of SPEC 5.2 on two half-moons (seconds on a CPU) and writes, under --out-dir:
-  moons_<model>.png    each score (entropy, 1 - max p, class variance, mutual information) over the SPEC 5.2 score
+Trains the toy models of docs/methods.md#toy-study on two half-moons (seconds on a CPU) and writes, under --out-dir:
+  moons_<model>.png    each score (entropy, 1 - max p, class variance, mutual information) over the paper's score
                        grid, and ||grad_x score||_2 over the (wider) gradient grid;
   moons_far_away.png   score and ||grad_x score|| along rays alpha * d, alpha in logspace(0, 4), random unit d:
-                       the scores freeze and the gradients vanish far away (SPEC 5.1);
+                       the scores freeze and the gradients vanish far away (docs/methods.md#far-away-limit);
   regions.png          the 9-cluster PLNN [2, 5, 5, 9]: linear regions, entropy, ||grad H||, ||grad ||grad H||||;
   images_far_away_<DATASET>.png  with --runs: max-softmax confidence and its gradient norm along scaled noise
                        alpha * u for trained image models (plain, CEDA, ACET, CCU, DDU, ...).
@@ -32,7 +33,7 @@ from utils import limits
 from utils.studies import regions, toy  # noqa: E402
 from utils.plots import save_figure  # noqa: E402
 
-# SPEC 5.2 grids (start, stop, step) and colour ranges; the original's MI range [4, 5] was its bug's, MI <= 1 bit
+# the paper's grids (start, stop, step) and colour ranges; the original's MI range [4, 5] was its bug's, MI <= 1 bit
 SCORE_GRID = ((-3.5, 4.5, 0.1), (-3.0, 3.5, 0.1))
 GRAD_GRID = ((-5.5, 6.5, 0.1), (-5.0, 5.5, 0.1))
 COLOUR_RANGE = {"entropy": (0, 1), "max_prob": (0, 0.5), "var": (0, 0.25), "mutual_information": (0, 1),
@@ -44,7 +45,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(toy.TOY_MODELS), choices=list(toy.TOY_MODELS))
     parser.add_argument("--preset", default="tuned", choices=("tuned", "paper"),
-                        help="paper: SPEC 5.2 learning rates (underfit in 20 epochs); tuned: fitted (default)")
+                        help="paper: the paper's learning rates (underfit in 20 epochs); tuned: fitted (default)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--n-directions", type=int, default=64, help="random unit directions for the rays")
     parser.add_argument("--alpha-exp", type=float, nargs=2, default=(0.0, 4.0), help="alphas = logspace(a, b)")
@@ -181,7 +182,7 @@ def plot_rays(curves: dict, alphas: torch.Tensor, path: Path, title: str, n_show
 
 
 def regions_figure(path: Path, seed: int) -> dict:
-    """The polytope figure of SPEC 5.2 on the 9-cluster toy; returns its summary row."""
+    """The polytope figure (docs/methods.md#linear-regions) on the 9-cluster toy; returns its summary row."""
     import matplotlib.pyplot as plt
     from matplotlib.colors import LogNorm
 

@@ -1,4 +1,4 @@
-"""The ACET paper's two-moons toy (Hein et al., CVPR 2019, arXiv 1812.05720; SPEC 2.3).
+"""The ACET paper's two-moons toy (Hein et al., CVPR 2019, arXiv 1812.05720; docs/methods.md#two-moons-toy).
 
 An MLP 2-100-100-2 is trained full batch with Adam (lr 0.01) on two moons rescaled into [0,1]^2, three ways:
   plain  mean CE, 400 iterations;
@@ -6,7 +6,8 @@ An MLP 2-100-100-2 is trained full batch with Adam (lr 0.01) on two moons rescal
          iterations (the notebook's equal weighting of the two means, see `toy_loss`);
   acet   the same on adversarial noise: PGD L-inf eps 0.025, 4 steps of 0.02, random start, keep best
          (`utils.attacks.confidence_attack`; the notebook's PGD undid its own steps [BUG], here they apply).
-It saves max-confidence planes on [0,1]^2 and zoomed out to [-10,10]^2 (results/figures/moons_confidence.png) and
+It saves max-confidence planes on [0,1]^2 and zoomed out to [-10,10]^2 (results/figures/moons_confidence.png),
+their data next to the figure (moons_confidence.npz: what notebooks/moons.ipynb draws, no model needed) and
 prints, per model, validation accuracy and the mean max-confidence on uniform noise in [0,1]^2 and on points at
 radius 10 from the centre of the square, where Theorem 3.1 predicts every ReLU network is confident again.
 
@@ -32,7 +33,7 @@ from torch import nn  # noqa: E402
 from utils.attacks import CONF_OBJECTIVES, confidence_attack  # noqa: E402
 
 ITERATIONS = {"plain": 400, "ceda": 3000, "acet": 3000}  # the notebook's: 400 plain, 3000 with noise
-# SPEC 2.3's toy attack; out_loss max_conf as for every CEDA/ACET model of the paper
+# the toy's attack (docs/methods.md#two-moons-toy); out_loss max_conf as for every CEDA/ACET model of the paper
 TOY_OPTS = Namespace(out_loss="max_conf", attack_eps=0.025, attack_steps=4, attack_step_size=0.02,
                      attack_norm="linf", attack_random_start=True)
 
@@ -116,6 +117,21 @@ def summary(models: dict[str, nn.Module], x_val: torch.Tensor, y_val: torch.Tens
     return stats
 
 
+def save_figure_data(path: Path, planes: dict, x: torch.Tensor, y: torch.Tensor,
+                     stats: dict[str, dict[str, float]]) -> None:
+    """The figure's arrays plus the training points and per-model summary columns ("<stat>", (M,)), in one npz
+    written atomically (temporary file, then rename), loadable with allow_pickle=False."""
+    import os
+
+    import numpy as np
+
+    columns = {key: np.array([stats[str(name)][key] for name in planes["models"]]) for key in next(iter(stats.values()))}
+    partial = path.with_name(path.name + ".partial")
+    with open(partial, "wb") as handle:
+        np.savez_compressed(handle, x=x.numpy(), y=y.numpy(), **planes, **columns)
+    os.replace(partial, path)
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", nargs="+", default=list(ITERATIONS), choices=list(ITERATIONS))
@@ -130,7 +146,7 @@ def main(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     import matplotlib
 
     matplotlib.use("Agg")
-    from utils.plots import plot_confidence_planes
+    from utils.plots import confidence_planes, plot_confidence_grids
 
     x, y = moons_tensors("train", args.data_root)
     x_val, y_val = moons_tensors("val", args.data_root)
@@ -141,12 +157,14 @@ def main(args: argparse.Namespace) -> dict[str, dict[str, float]]:
         trained[method] = train_moons(method, x, y, iterations, args.seed)
         print(f"trained {method}: {iterations} iterations in {time.perf_counter() - start:.1f} s")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    plot_confidence_planes(trained, x, y, path=args.out)
+    planes = confidence_planes(trained)
+    plot_confidence_grids(planes, x, y, path=args.out)
     stats = summary(trained, x_val, y_val)
+    save_figure_data(Path(args.out).with_suffix(".npz"), planes, x, y, stats)
     print("\n| model | val accuracy | MMC uniform [0,1]^2 | MMC radius 10 |\n|---|---|---|---|")
     for name, row in stats.items():
         print(f"| {name} | {row['val_accuracy']:.3f} | {row['mmc_uniform']:.3f} | {row['mmc_radius10']:.3f} |")
-    print(f"\nsaved {args.out}")
+    print(f"\nsaved {args.out} and its data {Path(args.out).with_suffix('.npz')}")
     return stats
 
 

@@ -243,8 +243,8 @@ def test_min_alpha_is_one_when_already_confident_and_median_of_inf():
 # ----------------------------------------------------------------------------------- the two-moons toy
 
 def test_moons_acet_lowers_confidence_on_noise_and_keeps_accuracy():
-    """SPEC 2.3 toy (300 of the 1000 training points, 500 ACET iterations to stay fast): ACET's mean
-    max-confidence on U[0,1]^2 is far below plain's while validation accuracy stays high."""
+    """Two-moons toy (docs/methods.md#two-moons-toy; 300 of the 1000 training points, 500 ACET iterations to stay fast):
+    ACET's mean max-confidence on U[0,1]^2 is far below plain's while validation accuracy stays high."""
     from scripts.moons_figure import moons_tensors, summary, train_moons
 
     x, y = moons_tensors("train")

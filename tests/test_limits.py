@@ -51,7 +51,7 @@ def test_scores_known_values():
     assert toy.mutual_information(opposite).item() == pytest.approx(1.0, abs=1e-6)
     assert toy.class_variance(opposite).item() == pytest.approx(0.25)
     random = torch.softmax(torch.randn(10, 20, 2, generator=torch.Generator().manual_seed(0)), -1)
-    expected = 5.0 - (-(random * torch.log2(random + 1e-8)).sum(-1)).mean(0)  # SPEC 6: S/2 - mean entropy
+    expected = 5.0 - (-(random * torch.log2(random + 1e-8)).sum(-1)).mean(0)  # the original's bug: S/2 - mean entropy
     assert torch.allclose(toy.mutual_information_original(random), expected, atol=1e-5)
 
 

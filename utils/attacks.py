@@ -1,7 +1,7 @@
 """Batched PGD attacks in pixel space [0,1]: worst-case confidence (ACET's adversarial noise) and adversarial samples.
 
 Hein, Andriushchenko, Bitterwolf, "Why ReLU networks yield high-confidence predictions far away from the training
-data and how to mitigate the problem", CVPR 2019 (arXiv 1812.05720), section 2.2 / 2.4 of SPEC.md:
+data and how to mitigate the problem", CVPR 2019 (arXiv 1812.05720), docs/methods.md#acet and #acet-evaluation:
 
     x_0     = proj(z + s * u),  s ~ U[0,1] per image,  u ~ U[-eps, eps]^d           (random start)
     x_{t+1} = proj(x_t + eta * sign(grad_x l(x_t)))         (L-inf; L2: eta * grad / ||grad||_2)
@@ -163,7 +163,7 @@ def adversarial_samples(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps:
 
 
 def non_resisted_mask(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """SPEC 2.4: True where an adversarial sample is kept ("not resisted").
+    """docs/methods.md#acet-evaluation: True where an adversarial sample is kept ("not resisted").
 
     A dummy column of value 1.01/K is appended to the softmax probabilities; the sample is resisted when the
     argmax of the K+1 columns is still the true label, so near-uniform predictions (max prob < 1.01/K) count as
@@ -201,7 +201,8 @@ def adv_noise_set(model: nn.Module, x_in: torch.Tensor, y_in: torch.Tensor, opts
 
 
 def adv_samples_set(model: nn.Module, x_in: torch.Tensor, y_in: torch.Tensor, opts) -> AdvBatch:
-    """Adv. Samples: true-label CE attack on the test images, keeping only the non-resisted ones (SPEC 2.4)."""
+    """Adv. Samples: true-label CE attack on the test images, keeping only the non-resisted ones
+    (docs/methods.md#acet-evaluation)."""
     x_adv = adversarial_samples(model, x_in, y_in, **attack_options(opts))
     with torch.no_grad(), eval_mode(model):
         keep = non_resisted_mask(model(x_adv), y_in)

@@ -1,6 +1,7 @@
 """Temperature scaling by grid search (Guo et al., "On Calibration of Modern Neural Networks", arXiv 1706.04599),
-as DDU's `ModelWithTemperature` does it (SPEC 4.3): p_T(y|x) = softmax(logits / T), with T chosen from the grid
-{0.1, 0.2, ..., 10.0} (100 values) to minimise the NLL on a held-out validation split. Ties keep the smallest T.
+as DDU's `ModelWithTemperature` does it (docs/methods.md#temperature-scaling): p_T(y|x) = softmax(logits / T), with T
+chosen from the grid {0.1, 0.2, ..., 10.0} (100 values) to minimise the NLL on a held-out validation split. Ties keep
+the smallest T.
 """
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """CCU's certificate: the largest ball around x on which the CCU confidence is provably <= f/K.
 
-Meinke & Hein, ICLR 2020 (arXiv 1909.12180), SPEC 1.6. In the PCA metric d, for every z with d(z, x) <= r:
+Meinke & Hein, ICLR 2020 (arXiv 1909.12180), docs/methods.md#ccu-certificate. In the PCA metric d, for every z
+with d(z, x) <= r:
 
     p(z|i) <= U_i(r) = sum_k exp(a_k - (D/2) l_k - c - max(d(x, mu_k) - r, 0)^2 / (2 e^{l_k}))
     p(z|o) >= L_o(r) = sum_l exp(b_l - (D/2) l'_l - c - (d(x, nu_l) + r)^2 / (2 e^{l'_l}))
@@ -135,8 +136,8 @@ def certified_radius(model: CCUModel, x: torch.Tensor, f: float = 1.1, r_max: fl
                      rtol: float = 1e-10, newton_iters: int = 30) -> torch.Tensor:
     """Certified radius R(x) in the PCA metric for every x (N, ...) -> (N,) float64 on x's device.
 
-    Inside {z : d(z, x) <= R} the model's confidence max_y p(y|z) is <= f/K (SPEC 1.6). R = 0 where
-    g(0) >= 0 (no certificate), R = r_max where g(r_max) < 0.
+    Inside {z : d(z, x) <= R} the model's confidence max_y p(y|z) is <= f/K (docs/methods.md#ccu-certificate). R = 0
+    where g(0) >= 0 (no certificate), R = r_max where g(r_max) < 0.
     """
     return radii_from_terms(bound_terms(model, x, f), r_max, rtol, newton_iters)
 

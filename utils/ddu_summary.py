@@ -1,5 +1,5 @@
-"""DDU-style aggregation over runs (arXiv 2102.11582, SPEC 4.3 and 4.5): mean and standard error over the runs of
-one method (seeds s..s+4 in the paper), the per-method JSON summary, and the README table.
+"""DDU-style aggregation over runs (arXiv 2102.11582, docs/methods.md#ddu-table): mean and standard error over the runs
+of one method (seeds s..s+4 in the paper), the per-method JSON summary, and the README table.
 
 Result rows (`results/ddu/<DATASET>.jsonl`, one row per run and OOD set, written by `evaluate.py --layout ddu`):
 
@@ -34,7 +34,7 @@ ROW_KEYS = ("dataset", "label", "run", "seed", "ood", "aleatoric", "epistemic", 
 STD_NOTE = "std is the standard error: unbiased standard deviation / sqrt(n) (None for one run)"
 
 
-# (detector, score option) -> (aleatoric, epistemic) names of SPEC 4.5's table; the aleatoric score of every
+# (detector, score option) -> (aleatoric, epistemic) names of DDU's table; the aleatoric score of every
 # single-network row is the network's softmax entropy, the ensemble's its predictive entropy
 SCORE_NAMES: dict[tuple[str, str | None], tuple[str, str]] = {
     ("ddu", "density"): ("softmax entropy", "GMM density"),
@@ -68,7 +68,8 @@ def summarize(values: list[float]) -> dict:
 
 
 def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, temperature: float) -> dict[str, float]:
-    """accuracy, ece, t_accuracy, t_ece and temperature of test logits (SPEC 4.3; temperature from validation)."""
+    """accuracy, ece, t_accuracy, t_ece and temperature of test logits (docs/methods.md#temperature-scaling; temperature
+    from validation)."""
     logits = torch.as_tensor(logits).double()
     probs, t_probs = logits.softmax(dim=1), (logits / temperature).softmax(dim=1)
     return {"accuracy": accuracy(probs, labels), "ece": ece(probs, labels), "t_accuracy": accuracy(t_probs, labels),
@@ -149,7 +150,7 @@ def _cell(values: list[float]) -> str:
 
 
 def ddu_table(rows: list[dict]) -> str:
-    """SPEC 4.5's table from result rows alone: one Markdown table per (dataset, OOD set), one line per method
+    """DDU's table from result rows alone: one Markdown table per (dataset, OOD set), one line per method
     (label), mean ± standard error over its runs, all x100, without and with temperature scaling (T-)."""
     _check(rows)
     header = ("| Method | Aleatoric | Epistemic | Accuracy | ECE | AUROC | T-Accuracy | T-ECE | T-AUROC |\n"

@@ -109,7 +109,8 @@ def run_splits(config: dict, args: Namespace) -> tuple[Dataset, Dataset | None]:
 
 
 def fit_run_temperature(model, val_set: Dataset | None, args: Namespace) -> float | None:
-    """Temperature scaling on the run's validation split (SPEC 4.3); None for runs trained without one."""
+    """Temperature scaling on the run's validation split (docs/methods.md#temperature-scaling); None for runs trained
+    without one."""
     if val_set is None:
         return None
     logits, labels = collect_logits(model, DataLoader(val_set, batch_size=args.batch_size), torch.device(args.device))

@@ -1,8 +1,8 @@
 """Confidence of ReLU networks far away from the data: exact limits along rays and far-away curves.
 
-Theorem 3.1 of Hein, Andriushchenko & Bitterwolf (CVPR 2019, arXiv 1812.05720; SPEC 2.1): a network that is
-affine, f(x) = V^l x + a^l, on each of finitely many polytopes Q_l has, along almost every ray alpha * d, a
-class k with lim_{alpha -> inf} softmax_k(f(alpha d)) = 1. Ulmer & Cina (UAI 2021, arXiv 2012.05329; SPEC 5.1)
+Theorem 3.1 of Hein, Andriushchenko & Bitterwolf (CVPR 2019, arXiv 1812.05720; docs/methods.md#far-away-limit): a
+network that is affine, f(x) = V^l x + a^l, on each of finitely many polytopes Q_l has, along almost every ray
+alpha * d, a class k with lim_{alpha -> inf} softmax_k(f(alpha d)) = 1. Ulmer & Cina (UAI 2021, arXiv 2012.05329)
 draw the consequence for every uncertainty score built on the probabilities: it converges, and its input
 gradient vanishes.
 

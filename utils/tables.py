@@ -5,8 +5,8 @@ Layouts:
         cells = the chosen metrics joined by "/", test error in the header.
   odin  ODIN Table 2: rows = (OOD set, metric) for FPR@95, detection error, AUROC, AUPR-In, AUPR-Out,
         columns = model labels (e.g. Base vs ODIN).
-  ddu   DDU's README table (SPEC 4.5): per OOD set, one line per model with its aleatoric and epistemic score,
-        accuracy, ECE and AUROC, without and with temperature scaling (utils.ddu_summary.ddu_table).
+  ddu   DDU's README table (docs/methods.md#ddu-table): per OOD set, one line per model with its aleatoric and
+        epistemic score, accuracy, ECE and AUROC, without and with temperature scaling (utils.ddu_summary.ddu_table).
 Rows of several runs under one label (seeds) are shown as mean +- standard error (unbiased std / sqrt(n)).
 All numbers are percentages.
 """
@@ -133,7 +133,7 @@ def _write_tables(dataset: str, results_root: str | Path, layout: str, cell_metr
         raise FileNotFoundError(f"no result rows in {rows_path}; run `python evaluate.py --dataset {dataset}"
                                 + (" --runs ...` first" if name != dataset else "` first"))
     out = Path(results_root) / "tables"
-    if layout == "ddu":  # SPEC 4.5: accuracy, ECE, AUROC with and without temperature scaling, per OOD set
+    if layout == "ddu":  # docs/methods.md#ddu-table: accuracy, ECE, AUROC with/without temperature, per OOD set
         from utils.ddu_summary import ddu_table  # noqa: PLC0415
         text = ddu_table(rows)
         atomic_write_text(out / f"{name}_ddu.md", text)

@@ -87,8 +87,8 @@ class OutSource:
 
     `for_epoch(epoch)` returns a function mapping a clean batch x to round(out_frac * len(x)) out samples.
     ACET's noise and uniform noise are drawn fresh from the clean batch on its device at every step
-    (SPEC 2.2); any other `--out-data` key is read from that dataset in an order fixed by (seed, epoch), so a
-    resumed run draws the same out batches as an uninterrupted one.
+    (docs/methods.md#noise-families); any other `--out-data` key is read from that dataset in an order fixed by (seed,
+    epoch), so a resumed run draws the same out batches as an uninterrupted one.
     """
 
     def __init__(self, opts: Namespace, data_root: str, num_workers: int) -> None:

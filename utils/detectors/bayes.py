@@ -17,7 +17,7 @@ from torch import nn
 from utils.detectors.base import Detector
 from utils.detectors.odin import check_choice
 
-ENTROPY_EPS = 1e-12  # DDU's constant inside every log (SPEC 4.3)
+ENTROPY_EPS = 1e-12  # DDU's constant inside every log (docs/methods.md#ensembles)
 SCORES = ("max_prob", "entropy", "mutual_info", "variance")
 _DROPOUT_TYPES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
 
@@ -34,8 +34,9 @@ def predictive_confidence(probs: torch.Tensor, score: str) -> torch.Tensor:
     * "entropy": -PE, PE = -sum_k p_bar_k log(p_bar_k + 1e-12) (DDU's m2 for ensembles);
     * "mutual_info": -MI, MI = PE - mean_s H(p_s), each entropy with the +1e-12 (DDU's m1); MI >= 0 since the
       entropy is concave (also with the +1e-12);
-    * "variance": -sum_k Var_s p_s(k), population variance over the S samples (CCU's MCD score, SPEC 1.4; CCU
-      also multiplies by 1000 and places it at the argmax class, neither of which changes the ranking).
+    * "variance": -sum_k Var_s p_s(k), population variance over the S samples (CCU's MCD score,
+      docs/methods.md#mc-dropout; CCU also multiplies by 1000 and places it at the argmax class, neither of which
+      changes the ranking).
     """
     probs = probs.double()
     mean = probs.mean(dim=0)
@@ -73,7 +74,7 @@ class MCDropout(Detector):
 
     Dropout layers run in train mode, everything else (BatchNorm) in eval mode; the model's modes are restored
     afterwards. Masks come from torch's global generator, so results repeat under `torch.manual_seed`.
-    CCU's MCD baseline: LeNet / VGG13 with dropout 0.5, 10 samples, score="variance" (SPEC 1.4).
+    CCU's MCD baseline: LeNet / VGG13 with dropout 0.5, 10 samples, score="variance".
     """
 
     needs_grad = True
@@ -98,7 +99,7 @@ class MCDropout(Detector):
 class Ensemble(Detector):
     """Deep-ensemble score over the mean of the members' softmaxes: see `predictive_confidence`.
 
-    CCU's DE baseline is score="max_prob" over 5 members (SPEC 1.4); DDU reports "mutual_info" (m1) and
+    CCU's DE baseline is score="max_prob" over 5 members (docs/methods.md#ensembles); DDU reports "mutual_info" (m1) and
     "entropy" (m2). A one-member ensemble with score="max_prob" is that member's MSP. Members are used in
     whatever mode they are in (evaluation puts them in eval mode).
     """

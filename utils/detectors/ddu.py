@@ -7,7 +7,7 @@ network: one full-covariance Gaussian per class,
     l_c(z) = log N(z; mu_c, Sigma_c + eps I),
 
 with eps the first value of [0, float64.tiny, 1e-308, 1e-307, ..., 1e-1] for which every Sigma_c + eps I has a
-Cholesky factor (SPEC 4.3). Scores, each a confidence (higher = more in-distribution):
+Cholesky factor (docs/methods.md#ddu-density). Scores, each a confidence (higher = more in-distribution):
 
     "density"          epistemic:  LSE_c (l_c(z) + log pi_c)        (the feature log-density, "m1")
     "gmm_entropy"      -H(softmax_c(l_c(z) + log pi_c))             (the GDA's "m2", negated)
@@ -15,11 +15,11 @@ Cholesky factor (SPEC 4.3). Scores, each a confidence (higher = more in-distribu
 
 priors="equal" drops log pi_c entirely, as the original `evaluate.py` does (LSE_c l_c, which differs from the
 equal-weight mixture only by the constant log K); priors="class" uses the training-class frequencies pi_c, as the
-paper's q(z) = sum_c q(z|c) pi_c and the original active-learning script do (SPEC 4.3 [DIFF]).
+paper's q(z) = sum_c q(z|c) pi_c and the original active-learning script do ([DIFF]).
 
-Differences from the original `gmm_utils.gmm_fit` (SPEC 6 [BUG]): a jitter search that fails everywhere raises
-an error naming the classes and the largest jitter tried instead of leaving the model undefined, and only
-Cholesky failures are caught.
+Differences from the original `gmm_utils.gmm_fit` (docs/methods.md#ddu-deviations): a jitter search that fails
+everywhere raises an error naming the classes and the largest jitter tried instead of leaving the model undefined, and
+only Cholesky failures are caught.
 """
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ SCORE_NAMES = {"density": "GMM density", "gmm_entropy": "GMM entropy", "softmax_
 
 
 def default_jitters() -> list[float]:
-    """SPEC 4.3's jitter ladder: 0, the smallest positive normal float64, then 1e-308, 1e-307, ..., 1e-1."""
+    """DDU's jitter ladder: 0, the smallest positive normal float64, then 1e-308, 1e-307, ..., 1e-1."""
     return [0.0, torch.finfo(torch.float64).tiny] + [10.0 ** exponent for exponent in range(-308, 0)]
 
 
@@ -117,10 +117,11 @@ def negative_entropy(log_weights: torch.Tensor) -> torch.Tensor:
 
 
 class DDU(Detector):
-    """DDU's feature-density detector (arXiv 2102.11582, SPEC 4.3); see the module docstring for the formulas.
+    """DDU's feature-density detector (arXiv 2102.11582, docs/methods.md#ddu-density); see the module docstring for the
+    formulas.
 
-    score: "density" | "gmm_entropy" | "softmax_entropy"; priors: "equal" | "class" (SPEC's [DIFF]);
-    jitters: the ladder to search (default SPEC's). After `fit`: `means_`, `cholesky_`, `log_priors_`, `jitter_`.
+    score: "density" | "gmm_entropy" | "softmax_entropy"; priors: "equal" | "class" (the [DIFF] above);
+    jitters: the ladder to search (default DDU's). After `fit`: `means_`, `cholesky_`, `log_priors_`, `jitter_`.
     """
 
     needs_grad = False

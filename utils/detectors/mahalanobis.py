@@ -1,7 +1,7 @@
 """Mahalanobis distance to the closest class mean in feature space (Lee et al., NeurIPS 2018, arXiv 1807.03888).
 
-The single-layer version that CCU uses as its "Maha" baseline (SPEC 1.8, `single_maha.py`): penultimate
-features only, no feature ensemble and no logistic-regression combination of layers.
+The single-layer version that CCU uses as its "Maha" baseline (docs/methods.md#mahalanobis; the original's
+`single_maha.py`): penultimate features only, no feature ensemble and no logistic-regression combination of layers.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from utils.detectors.base import Detector
 from utils.detectors.odin import (GRADIENTS, check_choice, input_gradient, model_device, perturb,
                                   select_setting, step_direction, sweep_loader)
 
-# Lee et al.'s noise magnitudes, which CCU's single_maha.py also searches (SPEC 1.8).
+# Lee et al.'s noise magnitudes, which CCU's single_maha.py also searches (docs/methods.md#mahalanobis).
 MAHALANOBIS_EPS_GRID: tuple[float, ...] = (0.0, 0.0005, 0.001, 0.0014, 0.002, 0.005, 0.01)
 
 

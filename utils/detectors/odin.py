@@ -15,7 +15,7 @@ from torch import nn
 from utils.detectors.base import Detector
 from utils.metrics import ood_metrics
 
-# SPEC 3.1: the ODIN paper's grid; CCU's copy (SPEC 1.8, utils/odin.py) adds T = 100.
+# the ODIN paper's grid (docs/methods.md#odin-tuning); CCU's copy (its utils/odin.py) adds T = 100.
 ODIN_TEMPERATURES: tuple[float, ...] = (1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 200.0, 500.0, 1000.0)
 CCU_ODIN_TEMPERATURES: tuple[float, ...] = (1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0)
 ODIN_EPS_GRID: tuple[float, ...] = tuple(float(e) for e in np.linspace(0.0, 0.004, 21))
@@ -99,7 +99,7 @@ def sweep_loader(sweep_fn: Callable[[torch.Tensor], torch.Tensor], loader: Itera
 
 
 class ODIN(Detector):
-    """ODIN score S(x~; T) = max_k softmax(f(x~) / T)_k (Liang et al., arXiv 1706.02690, SPEC 3.1).
+    """ODIN score S(x~; T) = max_k softmax(f(x~) / T)_k (Liang et al., arXiv 1706.02690, docs/methods.md#odin).
 
     x~ = x - eps * sign(-grad_x log S_yhat(x; T)), yhat = argmax_k f_k(x), sign(0) = +1, no clipping: the
     original (calData.py). With T = 1 and eps = 0 this is the MSP baseline.
@@ -110,7 +110,7 @@ class ODIN(Detector):
     exactly eps in x. Our models normalise inside their first layer, so differentiating with respect to the
     [0, 1] input and stepping by eps gives the identical x~ with no std division.
 
-    gradient="raw" is CCU's variant (SPEC 1.8, **[DIFF]**): x~ = clip(x + eps * grad_x log S_yhat(x; T), 0, 1),
+    gradient="raw" is CCU's variant (**[DIFF]**): x~ = clip(x + eps * grad_x log S_yhat(x; T), 0, 1),
     an unsigned gradient-ascent step. `clip` defaults to False for "sign" (as ODIN) and True for "raw" (as CCU).
     Scores are computed in float64 (the original used float32 logits with max-subtraction).
     """
@@ -172,7 +172,7 @@ class ODIN(Detector):
              criterion: str = "fpr95", fpr_convention: str = "id", max_batches: Optional[int] = None) -> dict:
         """Choose (T, eps) on held-out in/out validation data, set them on the detector, return the choice.
 
-        ODIN (SPEC 3.1) tunes on 1 000 held-out OOD images by FPR@95; CCU (SPEC 1.8) by AUROC against Tiny
+        ODIN (docs/methods.md#odin-tuning) tunes on 1 000 held-out OOD images by FPR@95; CCU by AUROC against Tiny
         Images (pass `temperatures=CCU_ODIN_TEMPERATURES, criterion="auroc", gradient="raw"`). Each batch costs
         one backward pass per temperature plus one forward per nonzero eps. Returns temperature, eps, criterion
         and the validation metrics of the choice (`val_auroc`, `val_fpr95`, ...).

@@ -1,4 +1,4 @@
-"""CCU and CCUs training (Meinke & Hein, ICLR 2020, arXiv 1909.12180; SPEC 1.3).
+"""CCU and CCUs training (Meinke & Hein, ICLR 2020, arXiv 1909.12180; docs/methods.md#ccu-training).
 
 With lambda = e^{loglam}, p_in = 1/(1+lambda), p_out = lambda/(1+lambda) and the CCU model's log-probabilities
 log p(y|.) (the full model, not the base classifier) in every term:
@@ -29,7 +29,7 @@ from torch import nn
 from models.ccu import CCUModel, build_ccu, load_gmm_state
 from utils.methods.base import Method
 
-LOG_VAR_MARGIN = math.log(4.0)   # sigma_out^2 >= 4 * max sigma_in^2 (SPEC 1.3)
+LOG_VAR_MARGIN = math.log(4.0)   # sigma_out^2 >= 4 * max sigma_in^2 (docs/methods.md#ccu-training)
 GMM_FILE = "gmm.pt"
 
 
@@ -94,7 +94,7 @@ def _components_from_file(opts: Namespace) -> tuple[int, int]:
     try:
         state = load_gmm_file(resolve_gmm_dir(opts))
     except (FileNotFoundError, ValueError):
-        return 100, 100  # SPEC's default; a mismatch is then reported by the checkpoint loader
+        return 100, 100  # the paper's default; a mismatch is then reported by the checkpoint loader
     return _components(state)
 
 

@@ -1,6 +1,6 @@
 """Evidential deep learning (Sensoy, Kaplan, Kandemir, NeurIPS 2018, arXiv 1806.01768), as CCU's EDL baseline.
 
-CCU's version (SPEC 1.4, `utils/edl.py`), with z the backbone's logits:
+CCU's version (docs/methods.md#edl; the original's `utils/edl.py`), with z the backbone's logits:
 
     alpha = ELU(z) + 2,   S = sum_k alpha_k,   p = alpha / S
     L = mean_i [ sum_k (onehot(y_i)_k - p_k)^2 + sum_k p_k (1 - p_k) / S ]        (no KL regulariser)

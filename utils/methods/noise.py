@@ -1,7 +1,7 @@
 """Training on (adversarial) noise: CEDA and ACET (Hein et al., CVPR 2019, arXiv 1812.05720) and Outlier
 Exposure (Hendrycks, Mazeika, Dietterich, ICLR 2019, arXiv 1812.04606).
 
-CEDA / ACET, SPEC 2.2, with B clean samples (x_i, y_i) and n_out out samples z_j:
+CEDA / ACET (docs/methods.md#ceda), with B clean samples (x_i, y_i) and n_out out samples z_j:
 
     L = (1 / (B + n_out)) * [ sum_i CE(f(x_i), y_i) + sum_j l_out(z^_j) ]
 
@@ -66,13 +66,14 @@ def _joint_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, z: torch.Ten
 
 def ceda_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_out: Optional[torch.Tensor],
               opts: Namespace) -> tuple[torch.Tensor, torch.Tensor]:
-    """CEDA (Hein et al. 2019, arXiv 1812.05720): CE on clean data + l_out on the noise itself (SPEC 2.2)."""
+    """CEDA (Hein et al. 2019, arXiv 1812.05720): CE on clean data + l_out on the noise itself
+    (docs/methods.md#ceda)."""
     return _joint_loss(model, x, y, _noise_from_batch(x, x_out), opts)
 
 
 def acet_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_out: Optional[torch.Tensor],
               opts: Namespace) -> tuple[torch.Tensor, torch.Tensor]:
-    """ACET (Hein et al. 2019, arXiv 1812.05720): CE on clean data + l_out on adversarial noise (SPEC 2.2).
+    """ACET (Hein et al. 2019, arXiv 1812.05720): CE on clean data + l_out on adversarial noise (docs/methods.md#acet).
 
     The noise z is first attacked by PGD maximising l_out in the `--attack-eps` ball (`--attack-norm`, default
     L-inf 0.3) with `--attack-steps` (40) steps of `--attack-step-size` (None = eps/steps), then the joint loss is

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -29,27 +30,38 @@ def confidence_grid(model: nn.Module, window: tuple[float, float],
     return xx, yy, conf.view(resolution, resolution)
 
 
-def plot_confidence_planes(models: Mapping[str, nn.Module], x: torch.Tensor, y: torch.Tensor,
-                           windows: Sequence[tuple[float, float]] = ((0.0, 1.0), (-10.0, 10.0)),
-                           resolution: int = 200, path: Optional[str] = None):
-    """One column per model, one row per window: max-confidence heat map with the training points (x, y).
+def confidence_planes(models: Mapping[str, nn.Module],
+                      windows: Sequence[tuple[float, float]] = ((0.0, 1.0), (-10.0, 10.0)),
+                      resolution: int = 200) -> dict[str, np.ndarray]:
+    """The data of the confidence-plane figure, as numpy arrays (saved by scripts/moons_figure.py):
+    "models" (M,) names, "windows" (W, 2), "conf" (M, W, R, R) max-softmax confidence on each window's grid."""
+    conf = [[confidence_grid(model, window, resolution)[2].numpy() for window in windows] for model in models.values()]
+    return {"models": np.array(list(models)), "windows": np.array(windows, dtype=np.float64),
+            "conf": np.array(conf, dtype=np.float32)}
 
-    Returns the matplotlib Figure; saves it to `path` when given.
+
+def plot_confidence_grids(planes: Mapping[str, np.ndarray], x, y, path: Optional[str] = None):
+    """Draw `confidence_planes` data: one column per model, one row per window, with the training points (x, y).
+
+    Returns the matplotlib Figure; saves it to `path` when given. Draws from arrays only, so notebooks can
+    plot the saved data without a model.
     """
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
 
+    x, y = np.asarray(x), np.asarray(y)
+    names, windows, conf = [str(name) for name in planes["models"]], planes["windows"], planes["conf"]
     num_classes = int(y.max()) + 1
-    fig, axes = plt.subplots(len(windows), len(models), figsize=(3.6 * len(models), 3.3 * len(windows)),
+    fig, axes = plt.subplots(len(windows), len(names), figsize=(3.6 * len(names), 3.3 * len(windows)),
                              squeeze=False, constrained_layout=True)
     image = None
-    for col, (name, model) in enumerate(models.items()):
+    for col, name in enumerate(names):
         for row, window in enumerate(windows):
             ax = axes[row][col]
-            xx, yy, conf = confidence_grid(model, window, resolution)
-            image = ax.pcolormesh(xx.numpy(), yy.numpy(), conf.numpy(), cmap="viridis", shading="auto",
+            axis = np.linspace(window[0], window[1], conf.shape[-1])  # the grid of confidence_grid
+            image = ax.pcolormesh(axis, axis, conf[col, row], cmap="viridis", shading="auto",
                                   vmin=1.0 / num_classes, vmax=1.0)
-            ax.scatter(x[:, 0].numpy(), x[:, 1].numpy(), c=y.numpy(), cmap="coolwarm", s=4, edgecolors="none")
+            ax.scatter(x[:, 0], x[:, 1], c=y, cmap="coolwarm", s=4, edgecolors="none")
             if window[0] < 0.0 or window[1] > 1.0:  # show where the training noise lives
                 ax.add_patch(Rectangle((0, 0), 1, 1, fill=False, edgecolor="white", linewidth=0.8))
             ax.set_xlim(*window)
@@ -60,6 +72,16 @@ def plot_confidence_planes(models: Mapping[str, nn.Module], x: torch.Tensor, y: 
     if path is not None:
         fig.savefig(path, dpi=120)
     return fig
+
+
+def plot_confidence_planes(models: Mapping[str, nn.Module], x: torch.Tensor, y: torch.Tensor,
+                           windows: Sequence[tuple[float, float]] = ((0.0, 1.0), (-10.0, 10.0)),
+                           resolution: int = 200, path: Optional[str] = None):
+    """One column per model, one row per window: max-confidence heat map with the training points (x, y).
+
+    Returns the matplotlib Figure; saves it to `path` when given.
+    """
+    return plot_confidence_grids(confidence_planes(models, windows, resolution), x, y, path)
 
 
 def save_figure(fig, path, dpi: int = 120) -> Path:

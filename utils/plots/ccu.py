@@ -12,10 +12,8 @@ import argparse
 from pathlib import Path
 
 import matplotlib
-
-matplotlib.use("Agg")  # figures are files; no display needed
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt  # the caller's backend: inline in notebooks (forcing Agg here hid their figures)
+import numpy as np
 
 
 def load_dump(path: str | Path) -> dict:
@@ -118,6 +116,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> None:
+    matplotlib.use("Agg")  # figures are files; no display needed
     for path in save_all(args.dump, args.out_dir, args.n_seeds):
         print(f"wrote {path}")
 

@@ -1,4 +1,5 @@
-"""The ACET paper's alpha-scaling experiment (Hein et al., CVPR 2019, arXiv 1812.05720, Table 2; SPEC 2.5).
+"""The ACET paper's alpha-scaling experiment (Hein et al., CVPR 2019, arXiv 1812.05720, Table 2;
+docs/methods.md#alpha-scaling).
 
 Theorem 3.1 says a ReLU network becomes arbitrarily confident along almost every ray alpha * x. For each of `--n`
 draws x ~ U[0,1]^d the study finds the smallest alpha >= 1 with conf(alpha x) = max_k softmax_k(f(alpha x)) >= 0.999

@@ -1,7 +1,7 @@
 """CCU Table 1: adversarial noise inside CCU's certified balls (`gen_attack_stats.py --study ccu`).
 
-Meinke & Hein, ICLR 2020 (arXiv 1909.12180), SPEC 1.6-1.7. For each seed x0 (uniform noise by default) the CCU
-run gives a certified radius R(x0) in its PCA metric; every model of the table is then attacked inside
+Meinke & Hein, ICLR 2020 (arXiv 1909.12180), docs/methods.md#ccu-attack-study. For each seed x0 (uniform noise by
+default) the CCU run gives a certified radius R(x0) in its PCA metric; every model of the table is then attacked inside
 B(x0, R) intersected with [0,1]^D, maximising its log-confidence max_y log p(y|x):
 
   * work in whitened coordinates u = x V^T / sqrt(s), where the ball is Euclidean;
@@ -205,7 +205,7 @@ def _test_scores(model: nn.Module, loader, device: str) -> tuple[torch.Tensor, f
 
 
 def attack_row(label: str, in_scores: torch.Tensor, test_error: float, adv_scores: torch.Tensor) -> dict:
-    """TE, MMC, SR, AUC (x100) of one model (SPEC 1.7)."""
+    """TE, MMC, SR, AUC (x100) of one model (docs/methods.md#ccu-attack-study)."""
     from utils import metrics
 
     median_in = float(np.median(in_scores.numpy()))  # numpy convention: mean of the two middle values

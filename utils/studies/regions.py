@@ -1,7 +1,7 @@
 """Linear (activation) regions of small ReLU networks on 2-D grids, and the 9-cluster toy of Ulmer & Cina.
 
-Ulmer & Cina, "Know your limits", UAI 2021, arXiv 2012.05329, polytope figure (SPEC 5.2): a PLNN [2, 5, 5, 9]
-trained on 9 Gaussian clusters; its entropy (base 2), ||grad entropy|| and ||grad ||grad entropy|||| are
+Ulmer & Cina, "Know your limits", UAI 2021, arXiv 2012.05329, polytope figure (docs/methods.md#linear-regions): a PLNN
+[2, 5, 5, 9] trained on 9 Gaussian clusters; its entropy (base 2), ||grad entropy|| and ||grad ||grad entropy|||| are
 plotted over [-5, 5]^2 next to the network's linear regions. The original enumerated the regions with GeoCert
 (Jordan et al. 2019, l_inf ball of radius 5); here a region is the set of grid points that share one
 activation pattern (`utils.limits.activation_pattern`), which finds every region that contains a grid point
@@ -48,7 +48,7 @@ def make_plnn(sizes: Sequence[int] = (2, 5, 5, 9)) -> nn.Sequential:
 
 def train_plnn(x: torch.Tensor, y: torch.Tensor, sizes: Sequence[int] = (2, 5, 5, 9), epochs: int = 100,
                batch_size: int = 8, lr: float = 1e-3, seed: int = 1234) -> nn.Sequential:
-    """Cross-entropy training with Adam (SPEC 5.2: lr 1e-3, batch 8, 100 epochs, seed 1234); eval mode."""
+    """Cross-entropy training with Adam (the paper's: lr 1e-3, batch 8, 100 epochs, seed 1234); eval mode."""
     torch.manual_seed(seed)
     net = make_plnn(sizes)
     optimizer = torch.optim.Adam(net.parameters(), lr=lr)

@@ -1,14 +1,14 @@
 """Toy binary classifiers on two half-moons and their uncertainty scores.
 
 Ulmer & Cina, "Know your limits: Uncertainty estimation with ReLU classifiers fails at reliably detecting
-out-of-distribution data", UAI 2021, arXiv 2012.05329 (SPEC 5.2). Every model has ONE logit f(x) and predicts
-p(x) = [1 - sigmoid(f), sigmoid(f)] = softmax([0, f]); `predict_samples(x) -> (S, N, 2)` returns the S member /
+out-of-distribution data", UAI 2021, arXiv 2012.05329 (docs/methods.md#toy-study). Every model has ONE logit f(x) and
+predicts p(x) = [1 - sigmoid(f), sigmoid(f)] = softmax([0, f]); `predict_samples(x) -> (S, N, 2)` returns the S member /
 Monte-Carlo predictions, from which the scores below are computed for any (S, N, K) probability tensor.
 
 Data live in the raw `make_moons` coordinates (roughly [-1.2, 2.2] x [-0.7, 1.2]) as in the paper; the repo's
 `moons` dataset is a different thing (rescaled into [0, 1]^2 for ACET's toy experiment).
 
-Differences from the original code (SPEC 6 "Ulmer"), all deliberate:
+Differences from the original code (docs/methods.md#know-your-limits-deviations), all deliberate:
 * [BUG fixed] MC dropout is active at inference (the original left the module in eval mode: var = 0).
 * [BUG fixed] Platt scaling counts patience per epoch on the full validation loss, not per batch.
 * [BUG fixed] mutual information is H(mean_s p_s) - mean_s H(p_s); `mutual_information_original` reproduces the
@@ -19,7 +19,7 @@ Differences from the original code (SPEC 6 "Ulmer"), all deliberate:
   training point (`kl_scaling="original"` keeps blitz's per-batch weight).
 * MC-dropout masks and BBB weight draws are shared by all points of one sample and seeded, so every sample is
   one ReLU network and the Monte-Carlo maps are reproducible functions of x.
-* The SPEC 5.2 learning rates underfit the moons in <= 20 epochs (~86% validation accuracy);
+* The paper's learning rates underfit the moons in <= 20 epochs (~86% validation accuracy);
   `build_toy(preset="tuned")` (the default) raises only the learning rate, see `TOY_MODELS`.
 """
 from __future__ import annotations
@@ -42,7 +42,7 @@ class MoonsData(NamedTuple):
 
 
 def moons_data(n_samples: int = 750, noise: float = 0.125, n_train: int = 500, seed: int = MOONS_SEED) -> MoonsData:
-    """`make_moons(750, noise=0.125)`: the first 500 points train, the last 250 validate (SPEC 5.2, seed 123)."""
+    """`make_moons(750, noise=0.125)`: the first 500 points train, the last 250 validate (the paper's, seed 123)."""
     from sklearn.datasets import make_moons
 
     x, y = make_moons(n_samples=n_samples, noise=noise, random_state=seed)
@@ -79,7 +79,7 @@ def mutual_information(probs: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
 
 
 def mutual_information_original(probs: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """The original's "mutual information" [BUG, SPEC 6]: the entropy is taken over the SAMPLE axis of the
+    """The original's "mutual information" [BUG]: the entropy is taken over the SAMPLE axis of the
     class-averaged predictions, giving S/K*log2(K)-ish constants (S/2 - mean entropy for K = 2). Kept only to
     reproduce the published colour range; do not use as an uncertainty."""
     class_mean = probs.mean(-1)  # (S, N): 1/K for every sample
@@ -163,10 +163,10 @@ class BayesianLinear(nn.Module):
 def train_binary(net: nn.Module, data: MoonsData, lr: float, class_weight: bool = True, epochs: int = 20,
                  batch_size: int = 64, patience: int = 5, seed: int = 0,
                  extra_loss: Optional[Callable[[float], torch.Tensor]] = None, optimizer: str = "adam") -> dict:
-    """The one training loop of the toy models (SPEC 5.2): Adam, mini-batches of 64, at most `epochs` epochs,
+    """The one training loop of the toy models (the paper's): Adam, mini-batches of 64, at most `epochs` epochs,
     early stopping when the full-validation loss (eval mode) has not improved for `patience` epochs.
 
-    `optimizer` is "adam" (SPEC 5.2) or "sgd" (Platt scaling). Loss: BCEWithLogits with pos_weight =
+    `optimizer` is "adam" (the paper's) or "sgd" (Platt scaling). Loss: BCEWithLogits with pos_weight =
     (1 - ybar) / ybar when `class_weight` (ybar from the training set; the original recomputed it per batch),
     plus `extra_loss(progress)` (anchor penalty, BBB's KL; progress in [0, 1) is the fraction of the step
     budget done, for KL annealing). Like the original, training stops without restoring the best epoch.
@@ -230,7 +230,7 @@ class ToyModel(nn.Module):
 
 
 class NN(ToyModel):
-    """Single ReLU MLP with one logit (SPEC 5.2 "NN": 2-25-25-25-1, dropout 0.014552, lr 0.000538)."""
+    """Single ReLU MLP with one logit (the paper's "NN": 2-25-25-25-1, dropout 0.014552, lr 0.000538)."""
 
     def __init__(self, hidden: Sequence[int] = (25, 25, 25), dropout: float = 0.014552, lr: float = 0.000538,
                  class_weight: bool = True) -> None:
@@ -250,7 +250,7 @@ class NN(ToyModel):
 
 
 class PlattScalingNN(NN):
-    """NN, then Platt scaling: sigmoid(a f + b) with (a, b) fitted on the validation set (Platt 1999; SPEC 5.2:
+    """NN, then Platt scaling: sigmoid(a f + b) with (a, b) fitted on the validation set (Platt 1999; the paper's:
     SGD lr 0.1, unweighted BCE, <= `epochs` epochs). [BUG fixed] patience counts epochs of the full-validation
     loss (the original counted batches). (a, b) start at the identity (1, 0) rather than a random Linear(1, 1)."""
 
@@ -276,7 +276,7 @@ class PlattScalingNN(NN):
 
 
 class MCDropout(NN):
-    """MC dropout (Gal & Ghahramani 2016, arXiv 1506.02142; SPEC 5.2: 2-25x4-1, dropout 0.205046, lr 0.000526,
+    """MC dropout (Gal & Ghahramani 2016, arXiv 1506.02142; the paper's: 2-25x4-1, dropout 0.205046, lr 0.000526,
     no class weighting). [BUG fixed] dropout is active in `predict_samples`: sample s multiplies every hidden
     layer by its own Bernoulli mask, shared by all N points, so each sample is one thinned ReLU network and the
     Monte-Carlo maps are smooth, reproducible functions of x (masks come from a generator seeded `mc_seed`)."""
@@ -325,7 +325,7 @@ class AnchoredNNEnsemble(NNEnsemble):
 
         anchor_penalty="pearce"   (default, MAP under N(anchor, sigma_p^2) with the mean BCE over n_train points):
             sum_params ||theta - theta_anchor||^2 / (2 sigma_p^2 n_train)
-        anchor_penalty="original" (the original code, [DIFF] SPEC 5.2): the UNSQUARED Frobenius norm with
+        anchor_penalty="original" (the original code, [DIFF]): the UNSQUARED Frobenius norm with
             Lambda = sqrt(sigma_p^2 / 2), i.e. sum_params sqrt(sigma_p^2 / 2) ||theta - theta_anchor|| / batch_size
             (besides the missing square, the prior variance multiplies instead of divides).
     """
@@ -367,7 +367,7 @@ class AnchoredNNEnsemble(NNEnsemble):
 
 
 class BBB(ToyModel):
-    """Bayes by Backprop (Blundell et al. 2015, arXiv 1505.05424), SPEC 5.2 "BBB" (not in the paper): 2-25-1 of
+    """Bayes by Backprop (Blundell et al. 2015, arXiv 1505.05424), the original's "BBB" (not in the paper): 2-25-1 of
     `BayesianLinear` with ReLU + dropout 0.3208, Gaussian prior sigma 0.904837 (the original's scale mixture has
     sigma_1 = sigma_2, i.e. is this Gaussian), posterior mu init -0.049415, rho init -7.910957, lr 0.000731, KL
     weight beta = 0.323674 annealed linearly over the first 40% of the steps, no class weighting.
@@ -421,7 +421,7 @@ class BBB(ToyModel):
 
 
 # model name -> (class, learning rate that reaches > 95% validation accuracy within 20 epochs). The classes'
-# defaults are SPEC 5.2's numbers; with batch 64 and <= 20 epochs those learning rates underfit the moons
+# defaults are the paper's numbers; with batch 64 and <= 20 epochs those learning rates underfit the moons
 # (about 87% validation accuracy for NN), because the original searched them on training AUROC.
 TOY_MODELS: dict[str, tuple[type, float]] = {
     "NN": (NN, 5e-3),
@@ -434,7 +434,7 @@ TOY_MODELS: dict[str, tuple[type, float]] = {
 
 
 def build_toy(name: str, preset: str = "tuned", **kwargs) -> ToyModel:
-    """A toy model by name. preset="paper": SPEC 5.2's hyperparameters exactly; "tuned": the same with the
+    """A toy model by name. preset="paper": the paper's hyperparameters exactly; "tuned": the same with the
     learning rate of `TOY_MODELS` (enough to fit the moons within 20 epochs). kwargs override either."""
     if name not in TOY_MODELS:
         raise ValueError(f"unknown toy model {name!r}; valid: {', '.join(TOY_MODELS)}")
