@@ -107,4 +107,6 @@ def _labels(args: Namespace) -> list[str] | None:
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    from utils import cli
+
+    cli.run(main, get_args_parser())

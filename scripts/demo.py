@@ -67,7 +67,7 @@ def main(args: argparse.Namespace) -> None:
     evaluate.main(evaluate.get_args_parser().parse_args(
         [*common, "--results-root", args.results_root, "--no-progress", *EVALUATE_FLAGS, *args.evaluate_flags]))
     print("== Adversarial noise inside CCU's certified balls (gen_attack_stats.py --study ccu) ==")
-    gen_attack_stats.main(["--study", "ccu", *common, "--results", args.results_root, *ATTACK_FLAGS])
+    gen_attack_stats.main(["--study", "ccu", *common, "--results-root", args.results_root, *ATTACK_FLAGS])
     print(f"demo finished in {time.perf_counter() - start:.0f}s; runs in {args.runs_root}, results in "
           f"{args.results_root}")
 
