@@ -81,13 +81,16 @@ def _first_line(err: BaseException) -> str:
     return text.splitlines()[0].split(". ")[0] if text else type(err).__name__
 
 
-def _unpickling_reason(err: BaseException) -> str:
-    """torch's message is wrapped in advice (retry with weights_only=False, file an issue, read the docs); keep
-    the line that names what was refused."""
-    advice = ("Weights only load failed", "Please file an issue", "Check the documentation")
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    specific = [line for line in lines if not line.startswith(advice)]
-    return (specific or lines or [type(err).__name__])[0]
+def unpickling_reason(text: str) -> str:
+    """What torch refused to unpickle, without torch's advice around it (retry with weights_only=False, i.e. run
+    the file's code; file an issue; read the docs), which this project never passes on."""
+    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+    for line in lines:
+        if line.startswith("WeightsUnpickler error:"):
+            return line.split(":", 1)[1].strip().split(". Please")[0].rstrip(".")
+    advice = ("Weights only load failed", "Please file an issue", "Check the documentation", "(1)", "(2)")
+    specific = [line for line in lines if not line.startswith(advice) and "weights_only" not in line]
+    return specific[0] if specific else "the file needs code to be unpickled"
 
 
 def read_checkpoint(path: Union[str, Path], device: Union[str, torch.device] = "cpu") -> dict:
@@ -101,7 +104,7 @@ def read_checkpoint(path: Union[str, Path], device: Union[str, torch.device] = "
             payload = torch.load(path, map_location=device, weights_only=True)
     except pickle.UnpicklingError as err:
         raise CheckpointError(f"refusing to load {path}: not a plain-tensor checkpoint "
-                         f"({_unpickling_reason(err)})") from None
+                         f"({unpickling_reason(str(err))})") from None
     except Exception as err:  # truncated zip, empty file, foreign format
         raise CheckpointError(f"{path}: unreadable checkpoint, truncated or not a PyTorch file "
                          f"({type(err).__name__}: {_first_line(err)})") from None

@@ -249,16 +249,20 @@ def test_files_follow_the_umask(tmp_path):
 
 
 def test_no_space_left_keeps_the_last_checkpoint(tmp_path, capsys, monkeypatch):
-    real_save, calls = torch.save, {"n": 0}
+    from utils import runs
 
-    def save(obj, f, *args, **kwargs):  # the second checkpoint hits a full disk half-way
-        calls["n"] += 1
-        if calls["n"] == 2:
-            f.write(b"partial")
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real_save(obj, f, *args, **kwargs)
+    real_write, calls = runs.write_and_sync, {"n": 0}
 
-    monkeypatch.setattr(torch, "save", save)
+    def write_and_sync(fd, tmp, content):  # the second checkpoint hits a full disk half-way
+        if tmp.name.startswith(".model.pt."):
+            calls["n"] += 1
+            if calls["n"] == 2:
+                os.write(fd, bytes(content)[: len(content) // 2])
+                os.close(fd)
+                raise OSError(errno.ENOSPC, "No space left on device")
+        real_write(fd, tmp, content)
+
+    monkeypatch.setattr(runs, "write_and_sync", write_and_sync)
     with pytest.raises(SystemExit) as exit_info:
         cli_train(["--dataset", "digits", "--epochs", "3", "--runs-root", str(tmp_path), *FAST])
     assert exit_info.value.code == 2

@@ -70,12 +70,9 @@ def _first_line(text: str) -> str:
 
 
 def _without_torch_advice(text: str) -> str:
-    """torch's unpickling errors advise retrying with weights_only=False (running the file's code): drop that."""
-    advice = ("Weights only load failed", "Please file an issue", "Check the documentation", "In PyTorch 2.6",
-              "(1) ", "(2) ", "WeightsUnpickler error")
-    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
-    kept = [line for line in lines if not line.startswith(advice) and "weights_only=False" not in line]
-    return kept[0] if kept else "it needs code to be unpickled"
+    from models.io import unpickling_reason
+
+    return unpickling_reason(text)
 
 
 def user_message(err: BaseException) -> Optional[str]:

@@ -44,6 +44,14 @@ def no_space_message(path: str | Path, what: str = "file") -> str:
     return f"No space left on {path.parent}; {kept}. Free some space and run the command again"
 
 
+def write_and_sync(fd: int, tmp: Path, content: bytes) -> None:
+    """Write content to the open file fd (named tmp) and flush it to the disk; closes fd."""
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(content)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
 def write_atomically(path: str | Path, content: bytes, what: str = "file") -> None:
     """Write bytes so that readers see either the old or the complete new file, never a part; a full disk
     raises DiskFullError and leaves the old file as it was."""
@@ -51,10 +59,7 @@ def write_atomically(path: str | Path, content: bytes, what: str = "file") -> No
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = create_temp_beside(path)
     try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(content)
-            handle.flush()
-            os.fsync(handle.fileno())
+        write_and_sync(fd, tmp, content)
         os.replace(tmp, path)
     except BaseException as err:
         tmp.unlink(missing_ok=True)
