@@ -277,4 +277,6 @@ def plot_dataset(results_root: str | Path, dataset: str) -> Path:
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    from utils import cli
+
+    cli.run(main, get_args_parser())

@@ -164,8 +164,6 @@ def _labels(args: Namespace) -> list[str] | None:
 
 
 if __name__ == "__main__":
-    try:
-        main(get_args_parser().parse_args())
-    except (preflight.MissingRunsError, preflight.RunCheckError, UnreadableRowError) as error:  # user errors: exit 2
-        print(f"evaluate.py: {error}", file=sys.stderr)
-        sys.exit(2)
+    from utils import cli
+
+    cli.run(main, get_args_parser())

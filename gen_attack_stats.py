@@ -19,6 +19,8 @@ import sys
 
 import torch
 
+from utils import cli
+
 # study name -> module that provides add_args(parser) and main(args)
 STUDIES = {"ccu": "utils.studies.ccu", "alpha": "utils.studies.alpha", "audit": "utils.studies.audit"}
 
@@ -27,18 +29,30 @@ def get_args_parser(study: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--study", choices=sorted(STUDIES), default=study)
     importlib.import_module(STUDIES[study]).add_args(parser)
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm bars")
+    cli.add_alias(parser, "--results", "--results-root", dest="results_root")
+    cli.add_debug_flag(parser)
     return parser
+
+
+def study_of(argv: list[str]) -> str:
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--study", choices=sorted(STUDIES), default="ccu")
+    return pre.parse_known_args(argv)[0].study
+
+
+def run_study(args: argparse.Namespace) -> None:
+    """Check the study's numbers (its RANGES), then run it."""
+    study = importlib.import_module(STUDIES[args.study])
+    cli.check_ranges(args, getattr(study, "RANGES", {}))
+    torch.set_flush_denormal(True)  # denormal floats make CPU attacks and passes several times slower
+    study.main(args)
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--study", choices=sorted(STUDIES), default="ccu")
-    known, _ = pre.parse_known_args(argv)
-    args = get_args_parser(known.study).parse_args(argv)
-    torch.set_flush_denormal(True)  # denormal floats make CPU attacks and passes several times slower
-    importlib.import_module(STUDIES[args.study]).main(args)
+    run_study(get_args_parser(study_of(argv)).parse_args(argv))
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(run_study, get_args_parser(study_of(sys.argv[1:])))

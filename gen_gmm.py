@@ -34,7 +34,11 @@ from torch.utils.data import DataLoader
 import data
 from models import save_checkpoint
 from models.gmm import GMM, PCAMetric
-from utils import runs
+from utils import cli, runs
+from utils.cli import AT_LEAST_ONE, POSITIVE, Range
+
+GMM_RANGES = {"n_components": AT_LEAST_ONE, "n_in": AT_LEAST_ONE, "n_out": AT_LEAST_ONE, "min_sv_factor": Range(1.0),
+              "max_iter": AT_LEAST_ONE, "tol": POSITIVE, "batch_size": AT_LEAST_ONE}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -58,6 +62,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--runs-root", default="runs")
     parser.add_argument("--name", default=None, help="run folder name (default: gmm-s<seed>)")
     parser.add_argument("--batch-size", type=int, default=1000, help="loader batch while collecting samples")
+    cli.add_debug_flag(parser)
     return parser
 
 
@@ -107,14 +112,16 @@ def density_summary(gmm_in: GMM, gmm_out: GMM, x_in: torch.Tensor, x_out: torch.
 
 
 def main(args: argparse.Namespace) -> None:
+    cli.check_ranges(args, GMM_RANGES)
     torch.manual_seed(args.seed)  # the augmentation draws
     args.name = args.name or f"gmm-s{args.seed}"
     data_root = runs.resolve_data_root(args.data_root)
     run_dir = Path(args.runs_root) / args.dataset / args.name
     if run_dir.exists() and any(run_dir.iterdir()):
         raise FileExistsError(f"{run_dir} already exists; choose another --name (GMM runs are never overwritten)")
-    run_dir.mkdir(parents=True, exist_ok=True)  # stays empty until the fit has succeeded
-    config = {**vars(args), "data_root": data_root, **runs.provenance(), "kind": "gmm"}
+    # the folder is made by the first file written, after the fit: a failed fit leaves nothing behind
+    config = {**{k: v for k, v in vars(args).items() if k != "debug"}, "data_root": data_root, **runs.provenance(),
+              "kind": "gmm"}
     print(f"gen_gmm: {args.dataset} vs {args.out_data}, {args.n_components} components -> {run_dir}")
 
     in_set = data.get_dataset(args.dataset, "train", root=data_root, augment=args.augment, download=args.download,
@@ -146,4 +153,4 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    cli.run(main, get_args_parser())

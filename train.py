@@ -5,10 +5,16 @@ Every method of the five papers (plain, ceda, acet, oe, ccu, ccus, edl, ...) is 
 defaults from `model_params.PARAMS` (or a named `--recipe`). The run goes to `<runs-root>/<dataset>/<name>/`:
 config.json (written before training), model.pt (atomic, every epoch), log.jsonl and tb/ (TensorBoard).
 Under `torchrun --nproc_per_node N train.py ...` it trains data-parallel; only rank 0 writes.
+
+`--resume` continues the run in the folder the command names with the configuration saved in its config.json;
+only the length of the run and how this process runs it may change (see `utils/resume.py`). Numbers are
+checked before any folder is made; a NaN or infinite loss stops the run (exit 3) and keeps the last good
+checkpoint; a user error prints one line and exits 2 (`--debug` shows the traceback).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 from argparse import Namespace
@@ -21,8 +27,10 @@ from torch.utils.data import DataLoader
 import data
 import model_params
 import models
-from utils import training
+from utils import cli, training
+from utils.cli import AT_LEAST_ONE, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, UNIT, UNIT_OPEN_HIGH, Range
 from utils.methods import METHODS, get_method
+from utils.resume import resume_config, resume_record
 from utils.runs import append_jsonl, prepare_run_dir, provenance, resolve_data_root, write_json
 
 # Flags whose None default means "take model_params.PARAMS[dataset]" (argparse dest -> Params field).
@@ -30,10 +38,20 @@ DATASET_DEFAULTS = ("arch", "optimizer", "lr", "epochs", "batch_size", "test_bat
                     "weight_decay", "milestones", "gamma", "augment", "out_data", "val_fraction",
                     "spectral_norm_coeff", "mod", "dropout", "arch_kwargs")
 
+# Allowed values of the numeric flags, checked before any folder is made (None = unset, allowed).
+TRAIN_RANGES = {"epochs": AT_LEAST_ONE, "batch_size": AT_LEAST_ONE, "test_batch_size": AT_LEAST_ONE,
+                "max_batches": AT_LEAST_ONE, "num_workers": NON_NEGATIVE_INT, "lr": POSITIVE, "momentum": UNIT,
+                "weight_decay": NON_NEGATIVE, "milestones": UNIT, "gamma": POSITIVE, "val_fraction": UNIT_OPEN_HIGH,
+                "dropout": UNIT_OPEN_HIGH, "spectral_norm_coeff": POSITIVE, "out_frac": POSITIVE,
+                "attack_eps": NON_NEGATIVE, "attack_steps": NON_NEGATIVE_INT, "attack_step_size": POSITIVE,
+                "oe_lambda": NON_NEGATIVE, "gmm_lr": NON_NEGATIVE, "loglam": Range()}
+EXIT_DIVERGED = 3
+
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", default="digits", help="in-distribution: a key of data.DATASETS")
+    p.add_argument("--dataset", default=None,
+                   help="in-distribution: a key of data.DATASETS (default: digits; with --resume: the run's)")
     p.add_argument("--method", default="plain", choices=sorted(METHODS))
     p.add_argument("--arch", default=None, choices=sorted(models.MODELS))
     p.add_argument("--recipe", default=None, choices=sorted(model_params.RECIPES), help="named alternative defaults")
@@ -43,7 +61,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--download", action=argparse.BooleanOptionalAction, default=False)
     p.add_argument("--runs-root", default="runs")
     p.add_argument("--name", default=None, help="run folder name (default: <method>-s<seed>)")
-    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=False)
+    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=False,
+                   help="continue the run in <runs-root>/<dataset>/<name> with its saved configuration; only "
+                        "--epochs, --max-batches, --test-batch-size, --data-root, --device, --num-workers, "
+                        "--progress may change")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--max-batches", type=int, default=None, help="stop each epoch after this many batches")
     p.add_argument("--batch-size", type=int, default=None)
@@ -77,14 +98,21 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--gmm", default=None, help="gen_gmm.py run folder (ccu, ccus)")
     g.add_argument("--gmm-lr", type=float, default=1e-5)
     g.add_argument("--loglam", type=float, default=0.0)
+    cli.add_debug_flag(p)
     return p
+
+
+def parser_defaults() -> dict:
+    """Every flag's default: a flag whose value differs was given on the command line."""
+    return vars(get_args_parser().parse_args([]))
 
 
 def resolve(args: Namespace) -> Namespace:
     """Fill None flags from the dataset's defaults and add the data shape; the result is saved as config."""
     opts = Namespace(**vars(args))
-    opts.num_classes, shape = data.dataset_info(args.dataset)
-    params = asdict(model_params.get_params(args.dataset, args.recipe))
+    opts.dataset = args.dataset or "digits"
+    opts.num_classes, shape = data.dataset_info(opts.dataset)
+    params = asdict(model_params.get_params(opts.dataset, args.recipe))
     if args.arch is not None and args.arch != params["arch"]:
         params["arch_kwargs"] = {}  # the dataset's arch options belong to its default architecture
     for key in DATASET_DEFAULTS:
@@ -96,30 +124,13 @@ def resolve(args: Namespace) -> Namespace:
     if opts.arch == "mlp":
         opts.input_size = math.prod(shape)  # the MLP flattens its input
     elif len(shape) != 3:
-        raise ValueError(f"arch {opts.arch!r} takes images (C, H, W) but {args.dataset} has vectors of shape "
+        raise ValueError(f"arch {opts.arch!r} takes images (C, H, W) but {opts.dataset} has vectors of shape "
                          f"{tuple(shape)}; use --arch mlp")
     opts.data_shape = list(shape)
     opts.name = args.name or f"{args.method}-s{args.seed}"
     opts.data_root = resolve_data_root(args.data_root)
     get_method(opts.method)  # a clear error before anything is written
-    if args.resume:
-        opts = _saved_config(opts)
     return opts
-
-
-# Flags that may change when a run is resumed; everything else comes from the run's saved config.
-RESUME_OVERRIDES = ("resume", "epochs", "max_batches", "device", "num_workers", "progress", "data_root", "download")
-
-
-def _saved_config(opts: Namespace) -> Namespace:
-    path = Path(opts.runs_root) / opts.dataset / opts.name / "config.json"
-    if not path.exists():
-        raise FileNotFoundError(f"--resume: no config at {path}; start the run without --resume")
-    saved = json.loads(path.read_text())
-    saved.pop("provenance", None)
-    saved.update({key: getattr(opts, key) for key in RESUME_OVERRIDES})
-    saved["runs_root"] = opts.runs_root
-    return Namespace(**saved)
 
 
 def build(opts: Namespace, device: torch.device):
@@ -140,7 +151,11 @@ def build(opts: Namespace, device: torch.device):
 
 
 def main(args: Namespace) -> Path:
-    opts = resolve(args)
+    if args.resume:
+        opts, changes, saved_extras = resume_config(args, parser_defaults())
+    else:
+        opts, changes, saved_extras = resolve(args), {}, {}
+    cli.check_ranges(opts, TRAIN_RANGES)
     device = training.init_distributed(opts.device)
     rank, _ = training.world()
     run_dir = Path(opts.runs_root) / opts.dataset / opts.name
@@ -148,38 +163,105 @@ def main(args: Namespace) -> Path:
     # Adam's second-moment estimates and small gradients underflow into denormal floats, which x86 CPUs
     # process several times slower (a 6x slower LeNet step on MNIST here); flushing them to zero is harmless.
     torch.set_flush_denormal(True)
-    method, model, optimizer, scheduler = build(opts, device)  # before any file is written: bad configs fail here
-    if rank == 0:
-        run_dir = prepare_run_dir(opts.runs_root, opts.dataset, opts.name, opts.resume)
+    # Everything that can fail on a bad configuration or missing data runs before the run folder is made.
+    method, model, optimizer, scheduler = build(opts, device)
     train_set = data.get_dataset(opts.dataset, "train", root=opts.data_root, augment=opts.augment,
                                  download=opts.download, val_fraction=opts.val_fraction, seed=opts.seed)
     test_set = data.get_dataset(opts.dataset, "test", root=opts.data_root, download=opts.download)
     test_loader = DataLoader(test_set, batch_size=opts.test_batch_size, num_workers=opts.num_workers)
-    config = {k: v for k, v in vars(opts).items() if k not in ("resume", "progress")}
+    out_source = training.OutSource(opts, opts.data_root, opts.num_workers) if method.uses_out_data else None
+    if rank == 0:
+        run_dir = prepare_run_dir(opts.runs_root, opts.dataset, opts.name, opts.resume)
+    config = {k: v for k, v in vars(opts).items() if k not in ("resume", "progress", "debug")}
     start_epoch = 0
     if opts.resume:
-        start_epoch = _restore(run_dir, model, optimizer, scheduler)
+        start_epoch = _restore(run_dir, model, optimizer, scheduler, opts.epochs)
+        if rank == 0 and start_epoch < opts.epochs:
+            resumes = [*saved_extras.get("resumes", []), resume_record(start_epoch, changes)]
+            write_json(run_dir / "config.json", {**config, **saved_extras, "resumes": resumes})
     elif rank == 0:
         write_json(run_dir / "config.json", {**config, "provenance": provenance()})
     if rank == 0:
-        print(f"{run_dir}: " + json.dumps(config, sort_keys=True, default=str), flush=True)
-    out_source = training.OutSource(opts, opts.data_root, opts.num_workers) if method.uses_out_data else None
-    writer = _tensorboard(run_dir) if rank == 0 else None
+        print(start_summary(opts, run_dir, start_epoch, changes), flush=True)
+    writer = _tensorboard(run_dir) if rank == 0 and start_epoch < opts.epochs else None
+    guard = FiniteLossGuard(method.loss)
+    method = dataclasses.replace(method, loss=guard)
     for epoch in range(start_epoch, opts.epochs):
         loader = training.train_loader(train_set, opts.batch_size, opts.seed, epoch, opts.num_workers)
         make_out = out_source.for_epoch(epoch) if out_source is not None else None
+        lr = optimizer.param_groups[0]["lr"]  # the lr this epoch trains at (the scheduler steps after it)
+        guard.reset()
         with training.EpochTimer() as timer:
             stats = training.train_epoch(model, loader, optimizer, method, opts, make_out, device,
                                          opts.max_batches, opts.progress and rank == 0)
+        guard.check(epoch + 1, run_dir, lr)
         scheduler.step()
         if rank == 0:
             stats.update(training.evaluate_clean(model, test_loader, device))
-            stats.update(epoch=epoch + 1, seconds=round(timer.seconds, 3), lr=optimizer.param_groups[0]["lr"])
+            stats.update(epoch=epoch + 1, seconds=round(timer.seconds, 3), lr=lr)
+            if epoch == start_epoch and opts.resume:
+                stats["resumed"] = {"after_epoch": start_epoch, "changes": changes}
             _save(run_dir, model, optimizer, scheduler, config, epoch + 1)
             _log(run_dir, writer, stats)
     if writer is not None:
         writer.close()
     return run_dir
+
+
+def start_summary(opts: Namespace, run_dir: Path, start_epoch: int, changes: dict) -> str:
+    """The settings that matter, on two lines; the full configuration is in config.json."""
+    limit = f" (at most {opts.max_batches} batches each)" if opts.max_batches else ""
+    out = f", out-data {opts.out_data}" if get_method(opts.method).uses_out_data else ""
+    line = (f"{run_dir}: {opts.method} on {opts.dataset}{out}, arch {opts.arch}, {opts.optimizer} lr {opts.lr:g}, "
+            f"{opts.epochs} epochs{limit} of batch {opts.batch_size}, seed {opts.seed}, device {opts.device}")
+    if opts.resume:
+        changed = "; ".join(f"{key} {old} -> {new}" for key, (old, new) in changes.items()) or "nothing changed"
+        line += f"\nresuming after epoch {start_epoch} ({changed})"
+        if start_epoch >= opts.epochs:
+            line += f"; it has trained all {opts.epochs} epochs: pass --epochs N to extend it"
+    return line + f"\nfull configuration: {run_dir / 'config.json'}"
+
+
+class TrainingDiverged(cli.UserError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+    exit_code = EXIT_DIVERGED
+
+
+class FiniteLossGuard:
+    """Wraps a method's loss and remembers the first step of the epoch whose loss is NaN or infinite.
+
+    The check stays on the device (no synchronisation per step); `check` reads it once at the end of the
+    epoch, before the epoch's weights could be saved."""
+
+    def __init__(self, loss_fn) -> None:
+        self.loss_fn = loss_fn
+        self.reset()
+
+    def reset(self) -> None:
+        self.step, self.first_bad, self.bad_value = 0, None, None
+
+    def __call__(self, model, x, y, x_out, opts):
+        loss, logits = self.loss_fn(model, x, y, x_out, opts)
+        value = loss.detach().float()
+        if self.first_bad is None:
+            self.first_bad = torch.full((), -1, dtype=torch.long, device=value.device)
+            self.bad_value = torch.zeros((), device=value.device)
+        newly_bad = ~torch.isfinite(value) & (self.first_bad < 0)
+        self.first_bad = torch.where(newly_bad, self.step, self.first_bad)
+        self.bad_value = torch.where(newly_bad, value, self.bad_value)
+        self.step += 1
+        return loss, logits
+
+    def check(self, epoch: int, run_dir: Path, lr: float) -> None:
+        if self.first_bad is None or int(self.first_bad) < 0:
+            return
+        checkpoint = run_dir / "model.pt"
+        kept = (f"the last good checkpoint {checkpoint} (epoch {epoch - 1}) is kept" if checkpoint.exists()
+                else "no checkpoint was written")
+        raise TrainingDiverged(f"the training loss became {float(self.bad_value)} at epoch {epoch}, step "
+                               f"{int(self.first_bad) + 1}; training stopped and {kept}; try a lower --lr "
+                               f"(this epoch trained at {lr:g})")
 
 
 def _save(run_dir: Path, model, optimizer, scheduler, config: dict, epoch: int) -> None:
@@ -188,14 +270,29 @@ def _save(run_dir: Path, model, optimizer, scheduler, config: dict, epoch: int) 
         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": training.rng_state()})
 
 
-def _restore(run_dir: Path, model, optimizer, scheduler) -> int:
-    checkpoint = torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True)
-    model.load_state_dict(checkpoint["model"])
-    optimizer.load_state_dict(checkpoint["optimizer"])
+def _restore(run_dir: Path, model, optimizer, scheduler, epochs: int) -> int:
+    """Load the checkpoint of run_dir into model, optimizer, scheduler and the random states; its epoch."""
+    from models.io import CheckpointError, read_checkpoint
+
+    path = run_dir / "model.pt"
+    checkpoint = read_checkpoint(path)
+    missing = [key for key in ("optimizer", "scheduler", "rng", "epoch") if key not in checkpoint]
+    if missing:
+        raise CheckpointError(f"{path} lacks {missing}: it is not a train.py checkpoint that can be resumed")
+    done = int(checkpoint["epoch"])
+    if epochs < done:
+        raise cli.UserError(f"--epochs {epochs} is below the {done} epochs {run_dir} has trained; "
+                            f"pass --epochs {done} or more")
+    try:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+    except (RuntimeError, ValueError) as err:
+        raise CheckpointError(f"{path} does not match the model of its config.json "
+                              f"({str(err).strip().splitlines()[0]})") from None
     scheduler.load_state_dict(checkpoint["scheduler"])
     training.set_rng_state(checkpoint["rng"])
-    print(f"resuming {run_dir} after epoch {checkpoint['epoch']}")
-    return int(checkpoint["epoch"])
+    print(f"resuming {run_dir} after epoch {done}")
+    return done
 
 
 def _tensorboard(run_dir: Path):
@@ -206,7 +303,7 @@ def _tensorboard(run_dir: Path):
 def _log(run_dir: Path, writer, stats: dict) -> None:
     append_jsonl(run_dir / "log.jsonl", [stats])
     for key, value in stats.items():
-        if key != "epoch":
+        if key != "epoch" and isinstance(value, (int, float)):
             writer.add_scalar(key, value, stats["epoch"])
     writer.flush()
     print(f"epoch {stats['epoch']:3d}  loss {stats['train_loss']:.4f}  train acc {stats['train_acc']:.4f}  "
@@ -214,4 +311,4 @@ def _log(run_dir: Path, writer, stats: dict) -> None:
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    cli.run(main, get_args_parser())

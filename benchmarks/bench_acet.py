@@ -40,6 +40,8 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
+from utils.runs import benchmark_data_root  # noqa: E402
+
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -47,7 +49,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--steps", type=int, default=5, help="timed training steps per configuration")
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--data-root", default=str(ROOT.parent / "shared" / "datasets"))
+    parser.add_argument("--data-root", default=benchmark_data_root(), help="default: $DATA_ROOT, else ../shared/datasets beside the repository")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return parser

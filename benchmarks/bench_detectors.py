@@ -10,7 +10,7 @@ It checks that the AUROCs agree after the sign flip (pytorch-ood scores outliers
 table of times (best of --repeats) and metrics.
 
 pytorch-ood is never a project dependency: run this with a separate environment that has it, e.g.
-    /work/main/.venv/bin/python -m venv /tmp/bench-venv
+    .venv/bin/python -m venv /tmp/bench-venv
     echo "$PWD/.venv/lib/python3.11/site-packages" > /tmp/bench-venv/lib/python3.11/site-packages/main.pth
     /tmp/bench-venv/bin/pip install pytorch-ood==0.4.0 --no-deps
     /tmp/bench-venv/bin/python benchmarks/bench_detectors.py --data-root ../shared/datasets
@@ -29,7 +29,6 @@ eps, about 3-4.5x for LeNet on CPU. Timings on this shared machine varied by up 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -46,6 +45,7 @@ from utils.detectors import DETECTORS  # noqa: E402
 from utils.detectors.mahalanobis import Mahalanobis  # noqa: E402
 from utils.detectors.odin import ODIN, ODIN_EPS_GRID  # noqa: E402
 from utils.metrics import ood_metrics  # noqa: E402
+from utils.runs import benchmark_data_root  # noqa: E402
 
 FAST = ("msp", "energy", "entropy", "maxlogit", "mahalanobis")
 METRIC_KEYS = {"auroc": "AUROC", "aupr_in": "AUPR-IN", "aupr_out": "AUPR-OUT", "fpr95": "FPR95TPR"}
@@ -53,7 +53,7 @@ METRIC_KEYS = {"auroc": "AUROC", "aupr_in": "AUPR-IN", "aupr_out": "AUPR-OUT", "
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data-root", default=os.environ.get("DATA_ROOT", "../shared/datasets"))
+    parser.add_argument("--data-root", default=benchmark_data_root(), help="default: $DATA_ROOT, else ../shared/datasets beside the repository")
     parser.add_argument("--out-data", default=None, help="OOD set (default: FMNIST if on disk, else ccu_noise)")
     parser.add_argument("--steps", type=int, default=300, help="LeNet training steps (Adam 1e-3, batch 128)")
     parser.add_argument("--n-in", type=int, default=10000, help="MNIST test images scored")

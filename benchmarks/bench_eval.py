@@ -21,6 +21,7 @@ import models  # noqa: E402
 from utils import metrics  # noqa: E402
 from utils.detectors import DETECTORS  # noqa: E402
 from utils.scoring import score_dataset  # noqa: E402
+from utils.runs import benchmark_data_root  # noqa: E402
 
 SCORES = ("msp", "maxlogit", "energy", "entropy")
 
@@ -52,7 +53,7 @@ def main(args: argparse.Namespace) -> None:
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-root", default="../shared/datasets")
+    parser.add_argument("--data-root", default=benchmark_data_root(), help="default: $DATA_ROOT, else ../shared/datasets beside the repository")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch-size", type=int, default=500)
     parser.add_argument("--threads", type=int, default=2)

@@ -24,6 +24,7 @@ import data  # noqa: E402
 import models  # noqa: E402
 from utils import training  # noqa: E402
 from utils.methods import METHODS  # noqa: E402
+from utils.runs import benchmark_data_root  # noqa: E402
 
 
 def make_model(device):
@@ -75,7 +76,7 @@ def main(args: Namespace) -> None:
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-root", default="../shared/datasets")
+    parser.add_argument("--data-root", default=benchmark_data_root(), help="default: $DATA_ROOT, else ../shared/datasets beside the repository")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--batches", type=int, default=60)

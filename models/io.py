@@ -6,9 +6,9 @@ read with `torch.load(..., weights_only=True)`: a file that would need code to u
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import pickle
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Dict, Union
@@ -52,20 +52,14 @@ def build_model(config: dict) -> nn.Module:
 
 def save_checkpoint(path: Union[str, Path], payload: dict) -> None:
     """torch.save `payload` to `path` atomically: a temporary file in the same folder, fsync, os.replace, so a
-    crash leaves either the old file or the new one, never half of one."""
+    crash leaves either the old file or the new one, never half of one. The file gets the user's umask; a full
+    disk raises `utils.runs.DiskFullError` ("No space left on ...; the last checkpoint ... is intact")."""
+    from utils.runs import write_atomically
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    buffer = io.BytesIO()  # serialised first: a full disk then fails in a plain write, with its errno
+    torch.save(payload, buffer)
+    write_atomically(path, buffer.getbuffer(), what="checkpoint")
     try:  # make the rename itself durable; not possible on every platform
         dir_fd = os.open(path.parent, os.O_RDONLY)
     except OSError:
@@ -78,18 +72,25 @@ def save_checkpoint(path: Union[str, Path], payload: dict) -> None:
         os.close(dir_fd)
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used (unreadable, foreign, code-carrying, or not matching its config)."""
+
+
 def _first_line(err: BaseException) -> str:
     text = str(err).strip()
     return text.splitlines()[0].split(". ")[0] if text else type(err).__name__
 
 
-def _unpickling_reason(err: BaseException) -> str:
-    """torch's message is wrapped in advice (retry with weights_only=False, file an issue, read the docs); keep
-    the line that names what was refused."""
-    advice = ("Weights only load failed", "Please file an issue", "Check the documentation")
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    specific = [line for line in lines if not line.startswith(advice)]
-    return (specific or lines or [type(err).__name__])[0]
+def unpickling_reason(text: str) -> str:
+    """What torch refused to unpickle, without torch's advice around it (retry with weights_only=False, i.e. run
+    the file's code; file an issue; read the docs), which this project never passes on."""
+    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+    for line in lines:
+        if line.startswith("WeightsUnpickler error:"):
+            return line.split(":", 1)[1].strip().split(". Please")[0].rstrip(".")
+    advice = ("Weights only load failed", "Please file an issue", "Check the documentation", "(1)", "(2)")
+    specific = [line for line in lines if not line.startswith(advice) and "weights_only" not in line]
+    return specific[0] if specific else "the file needs code to be unpickled"
 
 
 def read_checkpoint(path: Union[str, Path], device: Union[str, torch.device] = "cpu") -> dict:
@@ -102,15 +103,15 @@ def read_checkpoint(path: Union[str, Path], device: Union[str, torch.device] = "
             warnings.simplefilter("ignore")
             payload = torch.load(path, map_location=device, weights_only=True)
     except pickle.UnpicklingError as err:
-        raise ValueError(f"refusing to load {path}: not a plain-tensor checkpoint "
-                         f"({_unpickling_reason(err)})") from None
+        raise CheckpointError(f"refusing to load {path}: not a plain-tensor checkpoint "
+                         f"({unpickling_reason(str(err))})") from None
     except Exception as err:  # truncated zip, empty file, foreign format
-        raise ValueError(f"{path}: unreadable checkpoint, truncated or not a PyTorch file "
+        raise CheckpointError(f"{path}: unreadable checkpoint, truncated or not a PyTorch file "
                          f"({type(err).__name__}: {_first_line(err)})") from None
     if not isinstance(payload, dict) or not isinstance(payload.get("model"), dict) \
             or not isinstance(payload.get("config"), dict):
         found = sorted(map(str, payload)) if isinstance(payload, dict) else type(payload).__name__
-        raise ValueError(f"{path}: expected a dict with 'model' (state dict) and 'config' (dict), found {found}")
+        raise CheckpointError(f"{path}: expected a dict with 'model' (state dict) and 'config' (dict), found {found}")
     return payload
 
 
@@ -123,7 +124,7 @@ def _check_state_dict(path: Path, arch: str, model: nn.Module, state: dict) -> N
     if missing or unexpected or mismatched:
         parts = [f"{name} {len(keys)} (e.g. {keys[0]})" for name, keys in
                  (("missing", missing), ("unexpected", unexpected), ("shape-mismatched", mismatched)) if keys]
-        raise ValueError(f"{path}: checkpoint does not match arch {arch}: {'; '.join(parts)}")
+        raise CheckpointError(f"{path}: checkpoint does not match arch {arch}: {'; '.join(parts)}")
 
 
 def load_run(run_dir: Union[str, Path], device: Union[str, torch.device] = "cpu") -> nn.Module:
@@ -139,7 +140,7 @@ def load_run(run_dir: Union[str, Path], device: Union[str, torch.device] = "cpu"
     try:
         model = build_model(config)
     except (ValueError, TypeError) as err:
-        raise ValueError(f"{path}: cannot build the configured model: {_first_line(err)}") from None
+        raise CheckpointError(f"{path}: cannot build the configured model: {_first_line(err)}") from None
     method_name = config.get("method")
     if method_name is not None:
         from utils.methods import METHODS  # lazy: the models package must not depend on training code

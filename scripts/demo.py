@@ -89,7 +89,7 @@ def main(args: argparse.Namespace) -> None:
     evaluate.main(evaluate.get_args_parser().parse_args(
         [*common, "--results-root", args.results_root, "--no-progress", *EVALUATE_FLAGS, *tiny(args, "evaluate"), *args.evaluate_flags]))
     print("== Adversarial noise inside CCU's certified balls (gen_attack_stats.py --study ccu) ==")
-    gen_attack_stats.main(["--study", "ccu", *common, "--results", args.results_root, *ATTACK_FLAGS, *tiny(args, "attack")])
+    gen_attack_stats.main(["--study", "ccu", *common, "--results-root", args.results_root, *ATTACK_FLAGS, *tiny(args, "attack")])
     print("== DDU entropy and feature density of the DDU run (python -m utils.plots.ddu) ==")
     ddu_figure_scores(args)
     print(f"demo finished in {time.perf_counter() - start:.0f}s; runs in {args.runs_root}, results in "
@@ -107,4 +107,6 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    from utils import cli
+
+    cli.run(main, get_args_parser())

@@ -99,4 +99,6 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    from utils import cli
+
+    cli.run(main, get_args_parser())

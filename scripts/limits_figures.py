@@ -1,7 +1,7 @@
 """Know your limits (Ulmer & Cina, UAI 2021, arXiv 2012.05329; docs/methods.md#know-your-limits): uncertainty of ReLU
 classifiers far away.
 
-Trains the toy models of docs/methods.md#toy-study on two half-moons (seconds on a CPU) and writes, under --out-dir:
+Trains the toy models of docs/methods.md#toy-study on two half-moons (seconds on a CPU) and writes, under --out:
   moons_<model>.png    each score (entropy, 1 - max p, class variance, mutual information) over the paper's score
                        grid, and ||grad_x score||_2 over the (wider) gradient grid;
   moons_far_away.png   score and ||grad_x score|| along rays alpha * d, alpha in logspace(0, 4), random unit d:
@@ -9,7 +9,7 @@ Trains the toy models of docs/methods.md#toy-study on two half-moons (seconds on
   regions.png          the 9-cluster PLNN [2, 5, 5, 9]: linear regions, entropy, ||grad H||, ||grad ||grad H||||;
   images_far_away_<DATASET>.png  with --runs: max-softmax confidence and its gradient norm along scaled noise
                        alpha * u for trained image models (plain, CEDA, ACET, CCU, DDU, ...).
-Rows (rewritten by every invocation): --rows-dir/moons.jsonl (median / quantiles of score and gradient norm per
+Rows (rewritten by every invocation): <--results-root>/limits/moons.jsonl (median / quantiles of score and gradient norm per
 model, score and alpha, plus the limits), regions.jsonl, and <DATASET>_rays.jsonl for --runs.
 
     python scripts/limits_figures.py                       # toy figures, ~1 min on a laptop CPU
@@ -29,7 +29,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from utils import limits
+from utils import cli, limits  # noqa: E402
 from utils.studies import regions, toy  # noqa: E402
 from utils.plots import save_figure  # noqa: E402
 
@@ -56,8 +56,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--image-directions", type=int, default=64)
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out-dir", default="results/figures/limits")
-    parser.add_argument("--rows-dir", default="results/limits")
+    parser.add_argument("--out", default="results/figures/limits", help="folder of the figures")
+    parser.add_argument("--results-root", default="results", help="rows go to <results-root>/limits/")
+    cli.add_alias(parser, "--out-dir", "--out", dest="out")
+    cli.add_debug_flag(parser)
     return parser
 
 
@@ -257,7 +259,7 @@ def main(args: argparse.Namespace) -> None:
     matplotlib.use("Agg")
     from utils.runs import git_sha, now
 
-    out_dir, rows_dir = Path(args.out_dir), Path(args.rows_dir)
+    out_dir, rows_dir = Path(args.out), Path(args.results_root) / "limits"
     out_dir.mkdir(parents=True, exist_ok=True)
     data = toy.moons_data()
     alphas = torch.logspace(*args.alpha_exp, args.n_alphas)
@@ -311,4 +313,4 @@ def write_rows(path: Path, rows: list[dict]) -> None:
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    cli.run(main, get_args_parser())

@@ -169,4 +169,6 @@ def main(args: argparse.Namespace) -> dict[str, dict[str, float]]:
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    from utils import cli
+
+    cli.run(main, get_args_parser())

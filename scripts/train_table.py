@@ -66,4 +66,6 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    from utils import cli
+
+    cli.run(main, get_args_parser())

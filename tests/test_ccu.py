@@ -337,7 +337,7 @@ def test_attack_study_end_to_end(tmp_path, monkeypatch):
     results = tmp_path / "results"
     gen_attack_stats.main(["--study", "ccu", "--ccu-run", str(tmp_path / "runs" / "ccu"), "--runs",
                            str(tmp_path / "runs" / "plain"), "--n-seeds", "12", "--restarts", "2", "--steps", "5",
-                           "--n-test", "100", "--results", str(results), "--device", "cpu"])
+                           "--n-test", "100", "--results-root", str(results), "--device", "cpu"])
     rows = [__import__("json").loads(line) for line in (results / "attacks" / "digits.jsonl").read_text().split("\n")
             if line]
     assert [r["label"] for r in rows] == ["plain", "CCU"]

@@ -206,7 +206,7 @@ def test_audit_main_writes_rows(tmp_path):
     parser = argparse.ArgumentParser()
     audit.add_args(parser)
     args = parser.parse_args(["--runs", str(run_dir), "--dataset", "digits", "--n-directions", "40",
-                              "--results", str(tmp_path / "results"), "--device", "cpu"])
+                              "--results-root", str(tmp_path / "results"), "--device", "cpu"])
     audit.main(args)
     rows = [json.loads(line) for line in (tmp_path / "results/attacks/digits_audit.jsonl").read_text().splitlines()]
     assert {row["source"] for row in rows} == {"gaussian", "test", "noise"}

@@ -53,7 +53,7 @@ def notebook_inputs(tmp_path_factory):
         ["--iterations-scale", "0.005", "--out", str(results / "figures" / "moons_confidence.png")]))
     limits_figures.main(limits_figures.get_args_parser().parse_args(
         ["--models", "NN", "--no-regions", "--n-directions", "4", "--n-alphas", "5",
-         "--out-dir", str(results / "figures" / "limits"), "--rows-dir", str(results / "limits"),
+         "--out", str(results / "figures" / "limits"), "--results-root", str(results),
          "--runs", str(runs / "digits" / "plain-s0"), "--image-directions", "4", "--device", "cpu"]))
     return {"NB_RUNS_ROOT": str(runs), "NB_RESULTS_ROOT": str(results), "NB_DATASET": "digits"}
 

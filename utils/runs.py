@@ -2,17 +2,70 @@
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import hashlib
 import json
 import os
 import platform
+import secrets
+import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from utils.cli import UserError
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class DiskFullError(UserError):
+    """No space left while writing a file; the message says whether the previous version is intact."""
+
+
+def create_temp_beside(path: str | Path) -> tuple[int, Path]:
+    """(fd, path) of a new, empty temporary file in path's folder, opened for writing.
+
+    Created with mode 0o666 filtered by the user's umask, as any file the user makes (tempfile.mkstemp would
+    give 0600, and os.replace keeps that mode on the final file)."""
+    path = Path(path)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    while True:
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:  # 2**48 names: practically never twice
+            continue
+
+
+def no_space_message(path: str | Path, what: str = "file") -> str:
+    path = Path(path)
+    kept = f"the last {what} {path} is intact" if path.exists() else f"no {what} was written to {path}"
+    return f"No space left on {path.parent}; {kept}. Free some space and run the command again"
+
+
+def write_and_sync(fd: int, tmp: Path, content: bytes) -> None:
+    """Write content to the open file fd (named tmp) and flush it to the disk; closes fd."""
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(content)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def write_atomically(path: str | Path, content: bytes, what: str = "file") -> None:
+    """Write bytes so that readers see either the old or the complete new file, never a part; a full disk
+    raises DiskFullError and leaves the old file as it was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = create_temp_beside(path)
+    try:
+        write_and_sync(fd, tmp, content)
+        os.replace(tmp, path)
+    except BaseException as err:
+        tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+            raise DiskFullError(no_space_message(path, what)) from err
+        raise
 
 
 def git_sha() -> str:
@@ -42,18 +95,7 @@ def now() -> str:
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write a text file so that readers see either the old or the complete new content, never a part."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomically(path, text.encode("utf-8"))
 
 
 def write_json(path: str | Path, obj: Any) -> None:
@@ -109,18 +151,34 @@ def file_hash(path: str | Path, length: int = 12) -> str:
     return digest.hexdigest()[:length]
 
 
+# What a training start leaves before its first checkpoint: a folder holding only these never finished an
+# epoch (a failed or killed start) and is replaced by the next start of the same run.
+UNFINISHED_START_FILES = ("config.json", "tb")
+
+
+def _is_unfinished_start(run_dir: Path) -> bool:
+    names = [p.name for p in run_dir.iterdir() if not (p.name.startswith(".") and p.name.endswith(".tmp"))]
+    return all(name in UNFINISHED_START_FILES for name in names)
+
+
 def prepare_run_dir(runs_root: str | Path, dataset: str, name: str, resume: bool) -> Path:
-    """`<runs_root>/<dataset>/<name>/`, refusing to reuse an existing run unless resuming it."""
+    """`<runs_root>/<dataset>/<name>/`, refusing to reuse an existing run unless resuming it.
+
+    A folder left by a start that never finished an epoch (only config.json and tb/, no model.pt) holds no
+    trained work: a new start replaces it, so a failed start never blocks the corrected command."""
     run_dir = Path(runs_root) / dataset / name
     if resume:
         if not (run_dir / "model.pt").exists():
-            hint = (f"it stopped before its first epoch ended; delete {run_dir} to start it again"
+            hint = ("it stopped before its first epoch ended; start it again without --resume"
                     if run_dir.exists() else "start the run without --resume")
             raise FileNotFoundError(f"--resume: no checkpoint at {run_dir / 'model.pt'}; {hint}")
         return run_dir
     if run_dir.exists() and any(run_dir.iterdir()):
-        raise FileExistsError(f"run folder {run_dir} already exists; pass --resume to continue it or choose "
-                              "another --name (runs are never overwritten)")
+        if not _is_unfinished_start(run_dir):
+            raise FileExistsError(f"run folder {run_dir} already exists; pass --resume to continue it or choose "
+                                  "another --name (runs are never overwritten)")
+        print(f"{run_dir}: replacing a start that never finished an epoch (no model.pt)", flush=True)
+        shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
 
@@ -132,3 +190,9 @@ def provenance() -> dict[str, Any]:
 def resolve_data_root(root: str | None) -> str:
     """--data-root, else $DATA_ROOT, else ./datasets."""
     return root or os.environ.get("DATA_ROOT") or "datasets"
+
+
+def benchmark_data_root() -> str:
+    """Where the benchmarks look for real datasets: $DATA_ROOT, else `shared/datasets` beside the repository
+    (`../shared/datasets` seen from its root); built-in data is used where that holds nothing."""
+    return os.environ.get("DATA_ROOT") or str(REPO_ROOT.parent / "shared" / "datasets")

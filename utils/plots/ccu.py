@@ -4,7 +4,7 @@ Meinke & Hein, ICLR 2020 (arXiv 1909.12180), Figures 2/3 style: for a few noise 
 point each model reaches inside CCU's certified ball, with its confidence; plus the distribution of certified
 radii and of the adversarial confidences per model against CCU's bound f/K.
 
-    python -m utils.plots.ccu --dump results/scores/MNIST_ccu_attack.npz --out-dir results/figures
+    python -m utils.plots.ccu --dump results/scores/MNIST_ccu_attack.npz --out results/figures
 """
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ from pathlib import Path
 import matplotlib
 import matplotlib.pyplot as plt  # the caller's backend: inline in notebooks (forcing Agg here hid their figures)
 import numpy as np
+
+from utils import cli  # noqa: E402
 
 
 def load_dump(path: str | Path) -> dict:
@@ -110,16 +112,17 @@ def save_all(dump_path: str | Path, out_dir: str | Path, n_seeds: int = 5) -> li
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dump", required=True, help="results/scores/<DATASET>_ccu_attack.npz")
-    parser.add_argument("--out-dir", default="results/figures")
+    parser.add_argument("--out", default="results/figures", help="folder of the figures")
     parser.add_argument("--n-seeds", type=int, default=5, help="rows of the examples figure")
+    cli.add_alias(parser, "--out-dir", "--out", dest="out")
     return parser
 
 
 def main(args: argparse.Namespace) -> None:
     matplotlib.use("Agg")  # figures are files; no display needed
-    for path in save_all(args.dump, args.out_dir, args.n_seeds):
+    for path in save_all(args.dump, args.out, args.n_seeds):
         print(f"wrote {path}")
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    cli.run(main, get_args_parser())

@@ -194,4 +194,6 @@ def main(args: Namespace) -> Path:
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    from utils import cli
+
+    cli.run(main, get_args_parser())

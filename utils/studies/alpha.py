@@ -26,8 +26,13 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
 from utils.attacks import eval_mode
+from utils.cli import AT_LEAST_ONE, UNIT_OPEN, Range
+
+RANGES = {"n": AT_LEAST_ONE, "target": UNIT_OPEN, "alpha_max": Range(1.0),
+          "grid_factor": Range(1.0, low_inclusive=False), "overconf": UNIT_OPEN, "batch_size": AT_LEAST_ONE}
 
 
 @torch.no_grad()
@@ -108,7 +113,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--results", default="results", help="root of results/attacks and results/tables")
+    parser.add_argument("--results-root", default="results", help="root of results/attacks and results/tables")
 
 
 def _run_list(args: argparse.Namespace) -> list[tuple[str, Path]]:
@@ -168,7 +173,7 @@ def main(args: argparse.Namespace) -> None:
     generator = torch.Generator().manual_seed(args.seed)
     x = torch.rand((args.n, *shape), generator=generator, dtype=torch.float64).to(args.device, dtype)
     rows = []
-    for label, run_dir in _run_list(args):
+    for label, run_dir in tqdm(_run_list(args), desc="models", disable=not getattr(args, "progress", False)):
         model = models.load_run(run_dir, device=args.device).to(dtype)
         row = {"study": "alpha", "dataset": args.dataset, "label": label, "run": str(run_dir),
                "checkpoint": runs.file_hash(run_dir / "model.pt"), "n": args.n, "target": args.target,
@@ -179,5 +184,5 @@ def main(args: argparse.Namespace) -> None:
               f" overconfident {row['pct_overconfident']:.1f}%")
         rows.append(row)
     name = f"{args.dataset}_alpha"
-    table = runs.record_study(args.results, name, name, rows, alpha_table)
+    table = runs.record_study(args.results_root, name, name, rows, alpha_table)
     print(table)

@@ -8,9 +8,13 @@ import warnings
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
+from utils.cli import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, UNIT_OPEN
 from utils.limits import limit_analysis, numeric_confidence
 AUDIT_SOURCES = ("gaussian", "test", "noise")
+RANGES = {"n_directions": AT_LEAST_ONE, "alpha_check": POSITIVE, "threshold": UNIT_OPEN, "agree_tol": NON_NEGATIVE,
+          "batch_size": AT_LEAST_ONE}
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -30,7 +34,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--results", default="results", help="root of results/attacks and results/tables")
+    parser.add_argument("--results-root", default="results", help="root of results/attacks and results/tables")
 
 
 def _audit_runs(args: argparse.Namespace) -> list[tuple[str, "object"]]:
@@ -122,7 +126,7 @@ def main(args: argparse.Namespace) -> None:
     _, shape = data.dataset_info(args.dataset)
     directions = _audit_directions(args, shape)
     rows = []
-    for label, run_dir in run_list:
+    for label, run_dir in tqdm(run_list, desc="models", disable=not getattr(args, "progress", False)):
         model = models.load_run(run_dir, device=args.device)
         for source, d in directions.items():
             stats = audit_directions(model, d, args)
@@ -135,5 +139,5 @@ def main(args: argparse.Namespace) -> None:
                   f"> {args.threshold}, median {stats['q50']:.4f}, certified {100 * stats['certified']:.1f}%, "
                   f"agreement with alpha={args.alpha_check:g}: {agreement}")
     name = f"{args.dataset}_audit"
-    table = runs.record_study(args.results, name, name, rows, audit_table)
+    table = runs.record_study(args.results_root, name, name, rows, audit_table)
     print(table)

@@ -27,12 +27,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
 import model_paths
 from models.gmm import PCAMetric
 from utils.attacks import eval_mode
+from utils.cli import AT_LEAST_ONE, NON_NEGATIVE_INT, POSITIVE, Range
 
 STUDY = "ccu_attack"
+RANGES = {"n_seeds": AT_LEAST_ONE, "restarts": AT_LEAST_ONE, "steps": NON_NEGATIVE_INT, "step_size": POSITIVE,
+          "f": Range(1.0), "n_test": AT_LEAST_ONE, "batch_size": AT_LEAST_ONE, "test_batch_size": AT_LEAST_ONE}
 
 
 def log_conf(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -63,7 +67,8 @@ def _score_and_grad(model: nn.Module, u: torch.Tensor, metric: PCAMetric, shape:
 
 def pca_ball_attack(model: nn.Module, x_seed: torch.Tensor, radius: torch.Tensor, metric: PCAMetric,
                     restarts: int = 50, steps: int = 500, step_size: float = 3.0, final_projections: int = 10,
-                    generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    generator: torch.Generator | None = None,
+                    progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Most confident point of model within {d(x, x_seed) <= R} cap [0,1]^D, per seed (batched).
 
     x_seed (N, C, H, W) in [0,1], radius (N,) in the PCA metric. Returns (x_adv (N, C, H, W), log_conf (N,)),
@@ -78,7 +83,7 @@ def pca_ball_attack(model: nn.Module, x_seed: torch.Tensor, radius: torch.Tensor
         with torch.no_grad():
             best_score = log_conf(model, x_seed)
         best_x = flat_seed.clone()
-        for _ in range(restarts):
+        for _ in tqdm(range(restarts), desc="restarts", disable=not progress, leave=False):
             noise = torch.rand(u_seed.shape, generator=generator, dtype=u_seed.dtype).to(u_seed.device) - 0.5
             u = _to_ball_and_box(u_seed + radius[:, None] * noise, u_seed, radius, metric)
             score, grad = _score_and_grad(model, u, metric, shape)
@@ -108,7 +113,8 @@ def attack_in_batches(model: nn.Module, seeds: torch.Tensor, radius: torch.Tenso
     xs, scores = [], []
     for start in range(0, seeds.shape[0], args.batch_size):
         x, score = pca_ball_attack(model, seeds[start:start + args.batch_size], radius[start:start + args.batch_size],
-                                   metric, args.restarts, args.steps, args.step_size, generator=generator)
+                                   metric, args.restarts, args.steps, args.step_size, generator=generator,
+                                   progress=getattr(args, "progress", False))
         xs.append(x.cpu())
         scores.append(score.cpu())
     return torch.cat(xs), torch.cat(scores)
@@ -144,7 +150,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--data-root", default=None, help="datasets folder (default: $DATA_ROOT or ./datasets)")
-    parser.add_argument("--results", default="results", help="root of results/attacks, tables and scores")
+    parser.add_argument("--results-root", default="results", help="root of results/attacks, tables and scores")
 
 
 def _ccu_run(args: argparse.Namespace) -> Path:
@@ -256,7 +262,7 @@ def main(args: argparse.Namespace) -> None:
               "radius_median": radius_median, "certified_pct": 100 * float((radius > 0).double().mean()),
               "git_sha": runs.git_sha(), "date": runs.now()}
     rows, dump = [], {"labels": [], "adv": [], "adv_log_conf": [], "in_log_conf": []}
-    for label, dirs in _targets(args, ccu_dir):
+    for label, dirs in tqdm(_targets(args, ccu_dir), desc="models", disable=not getattr(args, "progress", False)):
         model = ccu_model if dirs == [ccu_dir] else _load_target(dirs, args.device)
         in_scores, test_error = _test_scores(model, loader, args.device)
         adv, adv_scores = attack_in_batches(model, seeds, radius, ccu_model.metric, args)
@@ -267,7 +273,7 @@ def main(args: argparse.Namespace) -> None:
         for key, value in (("labels", label), ("adv", adv.numpy()), ("adv_log_conf", adv_scores.numpy()),
                            ("in_log_conf", in_scores.numpy())):
             dump[key].append(value)
-    results = Path(args.results)
+    results = Path(args.results_root)
     table = runs.record_study(results, args.dataset, f"{args.dataset}_ccu_attack", rows, attack_table)
     scores_path = results / "scores" / f"{args.dataset}_ccu_attack.npz"
     scores_path.parent.mkdir(parents=True, exist_ok=True)

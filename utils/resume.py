@@ -1,0 +1,117 @@
+"""Resuming a training run (`train.py --name X --resume`): the run continues the configuration in its own
+config.json; the command line may change only what cannot change the experiment.
+
+* The run is found by the folder the command names, `<--runs-root>/<--dataset>/<--name>` (without --dataset:
+  the one dataset folder that holds a run of that name), never by the name stored inside its config, so a
+  copied or renamed run resumes in its own folder and the original stays untouched.
+* A flag left out keeps the saved value (a 6-epoch run stays a 6-epoch run; its --data-root stays).
+* A flag given explicitly (its value differs from the parser default) may change only `RESUME_CHANGEABLE`:
+  the length of the run and how this process runs it. Any other difference from the saved value (method,
+  arch, dataset, seed, lr, ...) is refused, naming the flag. Changes are recorded in config.json ("resumes")
+  and in the first log.jsonl row after the resume ("resumed").
+"""
+from __future__ import annotations
+
+import json
+import sys
+from argparse import Namespace
+from pathlib import Path
+from typing import Any
+
+from utils.cli import UserError
+
+# May change when a run is resumed: how long it trains, and how this process runs it (none of these changes
+# what one training step computes; --max-batches shortens or lengthens later epochs and is recorded).
+RESUME_CHANGEABLE = ("epochs", "max_batches", "test_batch_size", "data_root", "download", "device", "num_workers",
+                     "progress")
+# Taken from this command even when not given: they describe the machine, not the experiment.
+PER_PROCESS = ("device", "num_workers", "progress", "download")
+# Say where the run is or how this command behaves; never compared with the saved configuration.
+LOCATION_FLAGS = ("resume", "name", "runs_root", "dataset", "debug")
+# Not worth a record: they change nothing in the run's files.
+UNRECORDED = ("progress", "download")
+
+
+def locate_run(args: Namespace) -> Path:
+    """The folder named on the command line: <runs_root>/<dataset>/<name>."""
+    name = args.name or f"{args.method}-s{args.seed}"
+    root = Path(args.runs_root)
+    if args.dataset is not None:
+        return root / args.dataset / name
+    found = sorted(path.parent for path in root.glob(f"*/{name}/config.json"))
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise UserError(f"--resume: no run named {name!r} in {root}/<dataset>/; pass the --dataset and --name "
+                        "of the run to continue (or start it without --resume)")
+    raise UserError(f"--resume: runs named {name!r} exist for several datasets "
+                    f"({', '.join(p.parent.name for p in found)}); pass --dataset")
+
+
+def read_saved_config(run_dir: Path) -> dict:
+    path = run_dir / "config.json"
+    if not path.exists():
+        hint = ("start the run without --resume" if not (run_dir / "model.pt").exists()
+                else "the folder is not a complete train.py run")
+        raise UserError(f"--resume: no configuration at {path}; {hint}")
+    try:
+        saved = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"--resume: {path} is unreadable ({type(err).__name__}: {err}); restore it from a copy "
+                        "of the run, or start a new run") from None
+    if not isinstance(saved, dict) or "method" not in saved or "arch" not in saved:
+        raise UserError(f"--resume: {path} is not a train.py configuration (no method/arch)")
+    return saved
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal after a JSON round trip (tuples vs lists, ints vs floats)."""
+    return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str) or a == b
+
+
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def resume_config(args: Namespace, defaults: dict[str, Any]) -> tuple[Namespace, dict, dict]:
+    """(configuration to continue, changes {dest: [saved, new]}, saved extras {provenance, resumes}).
+
+    `defaults` are the parser's defaults: a flag counts as given when its value differs from them."""
+    from utils.runs import resolve_data_root
+
+    run_dir = locate_run(args)
+    saved = read_saved_config(run_dir)
+    extras = {key: saved.pop(key) for key in ("provenance", "resumes") if key in saved}
+    given = {dest: value for dest, value in vars(args).items()
+             if dest in defaults and not _same(value, defaults[dest]) and dest not in LOCATION_FLAGS}
+    for dest, value in given.items():
+        if dest not in RESUME_CHANGEABLE and not _same(value, saved.get(dest)):
+            allowed = ", ".join(_flag(d) for d in RESUME_CHANGEABLE)
+            raise UserError(f"--resume: {_flag(dest)} {value} differs from the run's {saved.get(dest)!r} "
+                            f"({run_dir / 'config.json'}); a resumed run keeps its configuration and may change "
+                            f"only {allowed}: start a new run (another --name) to change {_flag(dest)}")
+    opts = {**{dest: value for dest, value in vars(args).items() if dest not in saved}, **saved}
+    changes: dict[str, list] = {}
+    for dest in RESUME_CHANGEABLE:
+        if dest in given or dest in PER_PROCESS or dest not in saved:
+            opts[dest] = getattr(args, dest)
+        if dest == "data_root":
+            opts[dest] = resolve_data_root(args.data_root) if "data_root" in given else saved.get("data_root")
+        if dest in saved and dest not in UNRECORDED and not _same(opts[dest], saved[dest]):
+            changes[dest] = [saved[dest], opts[dest]]
+    if saved.get("dataset") != run_dir.parent.name:
+        raise UserError(f"--resume: {run_dir} lies in a folder for {run_dir.parent.name} but its config.json trains "
+                        f"{saved.get('dataset')}; move it to {run_dir.parent.parent / str(saved.get('dataset'))}")
+    if saved.get("name") != run_dir.name:  # a copied or renamed run: it lives, and goes on, in its own folder
+        changes["name"] = [saved.get("name"), run_dir.name]
+    opts.update(name=run_dir.name, runs_root=str(run_dir.parent.parent), resume=True,
+                debug=getattr(args, "debug", False))
+    return Namespace(**opts), changes, extras
+
+
+def resume_record(after_epoch: int, changes: dict) -> dict:
+    """One entry of config.json's "resumes": when, from which command, after which epoch, what changed."""
+    from utils.runs import git_sha, now
+
+    return {"after_epoch": after_epoch, "changes": changes, "argv": list(sys.argv), "git_sha": git_sha(),
+            "date": now()}
