@@ -77,7 +77,19 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--gmm", default=None, help="gen_gmm.py run folder (ccu, ccus)")
     g.add_argument("--gmm-lr", type=float, default=1e-5)
     g.add_argument("--loglam", type=float, default=0.0)
+    add_gan_args(p)
     return p
+
+
+def add_gan_args(p: argparse.ArgumentParser) -> None:
+    """Flags of `--method gan`; None takes model_params.GAN_PARAMS[dataset]."""
+    g = p.add_argument_group("confident-classifier GAN (--method gan)")
+    g.add_argument("--gan-arch", default=None, help="generator/discriminator: a key of models.gan.GAN_ARCHS")
+    g.add_argument("--gan-beta", type=float, default=None, help="weight of KL(U || softmax(f(G(z))))")
+    g.add_argument("--gan-latent-dim", type=int, default=None)
+    g.add_argument("--gan-width", type=int, default=None, help="DCGAN base width (ngf = ndf)")
+    g.add_argument("--gan-lr", type=float, default=None, help="Adam lr of G and D")
+    g.add_argument("--gan-betas", type=float, nargs=2, default=None, help="Adam betas of G and D")
 
 
 def resolve(args: Namespace) -> Namespace:
@@ -85,9 +97,11 @@ def resolve(args: Namespace) -> Namespace:
     opts = Namespace(**vars(args))
     opts.num_classes, shape = data.dataset_info(args.dataset)
     params = asdict(model_params.get_params(args.dataset, args.recipe))
+    method_defaults = model_params.method_params(args.method, args.dataset)  # e.g. gan: G/D and its classifier
+    params.update(method_defaults)
     if args.arch is not None and args.arch != params["arch"]:
         params["arch_kwargs"] = {}  # the dataset's arch options belong to its default architecture
-    for key in DATASET_DEFAULTS:
+    for key in dict.fromkeys((*DATASET_DEFAULTS, *method_defaults)):
         if getattr(opts, key) is None:
             setattr(opts, key, params[key])
     opts.milestones = list(opts.milestones)
@@ -149,6 +163,7 @@ def main(args: Namespace) -> Path:
     # process several times slower (a 6x slower LeNet step on MNIST here); flushing them to zero is harmless.
     torch.set_flush_denormal(True)
     method, model, optimizer, scheduler = build(opts, device)  # before any file is written: bad configs fail here
+    aux = method.auxiliary(model, opts) if method.auxiliary is not None else None  # the method's other networks
     if rank == 0:
         run_dir = prepare_run_dir(opts.runs_root, opts.dataset, opts.name, opts.resume)
     train_set = data.get_dataset(opts.dataset, "train", root=opts.data_root, augment=opts.augment,
@@ -158,7 +173,7 @@ def main(args: Namespace) -> Path:
     config = {k: v for k, v in vars(opts).items() if k not in ("resume", "progress")}
     start_epoch = 0
     if opts.resume:
-        start_epoch = _restore(run_dir, model, optimizer, scheduler)
+        start_epoch = _restore(run_dir, model, optimizer, scheduler, aux)
     elif rank == 0:
         write_json(run_dir / "config.json", {**config, "provenance": provenance()})
     if rank == 0:
@@ -170,29 +185,35 @@ def main(args: Namespace) -> Path:
         make_out = out_source.for_epoch(epoch) if out_source is not None else None
         with training.EpochTimer() as timer:
             stats = training.train_epoch(model, loader, optimizer, method, opts, make_out, device,
-                                         opts.max_batches, opts.progress and rank == 0)
+                                         opts.max_batches, opts.progress and rank == 0, aux)
         scheduler.step()
+        if aux is not None:
+            aux.step_schedulers()
+            stats.update(aux.epoch_stats())
         if rank == 0:
             stats.update(training.evaluate_clean(model, test_loader, device))
             stats.update(epoch=epoch + 1, seconds=round(timer.seconds, 3), lr=optimizer.param_groups[0]["lr"])
-            _save(run_dir, model, optimizer, scheduler, config, epoch + 1)
+            _save(run_dir, model, optimizer, scheduler, config, epoch + 1, aux)
             _log(run_dir, writer, stats)
     if writer is not None:
         writer.close()
     return run_dir
 
 
-def _save(run_dir: Path, model, optimizer, scheduler, config: dict, epoch: int) -> None:
+def _save(run_dir: Path, model, optimizer, scheduler, config: dict, epoch: int, aux=None) -> None:
     models.save_checkpoint(run_dir / "model.pt", {
         "model": model.state_dict(), "config": json.loads(json.dumps(config, default=str)), "epoch": epoch,
-        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": training.rng_state()})
+        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": training.rng_state(),
+        **(aux.state_dict() if aux is not None else {})})  # the method's auxiliary networks, beside "model"
 
 
-def _restore(run_dir: Path, model, optimizer, scheduler) -> int:
+def _restore(run_dir: Path, model, optimizer, scheduler, aux=None) -> int:
     checkpoint = torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True)
     model.load_state_dict(checkpoint["model"])
     optimizer.load_state_dict(checkpoint["optimizer"])
     scheduler.load_state_dict(checkpoint["scheduler"])
+    if aux is not None:
+        aux.load_state_dict(checkpoint)
     training.set_rng_state(checkpoint["rng"])
     print(f"resuming {run_dir} after epoch {checkpoint['epoch']}")
     return int(checkpoint["epoch"])
