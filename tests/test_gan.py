@@ -175,3 +175,18 @@ def test_kill_and_resume_is_bit_identical_for_classifier_generator_and_discrimin
     assert _log(tmp_path / "digits" / "full") == [
         {**row, "seconds": full_row["seconds"]} for row, full_row in
         zip(_log(tmp_path / "digits" / "killed"), _log(tmp_path / "digits" / "full"))]
+
+
+def test_gan_column_between_de_and_odin_and_its_run_flags_resolve_on_every_dataset():
+    import model_paths
+    from scripts import demo
+
+    for dataset in ("MNIST", "FMNIST", "SVHN", "CIFAR10", "CIFAR100"):
+        labels = [entry.label for entry in model_paths.MODEL_PATHS[dataset]]
+        assert labels.index("GAN") == labels.index("DE") + 1 == labels.index("ODIN") - 1, labels
+        flags, seed = model_paths.run_flags("gan-s0")
+        opts = train.resolve(train.get_args_parser().parse_args(["--dataset", dataset, "--seed", str(seed), *flags]))
+        assert opts.method == "gan" and GAN_ARCHS[opts.gan_arch][0] == opts.input_size
+        assert opts.arch == ("lenet" if dataset == "MNIST" else "vgg13")
+    assert "GAN" in [entry.label for entry in model_paths.MODEL_PATHS["digits"]]
+    assert "gan-s0" in dict(demo.DEMO_RUNS)
