@@ -185,7 +185,7 @@ def main(args: Namespace) -> Path:
         make_out = out_source.for_epoch(epoch) if out_source is not None else None
         with training.EpochTimer() as timer:
             stats = training.train_epoch(model, loader, optimizer, method, opts, make_out, device,
-                                         opts.max_batches, opts.progress and rank == 0, aux)
+                                         opts.max_batches, opts.progress and rank == 0, aux=aux)
         scheduler.step()
         if aux is not None:
             aux.step_schedulers()
