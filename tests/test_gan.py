@@ -190,3 +190,21 @@ def test_gan_column_between_de_and_odin_and_its_run_flags_resolve_on_every_datas
         assert opts.arch == ("lenet" if dataset == "MNIST" else "vgg13")
     assert "GAN" in [entry.label for entry in model_paths.MODEL_PATHS["digits"]]
     assert "gan-s0" in dict(demo.DEMO_RUNS)
+
+
+def test_auxiliary_update_averages_gradients_over_processes(tmp_path):
+    import torch.multiprocessing as mp
+
+    from tests.aux_worker import update_on_rank
+
+    mp.spawn(update_on_rank, args=(2, str(tmp_path / "init"), str(tmp_path / "w")), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"w.{rank}", weights_only=True) for rank in range(2)]
+    torch.manual_seed(0)
+    net = nn.Linear(3, 2)  # one process on the whole batch: the mean of the two halves' gradients
+    x = torch.arange(24, dtype=torch.float32).view(8, 3) / 10
+    (net(x).square().sum() / 8).backward()
+    with torch.no_grad():
+        expected = {name: param - param.grad for name, param in net.named_parameters()}
+    for state in ranks:
+        for name, value in expected.items():
+            torch.testing.assert_close(state[name], value)
