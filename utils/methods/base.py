@@ -28,8 +28,8 @@ class Auxiliary:
     nets: dict[str, nn.Module]
     optimizers: dict[str, torch.optim.Optimizer]
     schedulers: dict[str, torch.optim.lr_scheduler.LRScheduler] = field(default_factory=dict)
-    _sums: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
-    _counts: dict[str, int] = field(default_factory=dict, repr=False)
+    _sums: dict[str, torch.Tensor] = field(default_factory=dict, init=False, repr=False)
+    _counts: dict[str, int] = field(default_factory=dict, init=False, repr=False)
 
     def update(self, name: str, loss: torch.Tensor) -> None:
         """One optimiser step of `nets[name]` on `loss` (gradients reach no other network's parameters)."""
