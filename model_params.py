@@ -6,7 +6,7 @@ when `--recipe` names one), so one table lists every default of the paper reprod
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 
 
 @dataclass(frozen=True)
@@ -71,3 +71,48 @@ def get_params(dataset: str, recipe: str | None = None) -> Params:
     if recipe not in RECIPES:
         raise ValueError(f"unknown recipe {recipe!r}; valid: {', '.join(RECIPES)}")
     return replace(params, **RECIPES[recipe])
+
+
+# Defaults that a training method adds or replaces, per dataset: `train.py --method M` takes the flags of
+# METHOD_PARAMS[M][dataset] before PARAMS (explicit flags win over both). A method absent here uses PARAMS alone.
+@dataclass(frozen=True)
+class GANParams:
+    """The confident-classifier GAN (Lee, Lee, Lee, Shin, ICLR 2018, arXiv 1711.09325): its generator and
+    discriminator (`train.py --gan-*`), and `classifier`, the PARAMS fields it replaces under `--method gan`."""
+    gan_arch: str                                 # models.gan.GAN_ARCHS: "dcgan32", "dcgan28", "dcgan8"
+    gan_beta: float = 1.0                         # weight of KL(U || softmax(f(G(z)))) for G and the classifier
+    gan_latent_dim: int = 100                     # z ~ N(0, I_100)
+    gan_width: int = 64                           # DCGAN ngf = ndf
+    gan_lr: float = 2e-4                          # Adam, G and D
+    gan_betas: tuple[float, float] = (0.5, 0.999)
+    classifier: dict = field(default_factory=dict)
+
+
+# The original's classifier: Adam 2e-4 (default betas), no weight decay, lr x0.1 at epoch 60 of 100, batch 128,
+# no augmentation. CCU's GAN baseline: LeNet on MNIST, VGG-13 on its other datasets (a ResNet did not converge).
+_GAN_CLASSIFIER = dict(optimizer="adam", lr=2e-4, epochs=100, milestones=(0.6,), gamma=0.1, weight_decay=0.0,
+                       batch_size=128, augment="none")
+_GAN_VGG = dict(_GAN_CLASSIFIER, arch="vgg13", arch_kwargs={})
+
+GAN_PARAMS: dict[str, GANParams] = {
+    "MNIST": GANParams("dcgan28", classifier=_GAN_CLASSIFIER),
+    "FMNIST": GANParams("dcgan28", classifier=_GAN_VGG),
+    "SVHN": GANParams("dcgan32", classifier=_GAN_VGG),
+    "CIFAR10": GANParams("dcgan32", gan_beta=0.1, classifier=dict(_GAN_VGG, batch_size=64)),
+    "CIFAR100": GANParams("dcgan32", gan_beta=0.1, classifier=_GAN_VGG),  # not in the original: as CIFAR-10
+    # built-in 8x8 digits: a narrow G/D, the dataset's own classifier defaults (the demo's budget)
+    "digits": GANParams("dcgan8", gan_width=32),
+}
+
+METHOD_PARAMS: dict[str, dict] = {"gan": GAN_PARAMS}
+
+
+def method_params(method: str, dataset: str) -> dict:
+    """The flags `--method method` sets by default on `dataset` (empty for methods without own defaults)."""
+    if method not in METHOD_PARAMS:
+        return {}
+    if dataset not in METHOD_PARAMS[method]:
+        raise ValueError(f"no {method} defaults for dataset {dataset!r}; model_params.METHOD_PARAMS[{method!r}] "
+                         f"has: {', '.join(METHOD_PARAMS[method])}")
+    params = asdict(METHOD_PARAMS[method][dataset])
+    return {**{k: v for k, v in params.items() if k != "classifier"}, **params["classifier"]}

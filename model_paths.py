@@ -33,6 +33,7 @@ def _seeds(name: str, n: int, start: int = 0) -> tuple[str, ...]:
 # The built-in demo (`make demo`, scripts/demo.py) trains these on scikit-learn's 8x8 digits.
 _DEMO = [
     TableEntry("Base", ("plain-s0",)),
+    TableEntry("GAN", ("gan-s0",)),
     TableEntry("ODIN", ("plain-s0",), "odin"),
     TableEntry("Maha", ("plain-s0",), "mahalanobis"),
     TableEntry("CEDA", ("ceda-s0",)),
@@ -48,6 +49,7 @@ _PAPER = [
     TableEntry("MCD", ("mcd-s0",), "mcdropout", {"samples": 10, "score": "variance"}),
     TableEntry("EDL", ("edl-s0",), "edl"),
     TableEntry("DE", _seeds("plain", 5), "ensemble"),
+    TableEntry("GAN", ("gan-s0",)),  # the confident-classifier GAN (arXiv 1711.09325), as in CCU's Table 2
     TableEntry("ODIN", ("plain-s0",), "odin"),
     TableEntry("Maha", ("plain-s0",), "mahalanobis"),
     TableEntry("CEDA", ("ceda-s0",)),
@@ -99,6 +101,8 @@ RUN_FLAGS: dict[str, list[str]] = {
     "ccu": ["--method", "ccu", "--gmm", "gmm-s0", "--out-data", "natural_patches"],
     "ccus": ["--method", "ccus", "--gmm", "gmm-s0", "--out-data", "uniform"],
     "ddu": ["--method", "plain", "--recipe", "ddu"],
+    # classifier, G and D settings per dataset come from model_params.GAN_PARAMS (LeNet on MNIST, else VGG-13)
+    "gan": ["--method", "gan"],
 }
 
 

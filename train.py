@@ -98,6 +98,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--gmm", default=None, help="gen_gmm.py run folder (ccu, ccus)")
     g.add_argument("--gmm-lr", type=float, default=1e-5)
     g.add_argument("--loglam", type=float, default=0.0)
+    add_gan_args(p)
     cli.add_debug_flag(p)
     return p
 
@@ -107,15 +108,28 @@ def parser_defaults() -> dict:
     return vars(get_args_parser().parse_args([]))
 
 
+def add_gan_args(p: argparse.ArgumentParser) -> None:
+    """Flags of `--method gan`; None takes model_params.GAN_PARAMS[dataset]."""
+    g = p.add_argument_group("confident-classifier GAN (--method gan)")
+    g.add_argument("--gan-arch", default=None, help="generator/discriminator: a key of models.gan.GAN_ARCHS")
+    g.add_argument("--gan-beta", type=float, default=None, help="weight of KL(U || softmax(f(G(z))))")
+    g.add_argument("--gan-latent-dim", type=int, default=None)
+    g.add_argument("--gan-width", type=int, default=None, help="DCGAN base width (ngf = ndf)")
+    g.add_argument("--gan-lr", type=float, default=None, help="Adam lr of G and D")
+    g.add_argument("--gan-betas", type=float, nargs=2, default=None, help="Adam betas of G and D")
+
+
 def resolve(args: Namespace) -> Namespace:
     """Fill None flags from the dataset's defaults and add the data shape; the result is saved as config."""
     opts = Namespace(**vars(args))
     opts.dataset = args.dataset or "digits"
     opts.num_classes, shape = data.dataset_info(opts.dataset)
     params = asdict(model_params.get_params(opts.dataset, args.recipe))
+    method_defaults = model_params.method_params(opts.method, opts.dataset)  # e.g. gan: G/D and its classifier
+    params.update(method_defaults)
     if args.arch is not None and args.arch != params["arch"]:
         params["arch_kwargs"] = {}  # the dataset's arch options belong to its default architecture
-    for key in DATASET_DEFAULTS:
+    for key in dict.fromkeys((*DATASET_DEFAULTS, *method_defaults)):
         if getattr(opts, key) is None:
             setattr(opts, key, params[key])
     opts.milestones = list(opts.milestones)
@@ -165,6 +179,7 @@ def main(args: Namespace) -> Path:
     torch.set_flush_denormal(True)
     # Everything that can fail on a bad configuration or missing data runs before the run folder is made.
     method, model, optimizer, scheduler = build(opts, device)
+    aux = method.auxiliary(model, opts) if method.auxiliary is not None else None  # the method's other networks
     train_set = data.get_dataset(opts.dataset, "train", root=opts.data_root, augment=opts.augment,
                                  download=opts.download, val_fraction=opts.val_fraction, seed=opts.seed)
     test_set = data.get_dataset(opts.dataset, "test", root=opts.data_root, download=opts.download)
@@ -175,7 +190,7 @@ def main(args: Namespace) -> Path:
     config = {k: v for k, v in vars(opts).items() if k not in ("resume", "progress", "debug")}
     start_epoch = 0
     if opts.resume:
-        start_epoch = _restore(run_dir, model, optimizer, scheduler, opts.epochs)
+        start_epoch = _restore(run_dir, model, optimizer, scheduler, opts.epochs, aux)
         if rank == 0 and start_epoch < opts.epochs:
             resumes = [*saved_extras.get("resumes", []), resume_record(start_epoch, changes)]
             write_json(run_dir / "config.json", {**config, **saved_extras, "resumes": resumes})
@@ -193,15 +208,18 @@ def main(args: Namespace) -> Path:
         guard.reset()
         with training.EpochTimer() as timer:
             stats = training.train_epoch(model, loader, optimizer, method, opts, make_out, device,
-                                         opts.max_batches, opts.progress and rank == 0)
+                                         opts.max_batches, opts.progress and rank == 0, aux=aux)
         guard.check(epoch + 1, run_dir, lr)
         scheduler.step()
+        if aux is not None:
+            aux.step_schedulers()
+            stats.update(aux.epoch_stats())
         if rank == 0:
             stats.update(training.evaluate_clean(model, test_loader, device))
             stats.update(epoch=epoch + 1, seconds=round(timer.seconds, 3), lr=lr)
             if epoch == start_epoch and opts.resume:
                 stats["resumed"] = {"after_epoch": start_epoch, "changes": changes}
-            _save(run_dir, model, optimizer, scheduler, config, epoch + 1)
+            _save(run_dir, model, optimizer, scheduler, config, epoch + 1, aux)
             _log(run_dir, writer, stats)
     if writer is not None:
         writer.close()
@@ -264,13 +282,14 @@ class FiniteLossGuard:
                                f"(this epoch trained at {lr:g})")
 
 
-def _save(run_dir: Path, model, optimizer, scheduler, config: dict, epoch: int) -> None:
+def _save(run_dir: Path, model, optimizer, scheduler, config: dict, epoch: int, aux=None) -> None:
     models.save_checkpoint(run_dir / "model.pt", {
         "model": model.state_dict(), "config": json.loads(json.dumps(config, default=str)), "epoch": epoch,
-        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": training.rng_state()})
+        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": training.rng_state(),
+        **(aux.state_dict() if aux is not None else {})})  # the method's auxiliary networks, beside "model"
 
 
-def _restore(run_dir: Path, model, optimizer, scheduler, epochs: int) -> int:
+def _restore(run_dir: Path, model, optimizer, scheduler, epochs: int, aux=None) -> int:
     """Load the checkpoint of run_dir into model, optimizer, scheduler and the random states; its epoch."""
     from models.io import CheckpointError, read_checkpoint
 
@@ -290,6 +309,8 @@ def _restore(run_dir: Path, model, optimizer, scheduler, epochs: int) -> int:
         raise CheckpointError(f"{path} does not match the model of its config.json "
                               f"({str(err).strip().splitlines()[0]})") from None
     scheduler.load_state_dict(checkpoint["scheduler"])
+    if aux is not None:
+        aux.load_state_dict(checkpoint)
     training.set_rng_state(checkpoint["rng"])
     print(f"resuming {run_dir} after epoch {done}")
     return done

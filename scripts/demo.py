@@ -23,6 +23,7 @@ import train  # noqa: E402
 # Attacks are shortened (10 PGD steps instead of 40 in training) so the whole demo stays within minutes on a laptop CPU.
 DEMO_RUNS: list[tuple[str, list[str]]] = [
     ("plain-s0", ["--method", "plain", "--epochs", "20"]),
+    ("gan-s0", ["--method", "gan", "--epochs", "10"]),  # G and D make a step ~4x plain's: half the epochs
     ("ceda-s0", ["--method", "ceda", "--epochs", "20"]),
     ("acet-s0", ["--method", "acet", "--attack-steps", "10", "--epochs", "20"]),
     ("ddu-s0", ["--method", "plain", "--arch", "resnet_small", "--arch-kwargs", '{"bn_momentum": 0.1}',

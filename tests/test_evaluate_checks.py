@@ -112,7 +112,7 @@ def test_missing_runs_exit_2_from_the_command_line(two_runs, tmp_path, monkeypat
         runpy.run_path(str(ROOT / "evaluate.py"), run_name="__main__")
     assert exit_info.value.code == 2
     stderr = capsys.readouterr().err
-    assert stderr.startswith("evaluate.py: 4 run(s) of the digits table are not trained") and "Traceback" not in stderr
+    assert stderr.startswith("evaluate.py: error: 4 run(s) of the digits table are not trained") and "Traceback" not in stderr
     # the digits table is the demo's: its runs are listed with the demo's flags
     assert f"--name ddu-s0 --runs-root {two_runs} --method plain --arch resnet_small" in stderr
 

@@ -134,8 +134,9 @@ def average_gradients(model: nn.Module) -> None:
 
 def train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, method, opts: Namespace,
                 make_out: Optional[Callable], device: torch.device, max_batches: Optional[int],
-                show_progress: bool) -> dict[str, float]:
-    """One pass over the loader; returns mean loss and accuracy on the clean batches."""
+                show_progress: bool, aux=None) -> dict[str, float]:
+    """One pass over the loader; returns mean loss and accuracy on the clean batches. A method's auxiliary
+    networks (`aux`, see `utils.methods.base.Auxiliary`) take their step first and may supply x_out."""
     model.train()
     total_loss, correct, seen = torch.zeros((), device=device), torch.zeros((), device=device), 0
     n_batches = len(loader) if max_batches is None else min(max_batches, len(loader))
@@ -145,6 +146,8 @@ def train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Opt
             break
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         x_out = make_out(x) if make_out is not None else None
+        if aux is not None:
+            x_out = method.aux_step(model, aux, x, y, x_out, opts)
         loss, logits = method.loss(model, x, y, x_out, opts)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

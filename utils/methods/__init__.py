@@ -4,6 +4,7 @@ from __future__ import annotations
 from utils.methods.base import Method
 from utils.methods.ccu import CCU_METHODS
 from utils.methods.edl import EDL_METHODS
+from utils.methods.gan import GAN_METHODS
 from utils.methods.noise import NOISE_METHODS
 from utils.methods.plain import PLAIN
 
@@ -12,6 +13,7 @@ METHODS: dict[str, Method] = {
     **NOISE_METHODS,
     **CCU_METHODS,
     **EDL_METHODS,
+    **GAN_METHODS,
 }
 
 
@@ -19,3 +21,23 @@ def get_method(name: str) -> Method:
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; valid: {', '.join(sorted(METHODS))}")
     return METHODS[name]
+
+
+def load_auxiliary(run_dir, device="cpu"):
+    """(classifier, Auxiliary) of a run folder: `models.load_run` and the method's auxiliary networks restored
+    from model.pt (weights_only=True), all in eval mode on `device`; e.g. a GAN run's generator for figures."""
+    from argparse import Namespace
+    from pathlib import Path
+
+    import models
+    from models.io import read_checkpoint
+
+    model = models.load_run(run_dir, device)
+    method = get_method(str(model.run_config.get("method")))
+    if method.auxiliary is None:
+        raise ValueError(f"{run_dir}: method {model.run_config.get('method')!r} trains no auxiliary networks")
+    aux = method.auxiliary(model, Namespace(**model.run_config))
+    aux.load_state_dict(read_checkpoint(Path(run_dir) / "model.pt", device))
+    for net in aux.nets.values():
+        net.eval()
+    return model, aux

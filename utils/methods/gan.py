@@ -1,0 +1,89 @@
+"""The confident-classifier GAN baseline (Lee, Lee, Lee, Shin, "Training confidence-calibrated classifiers for
+detecting out-of-distribution samples", ICLR 2018, arXiv 1711.09325), as CCU's Table 2 compares against it.
+
+A generator G learns samples near the boundary of the data on which the classifier f is pushed to the uniform
+distribution U over the K classes. Each step, on a clean batch (x, y) and codes z, z' ~ N(0, I):
+
+    D:  BCE(D(x), 1) + BCE(D(G(z)), 0)
+    G:  BCE(D(G(z)), 1) + beta * KL(U || softmax(f(G(z))))
+    f:  CE(f(x), y)     + beta * KL(U || softmax(f(G(z'))))      on fresh codes z'
+
+with KL(U || p) = -log K - (1/K) sum_k log p_k per sample, averaged over the batch (the original writes
+`K * kl_div(log_softmax(f(G(z))), U)`, a mean over all N*K elements times K: the same per-sample KL). beta is
+`--gan-beta` (1; 0.1 on CIFAR). G and D: DCGAN (`models.gan`), Adam `--gan-lr` 2e-4 with betas (0.5, 0.999), the
+classifier's lr schedule (x0.1 at 60% of the epochs). The classifier's settings (LeNet on MNIST, VGG-13 on the
+other datasets, Adam 2e-4, 100 epochs, no weight decay) are `model_params.GAN_PARAMS`.
+
+G and D are the method's auxiliary networks (`utils.methods.base.Auxiliary`): `gan_step` runs the D and G updates
+and hands f's loss the fresh samples G(z') as its out batch. As in the original, f sees the clean and the
+generated batch in two separate forward passes (batch norm statistics are never mixed), and G's update runs f in
+training mode. Differences from the original code: G's and f's updates back-propagate only into the network being
+updated (the original's extra gradients are zeroed before use, so the result is the same); D outputs a logit and
+the loss is BCE-with-logits; the 28x28 and 8x8 G/D are ours.
+"""
+from __future__ import annotations
+
+import math
+from argparse import Namespace
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from utils.methods.base import Auxiliary, Method
+
+
+def kl_uniform_to_softmax(logits: torch.Tensor) -> torch.Tensor:
+    """Per-sample KL(U || softmax(logits)) = -log K - mean_k log_softmax_k(logits), shape (N,)."""
+    return -math.log(logits.shape[1]) - F.log_softmax(logits, dim=1).mean(dim=1)
+
+
+def gan_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_out: Optional[torch.Tensor],
+             opts: Namespace) -> tuple[torch.Tensor, torch.Tensor]:
+    """The classifier's loss: mean CE(f(x), y) + beta * mean KL(U || softmax(f(x_out))), x_out = G(z')."""
+    if x_out is None:
+        raise ValueError("gan's classifier loss needs generated samples x_out from gan_step")
+    logits = model(x)
+    loss = F.cross_entropy(logits, y) + opts.gan_beta * kl_uniform_to_softmax(model(x_out)).mean()
+    return loss, logits
+
+
+def build_gan(model: nn.Module, opts: Namespace) -> Auxiliary:
+    """G and D for the classifier's data shape, on its device, with Adam and the classifier's lr milestones."""
+    from models.gan import Discriminator, Generator
+
+    if len(opts.data_shape) != 3:
+        raise ValueError(f"gan generates images but {opts.dataset} has vectors of shape {tuple(opts.data_shape)}")
+    device = next(model.parameters()).device
+    generator = Generator(opts.gan_arch, opts.in_channels, opts.input_size, opts.gan_latent_dim,
+                          opts.gan_width).to(device)
+    discriminator = Discriminator(opts.gan_arch, opts.in_channels, opts.input_size, opts.gan_width).to(device)
+    nets = {"generator": generator, "discriminator": discriminator}
+    optimizers = {name: torch.optim.Adam(net.parameters(), lr=opts.gan_lr, betas=tuple(opts.gan_betas))
+                  for name, net in nets.items()}
+    milestones = sorted({max(1, round(f * opts.epochs)) for f in opts.milestones})
+    schedulers = {name: torch.optim.lr_scheduler.MultiStepLR(opt, milestones, gamma=opts.gamma)
+                  for name, opt in optimizers.items()}
+    return Auxiliary(nets, optimizers, schedulers)
+
+
+def gan_step(model: nn.Module, aux: Auxiliary, x: torch.Tensor, y: torch.Tensor, x_out: Optional[torch.Tensor],
+             opts: Namespace) -> torch.Tensor:
+    """One D update, one G update; returns fresh detached samples G(z') for the classifier's loss."""
+    generator, discriminator = aux.nets["generator"], aux.nets["discriminator"]
+    fake = generator(generator.sample_latent(len(x), x.device))
+    d_real, d_fake = discriminator(x), discriminator(fake.detach())
+    loss_d = (F.binary_cross_entropy_with_logits(d_real, torch.ones_like(d_real))
+              + F.binary_cross_entropy_with_logits(d_fake, torch.zeros_like(d_fake)))
+    aux.update("discriminator", loss_d)
+    d_fooled = discriminator(fake)
+    loss_g_gan = F.binary_cross_entropy_with_logits(d_fooled, torch.ones_like(d_fooled))
+    kl_fake = kl_uniform_to_softmax(model(fake)).mean()
+    aux.update("generator", loss_g_gan + opts.gan_beta * kl_fake)
+    aux.log(gan_d_loss=loss_d, gan_g_loss=loss_g_gan, gan_kl_fake=kl_fake)
+    with torch.no_grad():
+        return generator(generator.sample_latent(len(x), x.device))
+
+
+GAN_METHODS: dict[str, Method] = {"gan": Method(loss=gan_loss, auxiliary=build_gan, aux_step=gan_step)}
