@@ -79,6 +79,8 @@ def user_message(err: BaseException) -> Optional[str]:
     """The one-line message for a user error, or None when err is a bug (see the module docstring)."""
     from data import DatasetNotFoundError
 
+    if getattr(err, "listing", False):  # a headline plus the commands that fix it (evaluate's missing runs)
+        return str(err).strip()
     if isinstance(err, (UserError, DatasetNotFoundError)):
         return _first_line(str(err)) or type(err).__name__
     if isinstance(err, OSError) and err.errno == errno.ENOSPC:

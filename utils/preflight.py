@@ -21,6 +21,8 @@ from utils.runs import REPO_ROOT
 class MissingRunsError(FileNotFoundError):
     """Runs named by a paper table are not trained; the message lists each with its train.py command."""
 
+    listing = True  # utils.cli prints the whole list, not only its first line
+
 
 class RunCheckError(ValueError):
     """A run folder that cannot be evaluated (unreadable config, bad checkpoint, another dataset)."""
