@@ -30,6 +30,7 @@ from torch import nn
 
 import model_paths
 from models.gmm import PCAMetric
+from utils.amp import attack_autocast
 from utils.attacks import eval_mode
 
 STUDY = "ccu_attack"
@@ -56,7 +57,8 @@ def _pull_inside(x: torch.Tensor, x_seed: torch.Tensor, radius: torch.Tensor, me
 
 def _score_and_grad(model: nn.Module, u: torch.Tensor, metric: PCAMetric, shape: tuple) -> tuple:
     u = u.detach().requires_grad_(True)
-    score = log_conf(model, metric.unwhiten(u).view(-1, *shape))
+    with attack_autocast(u.device):  # --amp: the ascent steps only; reported scores are taken in float32
+        score = log_conf(model, metric.unwhiten(u).view(-1, *shape)).float()
     (grad,) = torch.autograd.grad(score.sum(), u)
     return score.detach(), grad
 
