@@ -15,6 +15,12 @@ from utils.methods.ccu import clamp_out_variances
 import test_ccu
 
 
+@pytest.fixture(autouse=True)
+def _attack_precision_reset():
+    yield
+    amp.set_attack_amp("off")  # evaluate.py / gen_attack_stats.py set it process-wide
+
+
 def run_train(argv):
     return train.main(train.get_args_parser().parse_args(argv))
 
@@ -24,7 +30,7 @@ def last_test_acc(run_dir) -> float:
 
 
 def test_bf16_autocast_trains_digits_to_the_fp32_accuracy(tmp_path):
-    common = ["--dataset", "digits", "--epochs", "3", "--runs-root", str(tmp_path), "--no-progress"]
+    common = ["--dataset", "digits", "--epochs", "2", "--runs-root", str(tmp_path), "--no-progress"]
     fp32 = last_test_acc(run_train([*common, "--name", "fp32", "--amp", "off"]))
     bf16_dir = run_train([*common, "--name", "bf16", "--amp", "bf16"])
     assert json.loads((bf16_dir / "config.json").read_text())["amp"] == "bf16"
@@ -110,3 +116,28 @@ def test_compile_keeps_state_dict_keys_and_outputs():
     assert list(model.state_dict()) == keys  # run folders stay loadable without torch.compile
     assert all(torch.equal(a, b) for a, b in zip(buffers, model.buffers()))  # the trial pass left no trace
     assert torch.allclose(model.eval()(x), expected, atol=1e-6)
+
+
+def test_evaluate_amp_attacks_in_bf16_but_scores_in_float32(tmp_path):
+    import evaluate
+    import numpy as np
+
+    run_dir = run_train(["--dataset", "digits", "--epochs", "1", "--max-batches", "8", "--runs-root",
+                         str(tmp_path / "runs"), "--no-progress"])
+    confidences = {}
+    for name, flags in (("off", ["--amp", "off"]), ("bf16", ["--amp", "bf16"]),
+                        ("bf16-scores", ["--amp", "bf16", "--amp-scores"])):
+        results = tmp_path / name
+        evaluate.main(evaluate.get_args_parser().parse_args(
+            ["--dataset", "digits", "--runs", str(run_dir), "--results-root", str(results), "--ood", "uniform",
+             "--n-ood", "200", "--adv-sets", "adv_noise", "--n-adv", "40", "--attack-steps", "3", *flags,
+             "--no-progress", "--no-print"]))
+        cache = np.load(next((results / "scores" / "digits").glob("*.npz")))
+        confidences[name] = {key: cache[key] for key in ("in", "uniform", "adv_noise")}
+    for key in ("in", "uniform"):  # the metrics' scores: float32 unless --amp-scores
+        assert np.array_equal(confidences["off"][key], confidences["bf16"][key]), key
+        assert not np.array_equal(confidences["off"][key], confidences["bf16-scores"][key]), key
+        assert np.abs(confidences["off"][key] - confidences["bf16-scores"][key]).max() < 0.05, key
+    # the attack ran in bf16: different adversarial noise, scored in float32, as confident as fp32's up to noise
+    assert not np.array_equal(confidences["off"]["adv_noise"], confidences["bf16"]["adv_noise"])
+    assert abs(confidences["off"]["adv_noise"].mean() - confidences["bf16"]["adv_noise"].mean()) < 0.05
