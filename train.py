@@ -181,7 +181,8 @@ def main(args: Namespace) -> Path:
         print(f"{run_dir}: " + json.dumps(config, sort_keys=True, default=str), flush=True)
     out_source = training.OutSource(opts, opts.data_root, opts.num_workers, device) if method.uses_out_data else None
     if getattr(opts, "compile", False):
-        amp.try_compile(model, precision.prepare_input(_example_batch(train_set, opts.batch_size, device)))
+        amp.try_compile(model, precision.prepare_input(_example_batch(train_set, opts.batch_size, device)),
+                        precision=precision)
     train_model = wrap_ddp(model, device)  # the loss calls this; evaluation and checkpoints use `model`
     writer = _tensorboard(run_dir) if rank == 0 else None
     for epoch in range(start_epoch, opts.epochs):

@@ -121,7 +121,7 @@ def loop_seconds(args: Namespace, device: torch.device, train_set: DeviceDataset
                      attack_norm="linf", attack_random_start=True)
     if compile_model:
         example = train_set.gather(torch.arange(args.batch_size))[0]
-        if not amp.try_compile(model, precision.prepare_input(example)):
+        if not amp.try_compile(model, precision.prepare_input(example), precision=precision):
             return float("nan")
     # what train.py's OutSource does for --out-data acet_noise: noise made from the clean batch on its device
     make_out = (lambda x: data.acet_noise_batch(x)) if METHODS[method].uses_out_data else None

@@ -91,7 +91,14 @@ def failing_backend(graph_module, example_inputs):
     raise RuntimeError("no compiler here\nsecond line")
 
 
-def test_compile_falls_back_with_one_line(capsys):
+@pytest.fixture
+def dynamo_errors_raise(monkeypatch):
+    import torch._dynamo
+
+    monkeypatch.setattr(torch._dynamo.config, "suppress_errors", False)  # try_compile sets it on success
+
+
+def test_compile_falls_back_with_one_line(capsys, dynamo_errors_raise):
     torch.manual_seed(0)
     model = models.MODELS["lenet"](num_classes=10, in_channels=1, input_size=8)
     keys = list(model.state_dict())
@@ -104,7 +111,7 @@ def test_compile_falls_back_with_one_line(capsys):
     assert all(p.grad is None for p in model.parameters())
 
 
-def test_compile_keeps_state_dict_keys_and_outputs():
+def test_compile_keeps_state_dict_keys_and_outputs(dynamo_errors_raise):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 36, 3))
     keys = list(model.state_dict())

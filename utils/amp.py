@@ -115,16 +115,22 @@ def to_channels_last(model: nn.Module) -> nn.Module:
     return model.to(memory_format=torch.channels_last)
 
 
-def try_compile(model: nn.Module, example: torch.Tensor, backend: str | Callable = "inductor") -> bool:
+def try_compile(model: nn.Module, example: torch.Tensor, backend: str | Callable = "inductor",
+                precision: Optional[Precision] = None) -> bool:
     """torch.compile `model` in place (its state_dict keys stay the same), checked on one forward and backward
-    of `example`; on any failure the model stays uncompiled and one line says why. Returns whether it compiled."""
+    of `example` under the training autocast; on any failure the model stays uncompiled and one line says why.
+    Returns whether it compiled."""
     model.compile(backend=backend)
     devices = [example.device] if example.device.type == "cuda" else []
+    autocast_context = precision.autocast() if precision is not None else contextlib.nullcontext()
     try:  # the trial pass must leave no trace: random state, batch-norm statistics and gradients are restored
         with torch.random.fork_rng(devices=devices), bn_frozen(model):
-            output = model(example)
+            with autocast_context:
+                output = model(example)
             (output[0] if isinstance(output, tuple) else output).float().sum().backward()
         model.zero_grad(set_to_none=True)
+        # a later recompilation (eval mode in attacks, a new batch shape) that fails runs that call eagerly
+        torch._dynamo.config.suppress_errors = True
         return True
     except Exception as error:  # noqa: BLE001 (any compiler failure means: run eagerly)
         model._compiled_call_impl = None  # undo nn.Module.compile
