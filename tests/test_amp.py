@@ -92,10 +92,11 @@ def failing_backend(graph_module, example_inputs):
 
 
 @pytest.fixture
-def dynamo_errors_raise(monkeypatch):
+def dynamo_errors_raise():
     import torch._dynamo
 
-    monkeypatch.setattr(torch._dynamo.config, "suppress_errors", False)  # try_compile sets it on success
+    with torch._dynamo.config.patch(suppress_errors=False):  # try_compile sets it on success
+        yield
 
 
 def test_compile_falls_back_with_one_line(capsys, dynamo_errors_raise):
