@@ -20,7 +20,6 @@ ACET <= 1.1 (k + 1). Runs in about 2 minutes on one modern GPU (compile adds up 
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from argparse import Namespace
