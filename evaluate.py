@@ -29,6 +29,7 @@ import torch
 import data
 from model_paths import TableEntry, table_entries
 from utils import evaluation, preflight, tables
+from utils.amp import AMP_DTYPES, check_amp, default_amp, set_attack_amp
 from utils.detectors import DETECTORS
 from utils.metrics import FPR_CONVENTIONS
 from utils.runs import resolve_data_root
@@ -60,6 +61,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--attack-steps", type=int, default=80)
     p.add_argument("--attack-step-size", type=float, default=None)
     p.add_argument("--attack-norm", default="linf", choices=["linf", "l2"])
+    p.add_argument("--amp", default=None, choices=sorted(AMP_DTYPES),
+                   help="precision of the attacks (default: bf16 on CUDA where supported, else off)")
+    p.add_argument("--amp-scores", action=argparse.BooleanOptionalAction, default=False,
+                   help="also run the scoring passes at --amp (default: float32 logits feed the metrics)")
     p.add_argument("--tune-ood", default=None,
                    help="OOD set on which ODIN/Mahalanobis choose their hyperparameters (ODIN protocol)")
     p.add_argument("--tune-n", type=int, default=1000, help="held-out samples of in- and tuning set")
@@ -142,6 +147,9 @@ def main(args: Namespace) -> None:
             print(text)
         return
     args.data_root_given, args.data_root = args.data_root, resolve_data_root(args.data_root)
+    args.amp = args.amp or default_amp(args.device)
+    check_amp(args.amp, args.device)
+    set_attack_amp(args.amp)
     adv_sets = [name for name in args.adv_sets.split(",") if name]
     if adv_sets:
         from utils.attacks import ADV_SETS  # noqa: PLC0415 (optional piece, imported only when asked for)

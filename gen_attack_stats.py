@@ -20,6 +20,7 @@ import sys
 import torch
 
 from utils import cli
+from utils.amp import AMP_DTYPES, check_amp, default_amp, set_attack_amp
 
 # study name -> module that provides add_args(parser) and main(args)
 STUDIES = {"ccu": "utils.studies.ccu", "alpha": "utils.studies.alpha", "audit": "utils.studies.audit"}
@@ -28,6 +29,9 @@ STUDIES = {"ccu": "utils.studies.ccu", "alpha": "utils.studies.alpha", "audit": 
 def get_args_parser(study: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--study", choices=sorted(STUDIES), default=study)
+    parser.add_argument("--amp", default=None, choices=sorted(AMP_DTYPES),
+                        help="precision of the attack steps (default: bf16 on CUDA where supported, else off); "
+                             "certificates, limits and reported confidences stay float32/float64")
     importlib.import_module(STUDIES[study]).add_args(parser)
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm bars")
     cli.add_alias(parser, "--results", "--results-root", dest="results_root")
@@ -46,6 +50,10 @@ def run_study(args: argparse.Namespace) -> None:
     study = importlib.import_module(STUDIES[args.study])
     cli.check_ranges(args, getattr(study, "RANGES", {}))
     torch.set_flush_denormal(True)  # denormal floats make CPU attacks and passes several times slower
+    device = getattr(args, "device", "cpu")
+    args.amp = args.amp or default_amp(device)
+    check_amp(args.amp, device)
+    set_attack_amp(args.amp)
     study.main(args)
 
 

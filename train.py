@@ -27,8 +27,10 @@ from torch.utils.data import DataLoader
 import data
 import model_params
 import models
-from utils import cli, training
+from data.device_loader import DeviceDataset, load_train_set
+from utils import amp, cli, training
 from utils.cli import AT_LEAST_ONE, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, UNIT, UNIT_OPEN_HIGH, Range
+from utils.distributed import wrap_ddp
 from utils.methods import METHODS, get_method
 from utils.resume import resume_config, resume_record
 from utils.runs import append_jsonl, prepare_run_dir, provenance, resolve_data_root, write_json
@@ -81,7 +83,17 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--spectral-norm-coeff", type=float, default=None)
     p.add_argument("--mod", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--arch-kwargs", type=json.loads, default=None, help='JSON, e.g. \'{"widths": [100, 100]}\'')
-    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--num-workers", type=int, default=None,
+                   help="DataLoader workers for file-based sets (default: 0 in memory, up to 4 for files)")
+    speed = p.add_argument_group("speed (see benchmarks/README.md)")
+    speed.add_argument("--amp", default=None, choices=sorted(amp.AMP_DTYPES),
+                   help="mixed precision of the training passes (default: bf16 on CUDA where supported, else off)")
+    speed.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=False,
+                   help="NHWC memory format for conv nets")
+    speed.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                   help="torch.compile the model (falls back to eager with one line when it cannot)")
+    speed.add_argument("--device-data", action=argparse.BooleanOptionalAction, default=None,
+                   help="hold in-memory sets on --device and augment batches there (default: where it applies)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm bars")
     g = p.add_argument_group("out-distribution and method options")
     g.add_argument("--out-data", default=None, help="training out-distribution: a data key")
@@ -153,6 +165,8 @@ def build(opts: Namespace, device: torch.device):
     if method.wrap_model is not None:
         model = method.wrap_model(model, opts, init=True)
     model = model.to(device)
+    if getattr(opts, "channels_last", False):
+        model = amp.to_channels_last(model)
     groups = method.param_groups(model, opts) if method.param_groups else [
         {"params": model.parameters(), "weight_decay": opts.weight_decay}]
     if opts.optimizer == "adam":
@@ -170,6 +184,8 @@ def main(args: Namespace) -> Path:
     else:
         opts, changes, saved_extras = resolve(args), {}, {}
     cli.check_ranges(opts, TRAIN_RANGES)
+    opts.amp = getattr(opts, "amp", None) or amp.default_amp(opts.device)  # runs saved before --amp existed: none
+    amp.check_amp(opts.amp, opts.device)
     device = training.init_distributed(opts.device)
     rank, _ = training.world()
     run_dir = Path(opts.runs_root) / opts.dataset / opts.name
@@ -180,17 +196,17 @@ def main(args: Namespace) -> Path:
     # Everything that can fail on a bad configuration or missing data runs before the run folder is made.
     method, model, optimizer, scheduler = build(opts, device)
     aux = method.auxiliary(model, opts) if method.auxiliary is not None else None  # the method's other networks
-    train_set = data.get_dataset(opts.dataset, "train", root=opts.data_root, augment=opts.augment,
-                                 download=opts.download, val_fraction=opts.val_fraction, seed=opts.seed)
-    test_set = data.get_dataset(opts.dataset, "test", root=opts.data_root, download=opts.download)
-    test_loader = DataLoader(test_set, batch_size=opts.test_batch_size, num_workers=opts.num_workers)
-    out_source = training.OutSource(opts, opts.data_root, opts.num_workers) if method.uses_out_data else None
+    precision = amp.Precision(device, getattr(opts, "amp", "off"), getattr(opts, "channels_last", False))
+    train_set = load_train_set(opts.dataset, opts.data_root, opts.augment, device, getattr(opts, "device_data", None),
+                               download=opts.download, val_fraction=opts.val_fraction, seed=opts.seed)
+    test_loader = _test_batches(opts, device)
+    out_source = training.OutSource(opts, opts.data_root, opts.num_workers, device) if method.uses_out_data else None
     if rank == 0:
         run_dir = prepare_run_dir(opts.runs_root, opts.dataset, opts.name, opts.resume)
     config = {k: v for k, v in vars(opts).items() if k not in ("resume", "progress", "debug")}
     start_epoch = 0
     if opts.resume:
-        start_epoch = _restore(run_dir, model, optimizer, scheduler, opts.epochs, aux)
+        start_epoch = _restore(run_dir, model, optimizer, scheduler, opts.epochs, aux, precision.scaler)
         if rank == 0 and start_epoch < opts.epochs:
             resumes = [*saved_extras.get("resumes", []), resume_record(start_epoch, changes)]
             write_json(run_dir / "config.json", {**config, **saved_extras, "resumes": resumes})
@@ -198,17 +214,22 @@ def main(args: Namespace) -> Path:
         write_json(run_dir / "config.json", {**config, "provenance": provenance()})
     if rank == 0:
         print(start_summary(opts, run_dir, start_epoch, changes), flush=True)
+    if getattr(opts, "compile", False):
+        amp.try_compile(model, precision.prepare_input(_example_batch(train_set, opts.batch_size, device)),
+                        precision=precision)
+    train_model = wrap_ddp(model, device)  # the loss calls this; evaluation and checkpoints use `model`
     writer = _tensorboard(run_dir) if rank == 0 and start_epoch < opts.epochs else None
     guard = FiniteLossGuard(method.loss)
     method = dataclasses.replace(method, loss=guard)
     for epoch in range(start_epoch, opts.epochs):
-        loader = training.train_loader(train_set, opts.batch_size, opts.seed, epoch, opts.num_workers)
+        loader = training.epoch_batches(train_set, opts.batch_size, opts.seed, epoch, opts.num_workers)
         make_out = out_source.for_epoch(epoch) if out_source is not None else None
         lr = optimizer.param_groups[0]["lr"]  # the lr this epoch trains at (the scheduler steps after it)
         guard.reset()
         with training.EpochTimer() as timer:
-            stats = training.train_epoch(model, loader, optimizer, method, opts, make_out, device,
-                                         opts.max_batches, opts.progress and rank == 0, aux=aux)
+            stats = training.train_epoch(train_model, loader, optimizer, method, opts, make_out, device,
+                                         opts.max_batches, opts.progress and rank == 0, precision,
+                                         aux=aux)
         guard.check(epoch + 1, run_dir, lr)
         scheduler.step()
         if aux is not None:
@@ -219,11 +240,29 @@ def main(args: Namespace) -> Path:
             stats.update(epoch=epoch + 1, seconds=round(timer.seconds, 3), lr=lr)
             if epoch == start_epoch and opts.resume:
                 stats["resumed"] = {"after_epoch": start_epoch, "changes": changes}
-            _save(run_dir, model, optimizer, scheduler, config, epoch + 1, aux)
+            _save(run_dir, model, optimizer, scheduler, config, epoch + 1, aux, precision.scaler)
             _log(run_dir, writer, stats)
     if writer is not None:
         writer.close()
     return run_dir
+
+
+def _test_batches(opts: Namespace, device: torch.device):
+    """The test set in order: gathered on the device when it is held in memory, else through a DataLoader."""
+    test_set = data.get_dataset(opts.dataset, "test", root=opts.data_root, download=opts.download)
+    if getattr(opts, "device_data", None) is not False and isinstance(test_set, data.TensorImageDataset):
+        return DeviceDataset(test_set, device).in_order(opts.test_batch_size)
+    workers = training.default_workers(test_set) if opts.num_workers is None else opts.num_workers
+    return DataLoader(test_set, batch_size=opts.test_batch_size, num_workers=workers,
+                      pin_memory=device.type == "cuda")
+
+
+def _example_batch(train_set, batch_size: int, device: torch.device) -> torch.Tensor:
+    """The first `batch_size` training images, un-augmented (what --compile traces)."""
+    count = min(batch_size, len(train_set))
+    if isinstance(train_set, DeviceDataset):
+        return train_set.gather(torch.arange(count), train_set.augment_generator("compile"))[0]
+    return torch.stack([train_set[i][0] for i in range(count)]).to(device)
 
 
 def start_summary(opts: Namespace, run_dir: Path, start_epoch: int, changes: dict) -> str:
@@ -282,14 +321,16 @@ class FiniteLossGuard:
                                f"(this epoch trained at {lr:g})")
 
 
-def _save(run_dir: Path, model, optimizer, scheduler, config: dict, epoch: int, aux=None) -> None:
+def _save(run_dir: Path, model, optimizer, scheduler, config: dict, epoch: int, aux=None,
+          scaler=None) -> None:
+    scaler_state = {"scaler": scaler.state_dict()} if scaler is not None and scaler.is_enabled() else {}
     models.save_checkpoint(run_dir / "model.pt", {
         "model": model.state_dict(), "config": json.loads(json.dumps(config, default=str)), "epoch": epoch,
         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": training.rng_state(),
-        **(aux.state_dict() if aux is not None else {})})  # the method's auxiliary networks, beside "model"
+        **(aux.state_dict() if aux is not None else {}), **scaler_state})  # the method's auxiliary networks, beside "model"
 
 
-def _restore(run_dir: Path, model, optimizer, scheduler, epochs: int, aux=None) -> int:
+def _restore(run_dir: Path, model, optimizer, scheduler, epochs: int, aux=None, scaler=None) -> int:
     """Load the checkpoint of run_dir into model, optimizer, scheduler and the random states; its epoch."""
     from models.io import CheckpointError, read_checkpoint
 
@@ -311,6 +352,8 @@ def _restore(run_dir: Path, model, optimizer, scheduler, epochs: int, aux=None) 
     scheduler.load_state_dict(checkpoint["scheduler"])
     if aux is not None:
         aux.load_state_dict(checkpoint)
+    if scaler is not None and "scaler" in checkpoint:
+        scaler.load_state_dict(checkpoint["scaler"])  # fp16 loss scale, so a resumed run scales as before
     training.set_rng_state(checkpoint["rng"])
     print(f"resuming {run_dir} after epoch {done}")
     return done

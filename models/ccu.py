@@ -22,6 +22,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from models.gmm import GMM, PCAMetric
+from utils.amp import full_precision
 
 
 def infer_num_classes(base: nn.Module) -> int:
@@ -59,6 +60,7 @@ class CCUModel(nn.Module):
         self.num_classes = infer_num_classes(base) if num_classes is None else num_classes
         self.register_buffer("loglam", torch.tensor(float(loglam)))
 
+    @full_precision  # the densities and the output formula stay float32 under --amp (utils/amp.py)
     def log_densities(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(log p(x|i), log p(x|o)), each (N,); log p(x|o) = 0 for CCUs."""
         log_p_in = self.gmm_in.log_density(x)
@@ -66,6 +68,7 @@ class CCUModel(nn.Module):
             return log_p_in, torch.zeros_like(log_p_in)
         return log_p_in, self.gmm_out.log_density(x)
 
+    @full_precision
     def combine(self, logits: torch.Tensor, log_p_in: torch.Tensor, log_p_out: torch.Tensor) -> torch.Tensor:
         """The log-space formula of the module docstring: base logits and densities -> (N, K) log-probs.
 

@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from utils.amp import full_precision
+
 
 def _flat(x: torch.Tensor) -> torch.Tensor:
     """(N, C, H, W) or (N, D) -> (N, D)."""
@@ -94,14 +96,17 @@ class PCAMetric(_ResizeOnLoad):
         metric.mean.copy_(torch.from_numpy(pca.mean_))
         return metric
 
+    @full_precision  # the metric defines the certified balls: never in bf16/fp16 under --amp
     def whiten(self, x: torch.Tensor) -> torch.Tensor:
         """Pixels (N, ...) -> coordinates u = x_flat V^T / sqrt(s) (N, D) in which d is Euclidean."""
         return (_flat(x) @ self.V.T.to(x.dtype)) * self.s.to(x.dtype).rsqrt()
 
+    @full_precision
     def unwhiten(self, u: torch.Tensor) -> torch.Tensor:
         """Inverse of `whiten`: (N, D) -> flattened pixels (N, D) (V is orthonormal)."""
         return (u * self.s.to(u.dtype).sqrt()) @ self.V.to(u.dtype)
 
+    @full_precision
     def distance(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """d(x_i, y_i) per row; x, y of the same (or broadcastable flattened) shape."""
         return self.whiten(_flat(x) - _flat(y)).norm(dim=1)
@@ -162,6 +167,7 @@ class GMM(_ResizeOnLoad):
         return (self.logweight.to(x.dtype) - 0.5 * dim * logvar - self.log_const().to(x.dtype)
                 - self.sq_distances(x) / (2.0 * logvar.exp()))
 
+    @full_precision  # never in bf16/fp16 under --amp: densities reach -1e9 and the Gram distances cancel
     def log_density(self, x: torch.Tensor) -> torch.Tensor:
         """log p(x) = LSE_k log N_k(x), shape (N,)."""
         return torch.logsumexp(self.component_log_densities(x), dim=1)

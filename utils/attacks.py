@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from utils.amp import attack_autocast
+
 # objective(logits) -> (N,) score to MAXIMISE; "higher" means the attack is doing better
 Objective = Callable[[torch.Tensor], torch.Tensor]
 
@@ -116,13 +118,14 @@ def pgd_maximize(model: nn.Module, x_seed: torch.Tensor, objective: Objective, e
     x_seed = x_seed.detach()
     if isinstance(model, nn.parallel.DistributedDataParallel):
         model = model.module  # the attack needs no gradient sync; DDP's forward would expect a backward
-    with eval_mode(model), torch.enable_grad():
+    # attack_autocast: --amp of evaluate.py / gen_attack_stats.py (in training the loss's autocast covers this)
+    with eval_mode(model), torch.enable_grad(), attack_autocast(x_seed.device):
         x = _random_start(x_seed, eps, norm, generator) if random_start else x_seed.clone()
         best_x = x_seed.clone()
         best_score = torch.full(x_seed.shape[:1], -float("inf"), device=x_seed.device, dtype=x_seed.dtype)
         for _ in range(steps):
             x.requires_grad_(True)
-            score = objective(model(x))
+            score = objective(model(x)).float()
             # gradient w.r.t. the input only: parameters' .grad stay untouched and no weight gradient is computed
             (grad,) = torch.autograd.grad(score.sum(), x)
             x = x.detach()
@@ -131,9 +134,9 @@ def pgd_maximize(model: nn.Module, x_seed: torch.Tensor, objective: Objective, e
         with torch.no_grad():
             # one forward scores the last iterate, and the seed too when the random start left it
             logits = model(torch.cat([x, x_seed]) if random_start else x)
-            best_x, best_score = _keep_best(best_x, best_score, x, objective(logits[: len(x)]))
+            best_x, best_score = _keep_best(best_x, best_score, x, objective(logits[: len(x)]).float())
             if random_start:
-                best_x, best_score = _keep_best(best_x, best_score, x_seed, objective(logits[len(x):]))
+                best_x, best_score = _keep_best(best_x, best_score, x_seed, objective(logits[len(x):]).float())
     return best_x.detach(), best_score.detach()
 
 

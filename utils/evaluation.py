@@ -200,6 +200,7 @@ def evaluate_group(runs: tuple, group_entries: list[TableEntry], sets: dict, tun
     temperatures = {key: temperature for key, det in detectors.items() if temperature and not det.needs_grad}
     all_sets = {**sets, **adversarial_sets(loaded[0], sets, adv_sets, args)}
     scores = {name: score_dataset(model, detectors, dataset, args.batch_size, device, progress=args.progress,
+                                  amp=getattr(args, "amp", "off") if getattr(args, "amp_scores", False) else "off",
                                   desc=f"{Path(runs[0]).name} {name}", temperatures=temperatures)
               for name, dataset in all_sets.items()}
     run_name = "+".join(Path(run).name for run in runs)

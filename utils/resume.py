@@ -23,7 +23,7 @@ from utils.cli import UserError
 # May change when a run is resumed: how long it trains, and how this process runs it (none of these changes
 # what one training step computes; --max-batches shortens or lengthens later epochs and is recorded).
 RESUME_CHANGEABLE = ("epochs", "max_batches", "test_batch_size", "data_root", "download", "device", "num_workers",
-                     "progress")
+                     "progress", "amp", "channels_last", "compile", "device_data")  # the last four: speed settings
 # Taken from this command even when not given: they describe the machine, not the experiment.
 PER_PROCESS = ("device", "num_workers", "progress", "download")
 # Say where the run is or how this command behaves; never compared with the saved configuration.

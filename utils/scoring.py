@@ -9,6 +9,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from utils.amp import autocast
 from utils.detectors.base import Detector
 from utils.detectors.bayes import predictive_confidence
 
@@ -37,11 +38,13 @@ class SetScores:
 
 
 def _batch_scores(model, detectors: dict[str, Detector], temperatures: dict[str, float], x: torch.Tensor,
-                  out: dict[str, list]) -> None:
+                  out: dict[str, list], amp: str = "off") -> None:
     shared = {key: det for key, det in detectors.items() if not det.needs_grad}
     with torch.no_grad():
         if model is not None:
-            features, logits = model_outputs(model, x)
+            with autocast(x.device, amp):  # "off" by default: the metrics' scores come from float32 logits
+                features, logits = model_outputs(model, x)
+            features, logits = features.float(), logits.float()
             out["__logits"].append(logits.cpu())
             out["__probs"].append(logits.softmax(dim=1).cpu())
             for key, det in shared.items():
@@ -61,18 +64,20 @@ def _batch_scores(model, detectors: dict[str, Detector], temperatures: dict[str,
 
 def score_dataset(model: nn.Module | None, detectors: dict[str, Detector], dataset: Dataset, batch_size: int,
                   device: torch.device, desc: str = "", num_workers: int = 0, progress: bool = True,
-                  temperatures: dict[str, float] | None = None) -> SetScores:
+                  temperatures: dict[str, float] | None = None, amp: str = "off") -> SetScores:
     """Run every detector on `dataset`; detectors without input gradients share one forward pass per batch.
 
     `model` is the network whose softmax gives the reported probabilities; for an ensemble it is None and
     `detectors` holds the one ensemble detector. `temperatures` (detector key -> T) also scores those
     logit/feature detectors on logits / T (temperature scaling, DDU's t_* metrics) from the same pass.
+    `amp` (utils/amp.py) runs the shared pass in bf16/fp16 (evaluate.py --amp-scores); the default "off"
+    keeps the scores float32, since bf16 logits tie confidences near 1 and move AUROC / FPR.
     """
     temperatures = temperatures or {}
     out: dict[str, list] = defaultdict(list)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
     for x, y in tqdm(loader, desc=desc, leave=False, disable=not progress):
-        _batch_scores(model, detectors, temperatures, x.to(device, non_blocking=True), out)
+        _batch_scores(model, detectors, temperatures, x.to(device, non_blocking=True), out, amp)
         out["__labels"].append(y)
     cat = lambda key: torch.cat(out[key]).double() if out[key] else None  # noqa: E731
     return SetScores(confidences={key: cat(key) for key in detectors},

@@ -1,9 +1,14 @@
 """The one training loop shared by every method, and the pieces it is made of.
 
-Distributed training (`torchrun`): every process trains on its shard of each epoch (DistributedSampler) and
-gradients are averaged with one all-reduce per step. We average gradients by hand instead of wrapping the
-model in DistributedDataParallel because several methods (ACET, CCU's attacks) run extra forward/backward
-passes on the input inside the loss; DDP's reducer expects exactly one backward per forward and fails there.
+Distributed training (`torchrun`): every process trains on its shard of each epoch (DistributedSampler) and the
+model is wrapped in DistributedDataParallel (`utils.distributed.wrap_ddp`), whose bucketed all-reduce overlaps
+the backward pass. DDP's reducer expects exactly one backward per forward of the wrapped model, so every loss
+makes one forward pass of it per step (clean and out batches concatenated), and the attacks and extra passes
+that need only input gradients (ACET's PGD) run on the unwrapped module (`utils.attacks.pgd_maximize`).
+
+Batches come from the device-side path (`data.device_loader`) for in-memory sets and from a DataLoader
+otherwise; either way an epoch's order is a function of (seed, epoch). `Precision` (utils/amp.py) adds
+autocast, fp16 loss scaling and channels-last inputs to each step.
 """
 from __future__ import annotations
 
@@ -21,6 +26,10 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSamp
 from tqdm import tqdm
 
 import data
+from data.base import TensorImageDataset
+from data.device_loader import DeviceDataset, EpochBatches
+from utils.amp import Precision
+from utils.distributed import unwrap
 
 
 def world() -> tuple[int, int]:
@@ -68,8 +77,16 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(list(state["cuda"]))
 
 
-def train_loader(dataset: Dataset, batch_size: int, seed: int, epoch: int, num_workers: int) -> DataLoader:
-    """A loader whose order (and worker seeds) depend only on (seed, epoch), so a resumed run sees the same data."""
+def default_workers(dataset: Dataset) -> int:
+    """`--num-workers` None: no workers for in-memory sets (nothing to decode), up to 4 for file-based sets."""
+    return 0 if isinstance(dataset, (TensorImageDataset, _Indices)) else min(4, os.cpu_count() or 1)
+
+
+def train_loader(dataset: Dataset, batch_size: int, seed: int, epoch: int,
+                 num_workers: Optional[int]) -> DataLoader:
+    """A loader whose order (and worker seeds) depend only on (seed, epoch), so a resumed run sees the same data.
+    Batches are pinned when CUDA is present, so their copy to the GPU can overlap compute."""
+    num_workers = default_workers(dataset) if num_workers is None else num_workers
     generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
     rank, size = world()
     if size > 1:
@@ -79,7 +96,32 @@ def train_loader(dataset: Dataset, batch_size: int, seed: int, epoch: int, num_w
     else:
         sampler = RandomSampler(dataset, generator=generator)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True, num_workers=num_workers,
-                      generator=generator, persistent_workers=False)
+                      generator=generator, persistent_workers=False,
+                      pin_memory=torch.cuda.is_available() and not isinstance(dataset, _Indices))
+
+
+class _Indices(Dataset):
+    """Item i is i: drawing these through `train_loader` gives the per-sample path's exact order of indices."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> int:
+        return index
+
+
+def epoch_batches(dataset: Dataset | DeviceDataset, batch_size: int, seed: int, epoch: int,
+                  num_workers: Optional[int]):
+    """The training batches of one epoch: a DeviceDataset's batches gathered on its device in the order the
+    per-sample loader would use (same sampler, same generator), augmented from a (seed, epoch, rank) generator;
+    any other dataset through `train_loader`."""
+    if not isinstance(dataset, DeviceDataset):
+        return train_loader(dataset, batch_size, seed, epoch, num_workers)
+    order = train_loader(_Indices(len(dataset)), batch_size, seed, epoch, 0)
+    return EpochBatches(dataset, order, dataset.augment_generator(seed, epoch, world()[0]))
 
 
 class OutSource:
@@ -91,12 +133,15 @@ class OutSource:
     epoch), so a resumed run draws the same out batches as an uninterrupted one.
     """
 
-    def __init__(self, opts: Namespace, data_root: str, num_workers: int) -> None:
+    def __init__(self, opts: Namespace, data_root: str, num_workers: Optional[int],
+                 device: Optional[torch.device] = None) -> None:
         self.opts, self.num_workers = opts, num_workers
         self.dataset = None
         if opts.out_data not in ("acet_noise", "uniform"):
             self.dataset = data.get_dataset(opts.out_data, "train", root=data_root, like=opts.dataset,
                                             seed=opts.seed)
+            if device is not None and isinstance(self.dataset, TensorImageDataset) and self.dataset.transform is None:
+                self.dataset = DeviceDataset(self.dataset, device)  # same batches, gathered on the device
 
     def _n_out(self, x: torch.Tensor) -> int:
         return max(1, round(self.opts.out_frac * len(x)))
@@ -113,12 +158,13 @@ class OutSource:
         batch = max(1, round(self.opts.out_frac * self.opts.batch_size))
         lap = 0
         while True:
-            yield from train_loader(self.dataset, batch, self.opts.seed + 7, epoch * 1000 + lap, self.num_workers)
+            yield from epoch_batches(self.dataset, batch, self.opts.seed + 7, epoch * 1000 + lap, self.num_workers)
             lap += 1
 
 
 def average_gradients(model: nn.Module) -> None:
-    """All-reduce the mean gradient over processes in one flat buffer (see the module docstring)."""
+    """All-reduce the mean gradient of a network that is not DDP-wrapped (a method's auxiliary networks, whose
+    steps run several forwards before one backward) over processes, in one flat buffer."""
     _, size = world()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     if size == 1 or not grads:
@@ -134,9 +180,13 @@ def average_gradients(model: nn.Module) -> None:
 
 def train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, method, opts: Namespace,
                 make_out: Optional[Callable], device: torch.device, max_batches: Optional[int],
-                show_progress: bool, aux=None) -> dict[str, float]:
-    """One pass over the loader; returns mean loss and accuracy on the clean batches. A method's auxiliary
-    networks (`aux`, see `utils.methods.base.Auxiliary`) take their step first and may supply x_out."""
+                show_progress: bool, precision: Optional[Precision] = None, aux=None) -> dict[str, float]:
+    """One pass over the loader; returns mean loss and accuracy on the clean batches.
+
+    `model` is the network the loss calls (DDP-wrapped under torchrun); `precision` (default: fp32, contiguous)
+    sets autocast, fp16 loss scaling and channels-last inputs. A method's auxiliary networks (`aux`, see
+    `utils.methods.base.Auxiliary`) take their step first, in full precision, and may supply x_out."""
+    precision = precision or Precision(device)
     model.train()
     total_loss, correct, seen = torch.zeros((), device=device), torch.zeros((), device=device), 0
     n_batches = len(loader) if max_batches is None else min(max_batches, len(loader))
@@ -144,15 +194,14 @@ def train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Opt
                                        desc="train")):
         if step == n_batches:
             break
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        x, y = precision.prepare_input(x.to(device, non_blocking=True)), y.to(device, non_blocking=True)
         x_out = make_out(x) if make_out is not None else None
         if aux is not None:
-            x_out = method.aux_step(model, aux, x, y, x_out, opts)
-        loss, logits = method.loss(model, x, y, x_out, opts)
+            x_out = method.aux_step(unwrap(model), aux, x, y, x_out, opts)  # its passes stay off DDP's reducer
+        with precision.autocast():  # the loss and everything it runs (ACET's attack) at the --amp precision
+            loss, logits = method.loss(model, x, y, x_out, opts)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        average_gradients(model)
-        optimizer.step()
+        precision.step(loss, optimizer)
         if method.after_step is not None:
             method.after_step(model, opts)
         total_loss += loss.detach() * len(x)

@@ -44,8 +44,9 @@ def gan_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_out: Optional
     """The classifier's loss: mean CE(f(x), y) + beta * mean KL(U || softmax(f(x_out))), x_out = G(z')."""
     if x_out is None:
         raise ValueError("gan's classifier loss needs generated samples x_out from gan_step")
-    logits = model(x)
-    loss = F.cross_entropy(logits, y) + opts.gan_beta * kl_uniform_to_softmax(model(x_out)).mean()
+    joint = model(torch.cat([x, x_out]))  # one forward per step, as DistributedDataParallel requires
+    logits, logits_out = joint[: len(x)], joint[len(x):]
+    loss = F.cross_entropy(logits, y) + opts.gan_beta * kl_uniform_to_softmax(logits_out).mean()
     return loss, logits
 
 

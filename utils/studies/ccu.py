@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 import model_paths
 from models.gmm import PCAMetric
+from utils.amp import attack_autocast
 from utils.attacks import eval_mode
 from utils.cli import AT_LEAST_ONE, NON_NEGATIVE_INT, POSITIVE, Range
 
@@ -60,7 +61,8 @@ def _pull_inside(x: torch.Tensor, x_seed: torch.Tensor, radius: torch.Tensor, me
 
 def _score_and_grad(model: nn.Module, u: torch.Tensor, metric: PCAMetric, shape: tuple) -> tuple:
     u = u.detach().requires_grad_(True)
-    score = log_conf(model, metric.unwhiten(u).view(-1, *shape))
+    with attack_autocast(u.device):  # --amp: the ascent steps only; reported scores are taken in float32
+        score = log_conf(model, metric.unwhiten(u).view(-1, *shape)).float()
     (grad,) = torch.autograd.grad(score.sum(), u)
     return score.detach(), grad
 
