@@ -23,6 +23,7 @@ import model_params
 import models
 from utils import training
 from utils.methods import METHODS, get_method
+from utils.methods import certified as certified_methods
 from utils.runs import append_jsonl, prepare_run_dir, provenance, resolve_data_root, write_json
 
 # Flags whose None default means "take model_params.PARAMS[dataset]" (argparse dest -> Params field).
@@ -77,6 +78,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--gmm", default=None, help="gen_gmm.py run folder (ccu, ccus)")
     g.add_argument("--gmm-lr", type=float, default=1e-5)
     g.add_argument("--loglam", type=float, default=0.0)
+    certified_methods.add_args(g)  # good / prood
     return p
 
 
@@ -168,6 +170,7 @@ def main(args: Namespace) -> Path:
     for epoch in range(start_epoch, opts.epochs):
         loader = training.train_loader(train_set, opts.batch_size, opts.seed, epoch, opts.num_workers)
         make_out = out_source.for_epoch(epoch) if out_source is not None else None
+        opts.epoch = epoch  # the schedules of good / prood (kappa and eps ramps) read it
         with training.EpochTimer() as timer:
             stats = training.train_epoch(model, loader, optimizer, method, opts, make_out, device,
                                          opts.max_batches, opts.progress and rank == 0)

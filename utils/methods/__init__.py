@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from utils.methods.base import Method
 from utils.methods.ccu import CCU_METHODS
+from utils.methods.certified import CERTIFIED_METHODS
 from utils.methods.edl import EDL_METHODS
 from utils.methods.noise import NOISE_METHODS
 from utils.methods.plain import PLAIN
@@ -12,6 +13,7 @@ METHODS: dict[str, Method] = {
     **NOISE_METHODS,
     **CCU_METHODS,
     **EDL_METHODS,
+    **CERTIFIED_METHODS,
 }
 
 
