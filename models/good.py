@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.common import Backbone, NormalizeSpec, finalize, make_normalize
+from models.common import Backbone, NormalizeSpec, check_input_size, finalize, make_normalize
 
 # size -> (conv layers as (channels, stride), pool after convs, hidden FC widths)
 SIZES: dict[str, tuple[tuple[tuple[int, int], ...], bool, tuple[int, ...]]] = {
@@ -71,7 +71,8 @@ class GoodCNN(Backbone):
                              "layers); leave them at their defaults")
         convs, pool, hidden = SIZES[size]
         scaled = lambda n: max(1, round(n * width))  # noqa: E731
-        side = _side_after(int(input_size), convs, pool)
+        input_size = check_input_size("good_cnn", input_size)
+        side = _side_after(input_size, convs, pool)
         if side < 1:
             raise ValueError(f"good_cnn cannot take input shape {(in_channels, input_size, input_size)}: too small")
         self.size, self.normalize = size, make_normalize(normalize)
@@ -90,7 +91,7 @@ class GoodCNN(Backbone):
         self.body = nn.Sequential(*layers)
         self.num_features = features
         self.fc = NegativeLinear(features, num_classes) if negative_head else nn.Linear(features, num_classes)
-        finalize(self, (in_channels, int(input_size), int(input_size)), None)
+        finalize(self, (in_channels, input_size, input_size), None)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(self.normalize(x))

@@ -232,7 +232,7 @@ def apgd_checkpoints(steps: int) -> list[int]:
     fractions = [0.0, 0.22]
     while fractions[-1] < 1.0:
         fractions.append(fractions[-1] + max(fractions[-1] - fractions[-2] - 0.03, 0.06))
-    return sorted({min(steps, math.ceil(p * steps)) for p in fractions[1:]})
+    return sorted({min(steps, math.ceil(round(p * steps, 6))) for p in fractions[1:]})  # 0.57 * 100 is 57.000...01
 
 
 def _apgd_run(model: nn.Module, x_seed: torch.Tensor, x: torch.Tensor, objective: Objective, eps: float,

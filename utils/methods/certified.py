@@ -196,6 +196,17 @@ def _load_classifier(opts: Namespace) -> nn.Module:
     return classifier
 
 
+def _image_shape(opts: Namespace) -> tuple[int, ...]:
+    """(C, H, W) of the dataset: the discriminator is a CNN whatever the classifier's input_size says (an MLP
+    classifier records its flat size)."""
+    import data
+
+    shape = tuple(getattr(opts, "data_shape", None) or data.dataset_info(opts.dataset)[1])
+    if len(shape) != 3:
+        raise ValueError(f"prood's discriminator is a CNN: it needs images (C, H, W), {opts.dataset} has {shape}")
+    return shape
+
+
 def wrap_prood(model: nn.Module, opts: Namespace, init: bool) -> ProodModel:
     """Backbone -> ProodModel(classifier, discriminator). init=True with --classifier loads that run (frozen)
     and discards the freshly built backbone; init=False rebuilds the structure from the config."""
@@ -203,8 +214,9 @@ def wrap_prood(model: nn.Module, opts: Namespace, init: bool) -> ProodModel:
 
     frozen = bool(getattr(opts, "classifier", None))
     classifier = _load_classifier(opts) if init and frozen else model
+    shape = _image_shape(opts)
     disc_config = {"arch": getattr(opts, "discriminator_arch", "good_cnn_s"), "num_classes": 1,
-                   "in_channels": opts.in_channels, "input_size": opts.input_size,
+                   "in_channels": shape[0], "input_size": shape[1],
                    "arch_kwargs": {"negative_head": True, "width": float(getattr(opts, "discriminator_width", 1.0))}}
     discriminator = models.build_model(disc_config)
     if init:
