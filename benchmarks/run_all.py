@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHMARKS = ["bench_train.py", "bench_eval.py", "bench_acet.py", "bench_certify.py", "bench_detectors.py"]
+BENCHMARKS = ["bench_train.py", "bench_eval.py", "bench_acet.py", "bench_certify.py", "bench_ibp.py",
+              "bench_detectors.py"]
 
 
 def main() -> None:
