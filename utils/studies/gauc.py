@@ -11,7 +11,8 @@ GOOD (Bitterwolf, Meinke, Hein, NeurIPS 2020, arXiv 2007.08473) and ProoD (Meink
         IBP for plain ReLU nets, ProoD's discriminator bound, CCU's own certificate on the PCA-metric ball that
         contains the box; 1.0, hence GAUC = 0, for a model without one).
 
-Since bound >= attacked >= clean per point, GAUC <= AAUC <= AUC; this is checked for every row (a bound below an
+Every model of the table gets a row (a deep ensemble as one model, on its averaged probabilities; detectors
+that share a network share its row, labelled "Base/ODIN/Maha"). Since bound >= attacked >= clean per point, GAUC <= AAUC <= AUC; this is checked for every row (a bound below an
 attacked confidence by more than 1e-5 means an unsound certificate and raises). Both AUROC tie conventions are
 reported: scikit-learn's (ties count 1/2) and the papers' conservative one (ties count against the model), which
 matters here because every model without a certificate ties at 1.0. Table: GOOD Table 1's layout, Acc then
@@ -159,12 +160,20 @@ def gauc_table(rows: list[dict]) -> str:
     return "\n\n".join(parts)
 
 
-def study_model(label: str, run_dir: Path, x_in: torch.Tensor, y_in: torch.Tensor, oods: dict, eps: float,
-                args: argparse.Namespace) -> list[dict]:
+def _load(run_dirs: list[Path], device: str) -> nn.Module:
+    """One run, or a deep ensemble of several as one model (log of the mean member softmax)."""
     import models
+    from utils.studies.ccu import _EnsembleLogProbs
+
+    loaded = [models.load_run(d, device=device) for d in run_dirs]
+    return loaded[0] if len(loaded) == 1 else _EnsembleLogProbs(loaded).to(device).eval()
+
+
+def study_model(label: str, run_dirs: list[Path], x_in: torch.Tensor, y_in: torch.Tensor, oods: dict,
+                eps: float, args: argparse.Namespace) -> list[dict]:
     from utils import runs
 
-    model = models.load_run(run_dir, device=args.device)
+    model = _load(run_dirs, args.device)
     conf_in, correct = [], 0
     with torch.no_grad():
         for i in range(0, len(x_in), args.batch_size):
@@ -176,8 +185,8 @@ def study_model(label: str, run_dir: Path, x_in: torch.Tensor, y_in: torch.Tenso
     rows = []
     for ood, x_out in oods.items():
         scores = ood_scores(model, x_out.to(args.device), eps, args, generator)
-        row = {"study": STUDY, "dataset": args.dataset, "label": label, "run": str(run_dir), "ood": ood,
-               "checkpoint": runs.file_hash(run_dir / "model.pt"), "acc": 100 * correct / len(y_in), "eps": eps,
+        row = {"study": STUDY, "dataset": args.dataset, "label": label, "run": ",".join(map(str, run_dirs)),
+               "ood": ood, "checkpoint": ",".join(runs.file_hash(d / "model.pt") for d in run_dirs), "acc": 100 * correct / len(y_in), "eps": eps,
                "n_ood": len(x_out), "n_test": len(y_in), "apgd_steps": args.apgd_steps,
                "apgd_restarts": args.apgd_restarts, "pgd_steps": args.pgd_steps, "seed": args.seed,
                **check_and_score(label, ood, conf_in, scores), "git_sha": runs.git_sha(), "date": runs.now()}
@@ -208,8 +217,13 @@ def main(args: argparse.Namespace) -> None:
     data_root = runs.resolve_data_root(args.data_root)
     x_in, y_in = _in_test(args, data_root)
     oods = {name: _ood_points(name, args, data_root) for name in (args.ood_sets or data.OOD_TEST[args.dataset])}
+    targets = [(label, [run_dir]) for label, run_dir in
+               model_paths.distinct_runs(args.dataset, args.runs_root, args.runs, include_ensembles=False)]
+    if not args.runs:  # ensembles of the table are models too: attacked on their averaged probabilities
+        targets += [(entry.label, entry.run_dirs(args.runs_root, args.dataset))
+                    for entry in model_paths.table_entries(args.dataset) if entry.is_ensemble]
     rows = []
-    for label, run_dir in model_paths.distinct_runs(args.dataset, args.runs_root, args.runs, include_ensembles=False):
-        rows += study_model(label, run_dir, x_in, y_in, oods, eps, args)
+    for label, run_dirs in targets:
+        rows += study_model(label, run_dirs, x_in, y_in, oods, eps, args)
     name = f"{args.dataset}_gauc"
     print(runs.record_study(args.results, name, name, rows, gauc_table))
