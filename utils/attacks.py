@@ -17,6 +17,10 @@ moved away from it. The forward pass that computes step t's gradient also scores
 free otherwise. The model runs in eval mode (BN uses its running statistics, dropout is off) and every
 submodule's training flag is restored afterwards.
 
+For the adversarial AUROC (AAUC) of GOOD / ProoD, the bottom of this file adds stronger L-inf attacks on the
+confidence: APGD (Croce & Hein, ICML 2020, arXiv 2003.01690) with its step-size schedule and restarts, and
+monotone PGD with momentum from three starts, combined by `worst_case_confidence`.
+
 [BUG fixed] The original toy notebook's PGD clipped the old iterate and undid the step, so only its random start
 took effect; here every step is applied.
 """
