@@ -176,8 +176,8 @@ def test_conservative_auroc_counts_ties_against_the_model():
 
 def test_an_unsound_bound_is_refused():
     conf_in = torch.full((10,), 0.9, dtype=torch.float64)
-    scores = {"clean": torch.full((5,), 0.3, dtype=torch.float64), "attacked": torch.full((5,), 0.8, dtype=torch.float64),
-              "bound": torch.full((5,), 0.5, dtype=torch.float64)}
+    scores = {name: torch.full((5,), value, dtype=torch.float64)
+              for name, value in (("clean", 0.3), ("attacked", 0.8), ("bound", 0.5))}
     with pytest.raises(ValueError, match="unsound"):
         check_and_score("toy", "uniform", conf_in, scores)
     scores["bound"] = torch.ones(5, dtype=torch.float64)

@@ -264,7 +264,8 @@ def _apgd_run(model: nn.Module, x_seed: torch.Tensor, x: torch.Tensor, objective
             reduce = (successes < rho * (k + 1 - last)) | ((eta == eta_at_last) & (best_score == best_at_last))
             eta = torch.where(reduce, eta / 2, eta)
             mask = _per_sample(reduce, x)
-            x, grad, x_prev = torch.where(mask, best_x, x), torch.where(mask, best_grad, grad), torch.where(mask, best_x, x_prev)
+            x, x_prev = torch.where(mask, best_x, x), torch.where(mask, best_x, x_prev)
+            grad = torch.where(mask, best_grad, grad)
             score = torch.where(reduce, best_score, score)
             successes, last, eta_at_last, best_at_last = torch.zeros_like(score), k + 1, eta.clone(), best_score.clone()
     return best_x, best_score

@@ -79,7 +79,8 @@ def _batch_norm(module: nn.modules.batchnorm._BatchNorm, lower: torch.Tensor, up
     if module.bias is not None:
         shift = shift + module.bias.to(dtype)
     view = (1, -1) + (1,) * (lower.dim() - 2)
-    return _affine(lower, upper, lambda c: c * scale.view(view) + shift.view(view), lambda r: r * scale.abs().view(view))
+    return _affine(lower, upper, lambda c: c * scale.view(view) + shift.view(view),
+                   lambda r: r * scale.abs().view(view))
 
 
 def _normalize(module: Normalize, lower: torch.Tensor, upper: torch.Tensor):

@@ -12,8 +12,9 @@ GOOD (Bitterwolf, Meinke, Hein, NeurIPS 2020, arXiv 2007.08473) and ProoD (Meink
         contains the box; 1.0, hence GAUC = 0, for a model without one).
 
 Every model of the table gets a row (a deep ensemble as one model, on its averaged probabilities; detectors
-that share a network share its row, labelled "Base/ODIN/Maha"). Since bound >= attacked >= clean per point, GAUC <= AAUC <= AUC; this is checked for every row (a bound below an
-attacked confidence by more than 1e-5 means an unsound certificate and raises). Both AUROC tie conventions are
+that share a network share its row, labelled "Base/ODIN/Maha"). Since bound >= attacked >= clean per point,
+GAUC <= AAUC <= AUC; this is checked for every row (a bound below an attacked confidence by more than 1e-5
+means an unsound certificate and raises). Both AUROC tie conventions are
 reported: scikit-learn's (ties count 1/2) and the papers' conservative one (ties count against the model), which
 matters here because every model without a certificate ties at 1.0. Table: GOOD Table 1's layout, Acc then
 AUC / AAUC / GAUC per OOD set, one table per convention.
@@ -101,9 +102,9 @@ def check_and_score(label: str, ood: str, conf_in: torch.Tensor, scores: dict[st
     """AUC / AAUC / GAUC in both conventions, after checking bound >= attacked per point and the ordering."""
     unsound = scores["bound"] < scores["attacked"] - SOUNDNESS_TOL
     if bool(unsound.any()):
+        gap = float((scores["attacked"] - scores["bound"]).max())
         raise ValueError(f"{label} on {ood}: the certified bound is below an attacked confidence on "
-                         f"{int(unsound.sum())} points (max gap {float((scores['attacked'] - scores['bound']).max()):.3g})"
-                         ": the certificate is unsound")
+                         f"{int(unsound.sum())} points (max gap {gap:.3g}): the certificate is unsound")
     # differences below the tolerance are float32 rounding of the forward pass, not a weaker certificate
     guaranteed = torch.maximum(scores["bound"], scores["attacked"])
     row = {}
@@ -186,7 +187,8 @@ def study_model(label: str, run_dirs: list[Path], x_in: torch.Tensor, y_in: torc
     for ood, x_out in oods.items():
         scores = ood_scores(model, x_out.to(args.device), eps, args, generator)
         row = {"study": STUDY, "dataset": args.dataset, "label": label, "run": ",".join(map(str, run_dirs)),
-               "ood": ood, "checkpoint": ",".join(runs.file_hash(d / "model.pt") for d in run_dirs), "acc": 100 * correct / len(y_in), "eps": eps,
+               "ood": ood, "checkpoint": ",".join(runs.file_hash(d / "model.pt") for d in run_dirs),
+               "acc": 100 * correct / len(y_in), "eps": eps,
                "n_ood": len(x_out), "n_test": len(y_in), "apgd_steps": args.apgd_steps,
                "apgd_restarts": args.apgd_restarts, "pgd_steps": args.pgd_steps, "seed": args.seed,
                **check_and_score(label, ood, conf_in, scores), "git_sha": runs.git_sha(), "date": runs.now()}
