@@ -20,8 +20,10 @@ into the new run), or the classifier trains jointly with plain cross-entropy whe
 its last. After training, d is deployed with its bias raised by `--prood-bias-shift` (a buffer of the model).
 
 Schedules: kappa and eps ramp linearly from 0 to their targets between two fractions of the run's epochs
-(`--kappa-ramp`, `--eps-ramp`): GOOD's MNIST schedule by default (kappa over epochs 2-102 of 420, eps over
-10-130); ProoD's eps over epochs 300-1000 of 1000, with eps = 0 (a clean discriminator) before. The training
+(`--kappa-ramp`, `--eps-ramp`): GOOD's kappa over 20-50% of the epochs and eps over 20-60% by default (the
+paper's MNIST schedule, kappa over epochs 2-102 of 420 and eps over 10-130, leaves short runs no clean warm-up:
+they collapsed to a constant output on digits and MNIST); ProoD's eps over epochs 300-1000 of 1000, with
+eps = 0 (a clean discriminator) before. The training
 loop records the epoch in `opts.epoch`. d's last-layer bias starts at 3 (the paper's raised start).
 
 Differences from the originals: losses are means over the batch (GOOD's code sums, with a per-batch learning
@@ -50,7 +52,10 @@ from utils.methods.base import Method
 # ProoD: CIFAR 0.01; the 8x8 digits take MNIST's); kappa, GOOD's out-loss weight (MNIST 0.3, CIFAR-10 1.0).
 CERTIFIED_EPS = {"MNIST": 0.3, "digits": 0.3, "SVHN": 0.03, "CIFAR10": 0.01, "CIFAR100": 0.01}
 GOOD_KAPPA = {"MNIST": 0.3, "digits": 0.3}
-RAMPS = {"good": {"kappa": (2 / 420, 102 / 420), "eps": (10 / 420, 130 / 420)},
+# GOOD's MNIST schedule is kappa over epochs 2-102 and eps over 10-130 of 420 (`--kappa-ramp 0.0048 0.243
+# --eps-ramp 0.024 0.31`); scaled to a short run its clean warm-up vanishes and the net collapses to a constant
+# output (seen on digits and MNIST), so by default the first 20% of the epochs are clean.
+RAMPS = {"good": {"kappa": (0.2, 0.5), "eps": (0.2, 0.6)},
          "prood": {"kappa": (0.0, 0.0), "eps": (0.3, 1.0)}}
 DISCRIMINATOR_INIT_BIAS = 3.0  # ProoD: d's last-layer bias starts raised by 3, so d begins on the "in" side
 CLASSIFIER_KEYS = ("arch", "num_classes", "in_channels", "input_size", "dropout", "normalize",
