@@ -253,3 +253,13 @@ def test_prood_run_is_self_contained_and_study_rows_are_ordered(tmp_path, prood_
     assert math.isclose(plain_uniform["auc_sklearn"], 100 * expected, rel_tol=1e-9)
     table = (results / "tables" / "digits_gauc.md").read_text()
     assert "conservative AUROC" in table and "scikit-learn AUROC" in table and "uniform AUC / AAUC / GAUC" in table
+
+
+def test_out_of_range_fractions_are_refused_by_the_parser(capsys):
+    import train
+
+    for flags in (["--good-quantile", "1.5"], ["--eps-ramp", "0.2", "2"], ["--kappa-ramp", "-0.1", "0.5"]):
+        with pytest.raises(SystemExit):
+            train.get_args_parser().parse_args(["--method", "good", *flags])
+        assert "expected a number in [0, 1]" in capsys.readouterr().err
+    assert train.get_args_parser().parse_args(["--good-quantile", "1"]).good_quantile == 1.0

@@ -62,17 +62,25 @@ CLASSIFIER_KEYS = ("arch", "num_classes", "in_channels", "input_size", "dropout"
                    "spectral_norm_coeff", "mod", "arch_kwargs")
 
 
+def fraction(text: str) -> float:
+    """argparse type: a number in [0, 1]."""
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text}")
+    return value
+
+
 def add_args(group: argparse._ArgumentGroup) -> None:
     """The good / prood flags of train.py."""
-    group.add_argument("--good-quantile", type=float, default=0.8,
+    group.add_argument("--good-quantile", type=fraction, default=0.8,
                        help="GOOD_Q: share of each out batch with the lowest bounds that gets the bound loss")
     group.add_argument("--ibp-eps", type=float, default=None,
                        help=f"L-inf radius of the certified box (default per dataset: {CERTIFIED_EPS})")
     group.add_argument("--kappa", type=float, default=None,
                        help=f"out-loss weight (GOOD default {GOOD_KAPPA}, else 1.0; ProoD 1.0)")
-    group.add_argument("--kappa-ramp", type=float, nargs=2, default=None, metavar=("START", "END"),
+    group.add_argument("--kappa-ramp", type=fraction, nargs=2, default=None, metavar=("START", "END"),
                        help="kappa ramps 0 -> kappa between these fractions of --epochs (default: the paper's)")
-    group.add_argument("--eps-ramp", type=float, nargs=2, default=None, metavar=("START", "END"),
+    group.add_argument("--eps-ramp", type=fraction, nargs=2, default=None, metavar=("START", "END"),
                        help="eps ramps 0 -> --ibp-eps between these fractions of --epochs")
     group.add_argument("--classifier", default=None, metavar="RUN",
                        help="prood: finished classifier run (folder, or name under <runs-root>/<dataset>/); "
