@@ -50,7 +50,8 @@ from utils.methods.base import Method
 
 # L-inf radius of the certified eps-ball per in-distribution (GOOD: MNIST 0.3, SVHN 0.03, CIFAR-10 0.01;
 # ProoD: CIFAR 0.01; the 8x8 digits take MNIST's); kappa, GOOD's out-loss weight (MNIST 0.3, CIFAR-10 1.0).
-CERTIFIED_EPS = {"MNIST": 0.3, "digits": 0.3, "SVHN": 0.03, "CIFAR10": 0.01, "CIFAR100": 0.01}
+# FMNIST 0.1 is our choice (neither paper trains on it; its textures make MNIST's 0.3 a very large ball).
+CERTIFIED_EPS = {"MNIST": 0.3, "digits": 0.3, "FMNIST": 0.1, "SVHN": 0.03, "CIFAR10": 0.01, "CIFAR100": 0.01}
 GOOD_KAPPA = {"MNIST": 0.3, "digits": 0.3}
 # GOOD's MNIST schedule is kappa over epochs 2-102 and eps over 10-130 of 420 (`--kappa-ramp 0.0048 0.243
 # --eps-ramp 0.024 0.31`); scaled to a short run its clean warm-up vanishes and the net collapses to a constant
