@@ -58,8 +58,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     import model_paths
 
     model_paths.add_run_args(parser, "study")
-    parser.add_argument("--eps", type=float, default=None,
-                        help="L-inf radius (default per dataset: MNIST and digits 0.3, SVHN 0.03, CIFAR 0.01)")
+    from utils.methods.certified import CERTIFIED_EPS
+
+    parser.add_argument("--eps", type=float, default=None, help=f"L-inf radius (default per dataset: {CERTIFIED_EPS})")
     parser.add_argument("--ood-sets", nargs="+", default=None, help="default: data.OOD_TEST[dataset]")
     parser.add_argument("--n-ood", type=int, default=1000, help="points per OOD set (seeded subset)")
     parser.add_argument("--n-test", type=int, default=None, help="in-distribution test points (default: all)")
