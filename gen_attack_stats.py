@@ -1,11 +1,13 @@
 """Worst-case confidence statistics of trained models.
 
-Three studies, one per `--study`:
+Four studies, one per `--study`:
   ccu    CCU Table 1: adversarial noise inside CCU's certified balls, attacking every model of a table
          (`utils/studies/ccu.py`).
   alpha  The ACET paper's alpha-scaling experiment: how far uniform noise must be scaled before a model is
          99.9% confident, and how often clipped scaled noise is predicted with > 95% confidence
          (`utils/studies/alpha.py`).
+  gauc   GOOD / ProoD's AUC, AAUC (under APGD + PGD) and GAUC (certified bounds) in an eps-ball around each OOD
+         point, for every model of a table (`utils/studies/gauc.py`).
   audit  The far-away confidence audit: the exact limit of a ReLU network's confidence along rays
          alpha * d as alpha -> infinity (Theorem 3.1 of the ACET paper; `utils/limits.py`).
 
@@ -23,7 +25,8 @@ from utils import cli
 from utils.amp import AMP_DTYPES, check_amp, default_amp, set_attack_amp
 
 # study name -> module that provides add_args(parser) and main(args)
-STUDIES = {"ccu": "utils.studies.ccu", "alpha": "utils.studies.alpha", "audit": "utils.studies.audit"}
+STUDIES = {"ccu": "utils.studies.ccu", "alpha": "utils.studies.alpha", "audit": "utils.studies.audit",
+           "gauc": "utils.studies.gauc"}
 
 
 def get_args_parser(study: str) -> argparse.ArgumentParser:

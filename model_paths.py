@@ -40,6 +40,7 @@ _DEMO = [
     TableEntry("ACET", ("acet-s0",)),
     TableEntry("DDU", ("ddu-s0",), "ddu"),
     TableEntry("CCU", ("ccu-s0",)),
+    TableEntry("ProoD", ("prood-s0",)),
 ]
 
 # The paper tables (CCU Table 2 columns, plus DDU): train each run with
@@ -58,6 +59,10 @@ _PAPER = [
     TableEntry("CCU", ("ccu-s0",)),
     TableEntry("CCUs", ("ccus-s0",)),
     TableEntry("DDU", ("ddu-s0",), "ddu"),
+    # GOOD and ProoD (provable OOD detection on eps-balls; `gen_attack_stats.py --study gauc` for AAUC / GAUC)
+    TableEntry("GOOD80", ("good80-s0",)),
+    TableEntry("GOOD100", ("good100-s0",)),
+    TableEntry("ProoD", ("prood-s0",)),
 ]
 
 # DDU's README table (docs/methods.md#ddu-table): WRN-28-10 + SN + mod (`--recipe ddu`), seeds 1..5, mean +- standard
@@ -103,6 +108,11 @@ RUN_FLAGS: dict[str, list[str]] = {
     "ddu": ["--method", "plain", "--recipe", "ddu"],
     # classifier, G and D settings per dataset come from model_params.GAN_PARAMS (LeNet on MNIST, else VGG-13)
     "gan": ["--method", "gan"],
+    # GOOD_Q on the paper's plain CNN (size L for one-channel data, XL otherwise); ProoD's discriminator trains
+    # beside the finished OE run of the same table (trained before it, as the table lists OE first)
+    "good80": ["--method", "good", "--good-quantile", "0.8", "--arch", "good_cnn", "--out-data", "natural_patches"],
+    "good100": ["--method", "good", "--good-quantile", "1.0", "--arch", "good_cnn", "--out-data", "natural_patches"],
+    "prood": ["--method", "prood", "--classifier", "oe-s0", "--out-data", "natural_patches"],
 }
 
 

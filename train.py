@@ -33,6 +33,7 @@ from utils.cli import AT_LEAST_ONE, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, UN
 from utils.distributed import wrap_ddp
 from utils.methods import METHODS, get_method
 from utils.resume import resume_config, resume_record
+from utils.methods import certified as certified_methods
 from utils.runs import append_jsonl, prepare_run_dir, provenance, resolve_data_root, write_json
 
 # Flags whose None default means "take model_params.PARAMS[dataset]" (argparse dest -> Params field).
@@ -112,6 +113,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--loglam", type=float, default=0.0)
     add_gan_args(p)
     cli.add_debug_flag(p)
+    certified_methods.add_args(g)  # good / prood
     return p
 
 
@@ -226,6 +228,7 @@ def main(args: Namespace) -> Path:
         make_out = out_source.for_epoch(epoch) if out_source is not None else None
         lr = optimizer.param_groups[0]["lr"]  # the lr this epoch trains at (the scheduler steps after it)
         guard.reset()
+        opts.epoch = epoch  # the schedules of good / prood (kappa and eps ramps) read it
         with training.EpochTimer() as timer:
             stats = training.train_epoch(train_model, loader, optimizer, method, opts, make_out, device,
                                          opts.max_batches, opts.progress and rank == 0, precision,

@@ -10,7 +10,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 BENCHMARKS = ["bench_train.py", "bench_eval.py", "bench_acet.py", "bench_acet_train.py", "bench_data_path.py",
-              "bench_gan.py", "bench_certify.py", "bench_detectors.py"]  # bench_gpu.py needs a CUDA GPU: run it on its own
+              "bench_gan.py", "bench_certify.py", "bench_ibp.py",
+              "bench_detectors.py"]  # bench_gpu.py needs a CUDA GPU: run it on its own
 
 
 def main() -> None:

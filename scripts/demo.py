@@ -30,9 +30,15 @@ DEMO_RUNS: list[tuple[str, list[str]]] = [
                 "--spectral-norm-coeff", "3", "--mod",
                 "--epochs", "20", "--val-fraction", "0.1"]),
     ("ccu-s0", ["--method", "ccu", "--gmm", "gmm-s0", "--out-data", "natural_patches", "--epochs", "20"]),
+    # ProoD over the plain run: only its certified discriminator (a quarter-width S CNN) trains, on uniform
+    # noise at MNIST's eps 0.3; no lr drops, so the late epochs at full eps still learn
+    ("prood-s0", ["--method", "prood", "--classifier", "plain-s0", "--out-data", "uniform", "--epochs", "30",
+                  "--milestones", "--discriminator-width", "0.25"]),
 ]
 GMM_FLAGS = ["--n-components", "20", "--out-data", "natural_patches", "--n-out", "3000", "--no-augment"]
 ATTACK_FLAGS = ["--n-seeds", "200", "--restarts", "5", "--steps", "100"]
+GAUC_FLAGS = ["--ood-sets", "uniform", "natural_patches", "--n-ood", "100", "--apgd-steps", "20", "--apgd-restarts",
+              "1", "--pgd-steps", "10"]
 EVALUATE_FLAGS = ["--adv-sets", "adv_noise", "--attack-steps", "40", "--n-adv", "360", "--n-ood", "5000"]
 DDU_FIGURE_FLAGS = ["--blends", "500", "--n", "2000"]
 # --tiny: the same pipeline and output files in seconds (tests/test_notebooks.py runs the notebooks on them);
@@ -93,6 +99,8 @@ def main(args: argparse.Namespace) -> None:
     gen_attack_stats.main(["--study", "ccu", *common, "--results-root", args.results_root, *ATTACK_FLAGS, *tiny(args, "attack")])
     print("== DDU entropy and feature density of the DDU run (python -m utils.plots.ddu) ==")
     ddu_figure_scores(args)
+    print("== AUC / AAUC / GAUC in the eps = 0.3 ball around each OOD point (gen_attack_stats.py --study gauc) ==")
+    gen_attack_stats.main(["--study", "gauc", *common, "--results-root", args.results_root, *GAUC_FLAGS])
     print(f"demo finished in {time.perf_counter() - start:.0f}s; runs in {args.runs_root}, results in "
           f"{args.results_root}")
 

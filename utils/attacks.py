@@ -17,11 +17,16 @@ moved away from it. The forward pass that computes step t's gradient also scores
 free otherwise. The model runs in eval mode (BN uses its running statistics, dropout is off) and every
 submodule's training flag is restored afterwards.
 
+For the adversarial AUROC (AAUC) of GOOD / ProoD, the bottom of this file adds stronger L-inf attacks on the
+confidence: APGD (Croce & Hein, ICML 2020, arXiv 2003.01690) with its step-size schedule and restarts, and
+monotone PGD with momentum from three starts, combined by `worst_case_confidence`.
+
 [BUG fixed] The original toy notebook's PGD clipped the old iterate and undid the step, so only its random start
 took effect; here every step is applied.
 """
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
@@ -214,3 +219,124 @@ def adv_samples_set(model: nn.Module, x_in: torch.Tensor, y_in: torch.Tensor, op
 
 # evaluation set name -> fn(model, x_in, y_in, opts) -> AdvBatch
 ADV_SETS: dict[str, Callable[..., AdvBatch]] = {"adv_noise": adv_noise_set, "adv_samples": adv_samples_set}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Strong L-inf attacks on the confidence for AAUC (utils/studies/gauc.py): APGD and monotone momentum PGD.
+
+def _score_and_input_grad(model: nn.Module, x: torch.Tensor, objective: Objective):
+    x = x.detach().requires_grad_(True)
+    score = objective(model(x))
+    (grad,) = torch.autograd.grad(score.sum(), x)
+    return score.detach(), grad.detach()
+
+
+def _per_sample(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return t.view(-1, *([1] * (like.dim() - 1)))
+
+
+def apgd_checkpoints(steps: int) -> list[int]:
+    """APGD's checkpoints w_j = ceil(p_j N): p_0 = 0, p_1 = 0.22, p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06)."""
+    fractions = [0.0, 0.22]
+    while fractions[-1] < 1.0:
+        fractions.append(fractions[-1] + max(fractions[-1] - fractions[-2] - 0.03, 0.06))
+    return sorted({min(steps, math.ceil(round(p * steps, 6))) for p in fractions[1:]})  # 0.57 * 100 is 57.000...01
+
+
+def _apgd_run(model: nn.Module, x_seed: torch.Tensor, x: torch.Tensor, objective: Objective, eps: float,
+              steps: int, momentum: float, rho: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One APGD run from x (Croce & Hein 2020, Algorithm 1): step eta = 2 eps, halved per sample at a checkpoint
+    when fewer than rho of the steps since the last one improved, or when neither eta nor the best score changed;
+    a halving restarts from the best point. Returns (best x, best score)."""
+    score, grad = _score_and_input_grad(model, x, objective)
+    best_x, best_score, best_grad = x.clone(), score.clone(), grad.clone()
+    eta = torch.full_like(score, 2.0 * eps)
+    x_prev, successes, last = x.clone(), torch.zeros_like(score), 0
+    eta_at_last, best_at_last = eta.clone(), best_score.clone()
+    checkpoints = set(apgd_checkpoints(steps))
+    for k in range(steps):
+        z = project(x + _per_sample(eta, x) * grad.sign(), x_seed, eps, "linf")
+        x_new = z if k == 0 else project(x + momentum * (z - x) + (1 - momentum) * (x - x_prev), x_seed, eps, "linf")
+        x_prev, x = x, x_new
+        new_score, grad = _score_and_input_grad(model, x, objective)
+        successes += (new_score > score).to(score.dtype)
+        score = new_score
+        better = score > best_score
+        best_x, best_score = _keep_best(best_x, best_score, x, score)
+        best_grad = torch.where(_per_sample(better, x), grad, best_grad)
+        if k + 1 in checkpoints:
+            reduce = (successes < rho * (k + 1 - last)) | ((eta == eta_at_last) & (best_score == best_at_last))
+            eta = torch.where(reduce, eta / 2, eta)
+            mask = _per_sample(reduce, x)
+            x, x_prev = torch.where(mask, best_x, x), torch.where(mask, best_x, x_prev)
+            grad = torch.where(mask, best_grad, grad)
+            score = torch.where(reduce, best_score, score)
+            successes, last, eta_at_last, best_at_last = torch.zeros_like(score), k + 1, eta.clone(), best_score.clone()
+    return best_x, best_score
+
+
+def apgd_maximize(model: nn.Module, x_seed: torch.Tensor, objective: Objective, eps: float, steps: int = 100,
+                  restarts: int = 1, momentum: float = 0.75, rho: float = 0.75,
+                  generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """APGD (Croce & Hein, ICML 2020, arXiv 2003.01690) maximising `objective(model(x))` per sample over the L-inf
+    eps-ball around x_seed intersected with [0,1]^d: `restarts` runs from uniform random points of the ball.
+    Returns (x_best, score_best), the best of the seed and every iterate of every run; both detached."""
+    x_seed = x_seed.detach()
+    with eval_mode(model), torch.enable_grad():
+        with torch.no_grad():
+            best_x, best_score = x_seed.clone(), objective(model(x_seed))
+        for _ in range(restarts):
+            u = (2.0 * torch.rand(x_seed.shape, generator=generator, dtype=x_seed.dtype).to(x_seed.device) - 1.0)
+            x, score = _apgd_run(model, x_seed, project(x_seed + eps * u, x_seed, eps, "linf"), objective, eps,
+                                 steps, momentum, rho)
+            best_x, best_score = _keep_best(best_x, best_score, x, score)
+    return best_x, best_score
+
+
+def momentum_pgd_maximize(model: nn.Module, x_seed: torch.Tensor, x_start: torch.Tensor, objective: Objective,
+                          eps: float, steps: int = 200, step_size: float = 0.1,
+                          momentum: float = 0.9) -> tuple[torch.Tensor, torch.Tensor]:
+    """Monotone PGD with momentum (ProoD's evaluation attack): sign steps along the momentum of L1-normalised
+    gradients, of size step_size * eps per sample; a step is taken only if it improves the score, otherwise the
+    step size halves. Starts from x_start (projected into the ball). Returns (x_best, score_best), detached."""
+    with eval_mode(model), torch.enable_grad():
+        x = project(x_start.detach(), x_seed, eps, "linf")
+        score, grad = _score_and_input_grad(model, x, objective)
+        step = torch.full_like(score, step_size * eps)
+        velocity = torch.zeros_like(x)
+        for _ in range(steps):
+            norm = _per_sample(grad.abs().flatten(1).mean(1).clamp_min(1e-30), grad)
+            velocity = momentum * velocity + grad / norm
+            cand = project(x + _per_sample(step, x) * velocity.sign(), x_seed, eps, "linf")
+            cand_score, cand_grad = _score_and_input_grad(model, cand, objective)
+            better = cand_score > score
+            mask = _per_sample(better, x)
+            x, grad = torch.where(mask, cand, x), torch.where(mask, cand_grad, grad)
+            score = torch.where(better, cand_score, score)
+            step = torch.where(better, step, step / 2)
+    return x.detach(), score
+
+
+def _pgd_starts(x_seed: torch.Tensor, eps: float, generator: Optional[torch.Generator]) -> list[torch.Tensor]:
+    """ProoD's three PGD starts: de-contrasted (every pixel moved eps towards the image mean), uniform in the
+    ball, and N(0, 1e-4) noise around the seed."""
+    kw = dict(generator=generator, dtype=x_seed.dtype)
+    mean = x_seed.flatten(1).mean(1).view(-1, *([1] * (x_seed.dim() - 1)))
+    uniform = (2.0 * torch.rand(x_seed.shape, **kw) - 1.0).to(x_seed.device) * eps
+    gaussian = torch.randn(x_seed.shape, **kw).to(x_seed.device) * 1e-2
+    return [x_seed - eps * (x_seed - mean).sign(), x_seed + uniform, x_seed + gaussian]
+
+
+def worst_case_confidence(model: nn.Module, x_seed: torch.Tensor, eps: float, apgd_steps: int = 500,
+                          apgd_restarts: int = 5, pgd_steps: int = 200, pgd_step_size: float = 0.1,
+                          generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per point the highest log-confidence max_y log p(y|x) found inside the clipped L-inf eps-ball: the max over
+    the clean point, APGD with restarts and three monotone momentum-PGD runs (ProoD's AAUC attack; 0 steps or
+    restarts skip an attack). Returns (x_best, log_conf_best), detached."""
+    best_x, best_score = apgd_maximize(model, x_seed, max_log_conf, eps, apgd_steps, apgd_restarts,
+                                       generator=generator)
+    if pgd_steps > 0:
+        for start in _pgd_starts(x_seed, eps, generator):
+            x, score = momentum_pgd_maximize(model, x_seed, start, max_log_conf, eps, pgd_steps, pgd_step_size)
+            best_x, best_score = _keep_best(best_x, best_score, x, score)
+    return best_x, best_score

@@ -174,3 +174,33 @@ def asymptotic_check(model: CCUModel) -> dict:
         return {"max_in_var": max_in, "min_out_var": math.inf, "ratio": math.inf, "holds": True}
     min_out = float(model.gmm_out.logvar.detach().exp().min())
     return {"max_in_var": max_in, "min_out_var": min_out, "ratio": min_out / max_in, "holds": min_out > max_in}
+
+
+def linf_box_radius(model: CCUModel, x: torch.Tensor, eps: float) -> torch.Tensor:
+    """(N,) float64: a radius in CCU's PCA metric whose ball around x contains the box
+    [clip(x - eps, 0, 1), clip(x + eps, 0, 1)].
+
+    With m_i = max(x_i - lower_i, upper_i - x_i) <= eps the largest per-pixel move, every z of the box has
+    |z_i - x_i| <= m_i, so ||z - x||_2 <= ||m||_2 <= eps sqrt(D) in pixel space. The metric is
+    d(z, x) = ||A (z - x)|| with A = S^{-1/2} V (V orthonormal), hence d <= ||m||_2 / sqrt(min s); also
+    d <= sum_i m_i ||A e_i|| (triangle inequality over coordinates). The smaller of the two is returned.
+    """
+    flat = x.reshape(x.shape[0], -1).double()
+    move = torch.maximum(flat - (flat - eps).clamp(0.0, 1.0), (flat + eps).clamp(0.0, 1.0) - flat)   # (N, D)
+    s = model.metric.s.double().to(flat.device)
+    columns = (model.metric.V.double().to(flat.device).pow(2) / s[:, None]).sum(0).sqrt()           # (D,) ||A e_i||
+    return torch.minimum(move.norm(dim=1) * s.min().rsqrt(), move @ columns)
+
+
+def ccu_confidence_upper_bound(model: CCUModel, x: torch.Tensor, eps: float) -> torch.Tensor:
+    """(N,) float64 upper bound of CCU's max_y p(y|z) over the clipped L-inf eps-ball around each x.
+
+    The box lies inside the PCA-metric ball B(x, r) with r = `linf_box_radius`; on that ball the density
+    ratio rho = p(z|i)/p(z|o) is at most U_i(r)/L_o(r) (docs/methods.md, CCU's certificate), and
+    max_y p(y|z) <= (rho + lambda/K)/(rho + lambda) = 1 - (1 - 1/K) sigmoid(log lambda - log rho).
+    """
+    terms = bound_terms(model, x, f=1.1)  # f only sets log_b, which is added back below
+    radius = linf_box_radius(model, x, eps)
+    log_rho = bound_gap(terms, radius) + terms.log_b
+    num_classes = model.num_classes
+    return 1.0 - (1.0 - 1.0 / num_classes) * torch.sigmoid(float(model.loglam) - log_rho)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from utils.methods.base import Method
 from utils.methods.ccu import CCU_METHODS
+from utils.methods.certified import CERTIFIED_METHODS
 from utils.methods.edl import EDL_METHODS
 from utils.methods.gan import GAN_METHODS
 from utils.methods.noise import NOISE_METHODS
@@ -14,6 +15,7 @@ METHODS: dict[str, Method] = {
     **CCU_METHODS,
     **EDL_METHODS,
     **GAN_METHODS,
+    **CERTIFIED_METHODS,
 }
 
 

@@ -1,0 +1,240 @@
+"""Clean, adversarial and guaranteed AUROC: AUC, AAUC, GAUC (`gen_attack_stats.py --study gauc`).
+
+GOOD (Bitterwolf, Meinke, Hein, NeurIPS 2020, arXiv 2007.08473) and ProoD (Meinke, Bitterwolf, Hein, NeurIPS
+2022, arXiv 2106.04260). Per model and OOD set, with the model's max-softmax confidence as the score:
+
+  AUC   in-distribution test confidences vs the OOD points' clean confidences;
+  AAUC  each OOD confidence replaced by the highest one found in the clipped L-inf eps-ball around the point
+        (the max over the clean point, APGD with restarts and three monotone momentum-PGD runs,
+        `utils.attacks.worst_case_confidence`);
+  GAUC  each OOD confidence replaced by a certified upper bound over that ball (`utils.ibp.confidence_upper_bound`:
+        IBP for plain ReLU nets, ProoD's discriminator bound, CCU's own certificate on the PCA-metric ball that
+        contains the box; 1.0, hence GAUC = 0, for a model without one).
+
+Every model of the table gets a row (a deep ensemble as one model, on its averaged probabilities; detectors
+that share a network share its row, labelled "Base/ODIN/Maha"). Since bound >= attacked >= clean per point,
+GAUC <= AAUC <= AUC; this is checked for every row (a bound below an attacked confidence by more than 1e-5
+means an unsound certificate and raises). Both AUROC tie conventions are
+reported: scikit-learn's (ties count 1/2) and the papers' conservative one (ties count against the model), which
+matters here because every model without a certificate ties at 1.0. Table: GOOD Table 1's layout, Acc then
+AUC / AAUC / GAUC per OOD set, one table per convention.
+
+    python gen_attack_stats.py --study gauc --dataset MNIST      # every run of model_paths.MODEL_PATHS["MNIST"]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from utils.cli import AT_LEAST_ONE, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE
+
+STUDY = "gauc"
+CONVENTIONS = {"conservative": "conservative AUROC (ties count against the model, as GOOD / ProoD)",
+               "sklearn": "scikit-learn AUROC (ties count 1/2)"}
+SOUNDNESS_TOL = 1e-5
+
+
+def auroc_conservative(conf_in, conf_out) -> float:
+    """Mean over all (in, out) pairs of [conf_out < conf_in]: ties count against the model."""
+    from utils.metrics import _as_array
+
+    scores_in, scores_out = _as_array(conf_in, "conf_in"), _as_array(conf_out, "conf_out")
+    below = np.searchsorted(np.sort(scores_out), scores_in, side="left")  # out scores strictly below each in score
+    return float(below.sum() / (scores_in.size * scores_out.size))
+
+
+def auroc(conf_in, conf_out, convention: str) -> float:
+    from utils import metrics
+
+    return auroc_conservative(conf_in, conf_out) if convention == "conservative" else metrics.auroc(conf_in, conf_out)
+
+
+RANGES = {"eps": NON_NEGATIVE, "n_ood": AT_LEAST_ONE, "n_test": AT_LEAST_ONE, "apgd_steps": NON_NEGATIVE_INT,
+          "apgd_restarts": AT_LEAST_ONE, "pgd_steps": NON_NEGATIVE_INT, "pgd_step_size": POSITIVE,
+          "batch_size": AT_LEAST_ONE}  # checked by gen_attack_stats.run_study before any work
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    import model_paths
+
+    model_paths.add_run_args(parser, "study")
+    from utils.methods.certified import CERTIFIED_EPS
+
+    parser.add_argument("--eps", type=float, default=None, help=f"L-inf radius (default per dataset: {CERTIFIED_EPS})")
+    parser.add_argument("--ood-sets", nargs="+", default=None, help="default: data.OOD_TEST[dataset]")
+    parser.add_argument("--n-ood", type=int, default=1000, help="points per OOD set (seeded subset)")
+    parser.add_argument("--n-test", type=int, default=None, help="in-distribution test points (default: all)")
+    parser.add_argument("--apgd-steps", type=int, default=500)
+    parser.add_argument("--apgd-restarts", type=int, default=5)
+    parser.add_argument("--pgd-steps", type=int, default=200, help="steps of each of the three momentum PGD runs")
+    parser.add_argument("--pgd-step-size", type=float, default=0.1, help="initial step, as a fraction of eps")
+    parser.add_argument("--batch-size", type=int, default=500)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--data-root", default=None, help="datasets folder (default: $DATA_ROOT or ./datasets)")
+    parser.add_argument("--results-root", default="results", help="root of results/attacks and results/tables")
+
+
+@torch.no_grad()
+def _confidences(model: nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+    return torch.cat([F.softmax(model(x[i:i + batch_size]), dim=1).amax(1).double().cpu()
+                      for i in range(0, len(x), batch_size)])
+
+
+def ood_scores(model: nn.Module, x_out: torch.Tensor, eps: float, args: argparse.Namespace,
+               generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Clean, attacked and certified confidences (N,) of the OOD points, float64 on the CPU."""
+    from utils.attacks import worst_case_confidence
+    from utils.ibp import confidence_upper_bound
+
+    clean, attacked, bound = [], [], []
+    for i in range(0, len(x_out), args.batch_size):
+        x = x_out[i:i + args.batch_size]
+        clean.append(_confidences(model, x, args.batch_size))
+        _, log_conf = worst_case_confidence(model, x, eps, args.apgd_steps, args.apgd_restarts, args.pgd_steps,
+                                            args.pgd_step_size, generator)
+        attacked.append(log_conf.double().exp().cpu())
+        bound.append(confidence_upper_bound(model, x, eps).cpu())
+    clean, attacked, bound = torch.cat(clean), torch.cat(attacked), torch.cat(bound)
+    return {"clean": clean, "attacked": torch.maximum(attacked, clean), "bound": bound}
+
+
+def check_and_score(label: str, ood: str, conf_in: torch.Tensor, scores: dict[str, torch.Tensor]) -> dict:
+    """AUC / AAUC / GAUC in both conventions, after checking bound >= attacked per point and the ordering."""
+    unsound = scores["bound"] < scores["attacked"] - SOUNDNESS_TOL
+    if bool(unsound.any()):
+        gap = float((scores["attacked"] - scores["bound"]).max())
+        raise ValueError(f"{label} on {ood}: the certified bound is below an attacked confidence on "
+                         f"{int(unsound.sum())} points (max gap {gap:.3g}): the certificate is unsound")
+    # differences below the tolerance are float32 rounding of the forward pass, not a weaker certificate
+    guaranteed = torch.maximum(scores["bound"], scores["attacked"])
+    row = {}
+    for convention in CONVENTIONS:
+        values = {name: auroc(conf_in, out, convention)
+                  for name, out in (("auc", scores["clean"]), ("aauc", scores["attacked"]), ("gauc", guaranteed))}
+        if not values["gauc"] <= values["aauc"] <= values["auc"]:
+            raise ValueError(f"{label} on {ood} ({convention}): GAUC <= AAUC <= AUC violated: {values}")
+        row.update({f"{name}_{convention}": 100 * value for name, value in values.items()})
+    row["mean_bound"] = float(scores["bound"].mean())
+    row["certified_below_half"] = float((scores["bound"] < 0.5).double().mean())
+    return row
+
+
+def _ood_points(name: str, args: argparse.Namespace, data_root: str) -> torch.Tensor:
+    """n_ood points of an OOD set: generated sets draw exactly n (seeded), real ones a seeded random subset."""
+    import data
+
+    generated = data.DATASETS[name].kind == "generated" if name in data.DATASETS else False
+    dataset = data.get_dataset(name, "test", root=data_root, like=args.dataset, seed=args.seed,
+                               n=args.n_ood if generated else None)
+    index = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(args.seed))[:args.n_ood]
+    return torch.stack([dataset[int(i)][0] for i in index])
+
+
+def _in_test(args: argparse.Namespace, data_root: str) -> tuple[torch.Tensor, torch.Tensor]:
+    import data
+
+    dataset = data.get_dataset(args.dataset, "test", root=data_root, n=args.n_test)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=len(dataset))
+    return next(iter(loader))
+
+
+def gauc_table(rows: list[dict]) -> str:
+    """GOOD Table 1 layout per tie convention: Acc, then AUC / AAUC / GAUC per OOD set (newest row per cell)."""
+    from utils.tables import markdown
+
+    newest: dict = {}
+    for row in rows:
+        newest[(row["label"], row["run"], row["ood"])] = row
+    models = list(dict.fromkeys((label, run) for label, run, _ in newest))
+    oods = list(dict.fromkeys(ood for _, _, ood in newest))
+    r0 = rows[-1]
+    parts = []
+    for convention, title in CONVENTIONS.items():
+        grid = [["Model", "Acc"] + [f"{ood} AUC / AAUC / GAUC" for ood in oods]]
+        for label, run in models:
+            cells = [newest.get((label, run, ood)) for ood in oods]
+            first = next(c for c in cells if c is not None)
+            grid.append([label, f"{first['acc']:.1f}"] + [
+                "-" if c is None else " / ".join(f"{c[f'{k}_{convention}']:.1f}" for k in ("auc", "aauc", "gauc"))
+                for c in cells])
+        parts.append(f"{r0['dataset']}, eps = {r0['eps']} (L-inf), {title}, x100:\n\n" + markdown(grid))
+    return "\n\n".join(parts)
+
+
+def _load(run_dirs: list[Path], device: str) -> nn.Module:
+    """One run, or a deep ensemble of several as one model (log of the mean member softmax)."""
+    import models
+    from utils.studies.ccu import _EnsembleLogProbs
+
+    loaded = [models.load_run(d, device=device) for d in run_dirs]
+    return loaded[0] if len(loaded) == 1 else _EnsembleLogProbs(loaded).to(device).eval()
+
+
+def study_model(label: str, run_dirs: list[Path], x_in: torch.Tensor, y_in: torch.Tensor, oods: dict,
+                eps: float, args: argparse.Namespace) -> list[dict]:
+    from utils import runs
+
+    model = _load(run_dirs, args.device)
+    conf_in, correct = [], 0
+    with torch.no_grad():
+        for i in range(0, len(x_in), args.batch_size):
+            probs = F.softmax(model(x_in[i:i + args.batch_size].to(args.device)), dim=1).cpu()
+            conf_in.append(probs.amax(1).double())
+            correct += int((probs.argmax(1) == y_in[i:i + args.batch_size]).sum())
+    conf_in = torch.cat(conf_in)
+    generator = torch.Generator().manual_seed(args.seed)
+    rows = []
+    for ood, x_out in oods.items():
+        scores = ood_scores(model, x_out.to(args.device), eps, args, generator)
+        row = {"study": STUDY, "dataset": args.dataset, "label": label, "run": ",".join(map(str, run_dirs)),
+               "ood": ood, "checkpoint": ",".join(runs.file_hash(d / "model.pt") for d in run_dirs),
+               "acc": 100 * correct / len(y_in), "eps": eps,
+               "n_ood": len(x_out), "n_test": len(y_in), "apgd_steps": args.apgd_steps,
+               "apgd_restarts": args.apgd_restarts, "pgd_steps": args.pgd_steps, "seed": args.seed,
+               **check_and_score(label, ood, conf_in, scores), "git_sha": runs.git_sha(), "date": runs.now()}
+        print(f"{label:>14s} {ood:>15s}: AUC {row['auc_conservative']:.1f}  AAUC {row['aauc_conservative']:.1f}  "
+              f"GAUC {row['gauc_conservative']:.1f} (conservative)")
+        rows.append(row)
+    return rows
+
+
+def _dataset_of(run_dir: Path) -> Optional[str]:
+    config = run_dir / "config.json"
+    return json.loads(config.read_text()).get("dataset") if config.exists() else None
+
+
+def main(args: argparse.Namespace) -> None:
+    import data
+    import model_paths
+    from utils import runs
+    from utils.methods.certified import CERTIFIED_EPS
+
+    if args.dataset is None:
+        args.dataset = _dataset_of(Path(args.runs[0])) if args.runs else None
+        if args.dataset is None:
+            raise ValueError("pass --dataset (it names the result files and the default OOD sets)")
+    eps = args.eps if args.eps is not None else CERTIFIED_EPS.get(args.dataset)
+    if eps is None:
+        raise ValueError(f"no default eps for {args.dataset}; pass --eps (defaults: {CERTIFIED_EPS})")
+    data_root = runs.resolve_data_root(args.data_root)
+    x_in, y_in = _in_test(args, data_root)
+    oods = {name: _ood_points(name, args, data_root) for name in (args.ood_sets or data.OOD_TEST[args.dataset])}
+    targets = [(label, [run_dir]) for label, run_dir in
+               model_paths.distinct_runs(args.dataset, args.runs_root, args.runs, include_ensembles=False)]
+    if not args.runs:  # ensembles of the table are models too: attacked on their averaged probabilities
+        targets += [(entry.label, entry.run_dirs(args.runs_root, args.dataset))
+                    for entry in model_paths.table_entries(args.dataset) if entry.is_ensemble]
+    rows = []
+    for label, run_dirs in tqdm(targets, desc="models", disable=not getattr(args, "progress", False)):
+        rows += study_model(label, run_dirs, x_in, y_in, oods, eps, args)
+    name = f"{args.dataset}_gauc"
+    print(runs.record_study(args.results_root, name, name, rows, gauc_table))
