@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from utils.calibration import TEMPERATURE_GRID, fit_temperature
 from utils.ddu_summary import (classification_metrics, ddu_table, make_row, score_names, summarize, summary,
                                write_summaries)
-from utils.detectors.ddu import DDU, DDU_DETECTORS, SCORES, JitterError, default_jitters
+from utils.detectors.ddu import DDU, DDU_DETECTORS, SCORES, JitterError, default_jitters, jittered_cholesky
 from utils.metrics import auroc, ece, nll
 
 
@@ -90,6 +90,20 @@ def test_jitter_search_recovers_rank_deficient_covariance():
     np.testing.assert_allclose(densities[:, 1].numpy(), reference.log_prob(x).numpy(), rtol=1e-9)
 
 
+def test_jitter_ladder_keeps_the_originals_order():
+    # a zero-variance feature: eps = 0 fails, float64 tiny (2.2e-308) and the smaller subnormal 1e-308 both work;
+    # the original scans 0, tiny, 1e-308, ... and so takes tiny, not the numerically smaller 1e-308
+    tiny = torch.finfo(torch.float64).tiny
+    assert default_jitters()[:3] == [0.0, tiny, 1e-308]
+    _, eps = jittered_cholesky(torch.zeros(1, 1, 1, dtype=torch.float64))
+    assert eps == tiny
+    # a rank-deficient covariance that every positive rung fixes: the first in the given order wins
+    singular = torch.tensor([[[1.0, 0.0], [0.0, 0.0]]], dtype=torch.float64)
+    cholesky, eps = jittered_cholesky(singular, [0.0, 1e-1, 1e-3])
+    assert eps == 1e-1
+    torch.testing.assert_close(cholesky[0] @ cholesky[0].T, singular[0] + 0.1 * torch.eye(2, dtype=torch.float64))
+
+
 def test_jitter_search_all_fail_raises_clear_error():
     # huge rank-deficient features (the reported ResNet-18 failure, DDU issue #4): the covariance's rounding
     # error (~1e-16 * 1e24) dwarfs every jitter on the ladder, so nothing factorises
@@ -98,7 +112,7 @@ def test_jitter_search_all_fail_raises_clear_error():
     good = torch.randn(20, 6, generator=generator, dtype=torch.float64)
     huge = 1e12 * torch.randn(20, 2, generator=generator, dtype=torch.float64) @ basis
     x, y = torch.cat([good, huge]), torch.arange(2).repeat_interleave(20)
-    with pytest.raises(JitterError, match=r"classes \[1\] .* largest jitter tried, 0.1 \* I"):
+    with pytest.raises(JitterError, match=r"classes \[1\] .* last jitter tried, 0.1 \* I"):
         DDU(FeatureNet(6, 2)).fit_features(x, y)
     with pytest.raises(JitterError, match=r"classes \[0, 1\] .* 1e-300"):
         DDU(FeatureNet(6, 2), jitters=[0.0, 1e-300]).fit_features(torch.full_like(x, float("nan")), y)
