@@ -32,8 +32,9 @@ def predictive_confidence(probs: torch.Tensor, score: str) -> torch.Tensor:
     With p_bar = mean_s p_s (computed in float64):
     * "max_prob": max_k p_bar_k (CCU's DE baseline, as a probability instead of its log);
     * "entropy": -PE, PE = -sum_k p_bar_k log(p_bar_k + 1e-12) (DDU's m2 for ensembles);
-    * "mutual_info": -MI, MI = PE - mean_s H(p_s), each entropy with the +1e-12 (DDU's m1); MI >= 0 since the
-      entropy is concave (also with the +1e-12);
+    * "mutual_info": -MI, MI = max(PE - mean_s H(p_s), 0), each entropy with the +1e-12 (DDU's m1). MI >= 0
+      since the entropy is concave, but the float64 difference of two equal entropies can round to -2e-16
+      (identical members), hence the clamp;
     * "variance": -sum_k Var_s p_s(k), population variance over the S samples (CCU's MCD score, SPEC 1.4; CCU
       also multiplies by 1000 and places it at the argmax class, neither of which changes the ranking).
     """
@@ -44,7 +45,7 @@ def predictive_confidence(probs: torch.Tensor, score: str) -> torch.Tensor:
     if score == "entropy":
         return -_entropy(mean)
     if score == "mutual_info":
-        return -(_entropy(mean) - _entropy(probs).mean(dim=0))
+        return -(_entropy(mean) - _entropy(probs).mean(dim=0)).clamp_min(0.0)
     if score == "variance":
         return -probs.var(dim=0, unbiased=False).sum(dim=1)
     raise ValueError(f"unknown score {score!r}; valid: {', '.join(SCORES)}")
