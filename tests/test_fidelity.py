@@ -1,0 +1,98 @@
+"""Recipe and evaluation fidelity to the seed papers: the defaults each run trains with, and how evaluation
+scores ensembles and the CCU attack table (docs/methods.md)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import model_params
+import models
+import train
+from model_paths import run_flags
+
+CIFAR10_STATS = ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))
+
+
+def resolved(*argv: str):
+    return train.resolve(train.get_args_parser().parse_args(list(argv)))
+
+
+# --------------------------------------------------------------------------------------------------- recipes
+
+def test_recipes_carry_their_input_normalisation():
+    assert resolved("--dataset", "CIFAR10", "--recipe", "ddu").normalize == CIFAR10_STATS
+    assert resolved("--dataset", "SVHN", "--recipe", "ddu").normalize == CIFAR10_STATS   # DDU: CIFAR-10's, always
+    assert resolved("--dataset", "DirtyMNIST").normalize == ((0.1307,), (0.3081,))
+    odin = resolved("--dataset", "CIFAR100", "--recipe", "odin-densenet").normalize
+    assert odin[0] == pytest.approx((125.3 / 255, 123.0 / 255, 113.9 / 255))
+    assert odin[1] == pytest.approx((63.0 / 255, 62.1 / 255, 66.7 / 255))
+    for argv in (("--dataset", "MNIST"), ("--dataset", "CIFAR10"), ("--dataset", "CIFAR10", "--recipe", "acet")):
+        assert resolved(*argv).normalize is None    # CCU and ACET train on raw pixels
+    with pytest.raises(ValueError, match="1-channel"):
+        resolved("--dataset", "digits", "--normalize", "cifar10")
+
+
+def test_trained_model_carries_the_normalisation_and_old_runs_still_load(tmp_path):
+    run_dir = train.main(train.get_args_parser().parse_args(
+        ["--dataset", "digits", "--normalize", "mnist", "--epochs", "1", "--max-batches", "2",
+         "--runs-root", str(tmp_path), "--no-progress"]))
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["normalize"] == [[0.1307], [0.3081]]
+    model = models.load_run(run_dir)
+    assert model.normalize.mean.tolist() == pytest.approx([0.1307]) and model.normalize.std.tolist() == \
+        pytest.approx([0.3081])
+    x = torch.rand(4, 1, 8, 8)
+    plain = models.build_model({**config, "normalize": None})
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("normalize.")})
+    torch.testing.assert_close(model(x), plain.eval()((x - 0.1307) / 0.3081))
+    # a run written before the key existed: no "normalize" in its config, no buffers in its weights
+    old_dir = tmp_path / "digits" / "old-s0"
+    old_config = {k: v for k, v in config.items() if k != "normalize"}
+    models.save_checkpoint(old_dir / "model.pt", {"model": plain.state_dict(), "config": old_config, "epoch": 1})
+    torch.testing.assert_close(models.load_run(old_dir)(x), plain(x))
+
+
+@pytest.mark.parametrize("dataset", ["MNIST", "CIFAR10"])
+@pytest.mark.parametrize("method", ["ceda", "acet"])
+def test_ceda_and_acet_train_with_the_originals_weight_decay(dataset, method):
+    # 5e-4 * sum ||W||^2 in the loss has gradient 1e-3 * W: coupled weight decay 1e-3
+    opts = resolved("--dataset", dataset, "--method", method)
+    assert opts.weight_decay == 1e-3
+    assert resolved("--dataset", dataset, "--method", "plain").weight_decay == 5e-4
+    assert resolved("--dataset", dataset, "--method", method, "--weight-decay", "0").weight_decay == 0.0
+
+
+def test_acet_recipe_keeps_lenet_on_mnist_and_resnet20_on_cifar():
+    mnist = resolved("--dataset", "MNIST", "--recipe", "acet", "--method", "acet")
+    assert (mnist.arch, mnist.optimizer, mnist.lr, mnist.weight_decay, mnist.augment) == \
+        ("lenet", "adam", 1e-3, 1e-3, "acet")
+    cifar = resolved("--dataset", "CIFAR10", "--recipe", "acet", "--method", "plain")
+    assert (cifar.arch, cifar.optimizer, cifar.lr, cifar.weight_decay) == ("resnet_small", "sgd", 0.1, 1e-3)
+    assert cifar.milestones == [0.5, 0.75, 0.9]
+
+
+def test_ccu_schedule_lowers_the_lr_before_its_one_indexed_epochs_50_75_90():
+    opts = resolved("--dataset", "MNIST")
+    _, _, optimizer, scheduler = train.build(opts, torch.device("cpu"))
+    lrs = []
+    for _ in range(100):            # lrs[e] is the lr epoch e (0-indexed) trains with
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()            # no gradients: only keeps the scheduler's call order
+        scheduler.step()
+    assert lrs[48] == pytest.approx(1e-3) and lrs[49] == pytest.approx(1e-4)   # 1-indexed epoch 50
+    assert lrs[73] == pytest.approx(1e-4) and lrs[74] == pytest.approx(1e-5)
+    assert lrs[88] == pytest.approx(1e-5) and lrs[89] == pytest.approx(1e-6)
+
+
+def test_ddu_schedule_counts_finished_epochs():
+    opts = resolved("--dataset", "CIFAR10", "--recipe", "ddu")
+    assert sorted({round(f * opts.epochs) for f in opts.milestones}) == [150, 250]
+
+
+@pytest.mark.parametrize("dataset,arch", [("MNIST", "lenet"), ("CIFAR10", "vgg13")])
+def test_mcd_runs_train_ccus_mc_dropout_network(dataset, arch):
+    flags, seed = run_flags("mcd-s0")
+    opts = resolved("--dataset", dataset, "--seed", str(seed), *flags)
+    assert (opts.arch, opts.dropout, opts.optimizer, opts.lr) == (arch, 0.5, "adam", 2e-4)
