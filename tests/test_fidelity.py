@@ -14,10 +14,8 @@ from model_paths import run_flags
 
 CIFAR10_STATS = ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))
 
-
 def resolved(*argv: str):
     return train.resolve(train.get_args_parser().parse_args(list(argv)))
-
 
 # --------------------------------------------------------------------------------------------------- recipes
 
@@ -32,7 +30,6 @@ def test_recipes_carry_their_input_normalisation():
         assert resolved(*argv).normalize is None    # CCU and ACET train on raw pixels
     with pytest.raises(ValueError, match="1-channel"):
         resolved("--dataset", "digits", "--normalize", "cifar10")
-
 
 def test_trained_model_carries_the_normalisation_and_old_runs_still_load(tmp_path):
     run_dir = train.main(train.get_args_parser().parse_args(
@@ -53,7 +50,6 @@ def test_trained_model_carries_the_normalisation_and_old_runs_still_load(tmp_pat
     models.save_checkpoint(old_dir / "model.pt", {"model": plain.state_dict(), "config": old_config, "epoch": 1})
     torch.testing.assert_close(models.load_run(old_dir)(x), plain(x))
 
-
 @pytest.mark.parametrize("dataset", ["MNIST", "CIFAR10"])
 @pytest.mark.parametrize("method", ["ceda", "acet"])
 def test_ceda_and_acet_train_with_the_originals_weight_decay(dataset, method):
@@ -63,7 +59,6 @@ def test_ceda_and_acet_train_with_the_originals_weight_decay(dataset, method):
     assert resolved("--dataset", dataset, "--method", "plain").weight_decay == 5e-4
     assert resolved("--dataset", dataset, "--method", method, "--weight-decay", "0").weight_decay == 0.0
 
-
 def test_acet_recipe_keeps_lenet_on_mnist_and_resnet20_on_cifar():
     mnist = resolved("--dataset", "MNIST", "--recipe", "acet", "--method", "acet")
     assert (mnist.arch, mnist.optimizer, mnist.lr, mnist.weight_decay, mnist.augment) == \
@@ -71,7 +66,6 @@ def test_acet_recipe_keeps_lenet_on_mnist_and_resnet20_on_cifar():
     cifar = resolved("--dataset", "CIFAR10", "--recipe", "acet", "--method", "plain")
     assert (cifar.arch, cifar.optimizer, cifar.lr, cifar.weight_decay) == ("resnet_small", "sgd", 0.1, 1e-3)
     assert cifar.milestones == [0.5, 0.75, 0.9]
-
 
 def test_ccu_schedule_lowers_the_lr_before_its_one_indexed_epochs_50_75_90():
     opts = resolved("--dataset", "MNIST")
@@ -85,14 +79,77 @@ def test_ccu_schedule_lowers_the_lr_before_its_one_indexed_epochs_50_75_90():
     assert lrs[73] == pytest.approx(1e-4) and lrs[74] == pytest.approx(1e-5)
     assert lrs[88] == pytest.approx(1e-5) and lrs[89] == pytest.approx(1e-6)
 
-
 def test_ddu_schedule_counts_finished_epochs():
     opts = resolved("--dataset", "CIFAR10", "--recipe", "ddu")
     assert sorted({round(f * opts.epochs) for f in opts.milestones}) == [150, 250]
-
 
 @pytest.mark.parametrize("dataset,arch", [("MNIST", "lenet"), ("CIFAR10", "vgg13")])
 def test_mcd_runs_train_ccus_mc_dropout_network(dataset, arch):
     flags, seed = run_flags("mcd-s0")
     opts = resolved("--dataset", dataset, "--seed", str(seed), *flags)
     assert (opts.arch, opts.dropout, opts.optimizer, opts.lr) == (arch, 0.5, "adam", 2e-4)
+
+# ------------------------------------------------------------------------------------------------ evaluation
+
+def _digits_runs(root, seeds=(0, 1)) -> list[str]:
+    """Small MLP runs on digits with DDU's 10% validation split; member s has its logits scaled by 1 + 2s, so the
+    members are differently over-confident and need different temperatures."""
+    names = []
+    for seed in seeds:
+        run_dir = train.main(train.get_args_parser().parse_args(
+            ["--dataset", "digits", "--arch", "mlp", "--arch-kwargs", '{"widths": [32]}', "--epochs", "3",
+             "--seed", str(seed), "--val-fraction", "0.1", "--runs-root", str(root), "--no-progress"]))
+        checkpoint = torch.load(run_dir / "model.pt", weights_only=True)
+        for key in [k for k in checkpoint["model"] if k.startswith("fc.")]:
+            checkpoint["model"][key] = checkpoint["model"][key] * (1 + 2 * seed)
+        models.save_checkpoint(run_dir / "model.pt", checkpoint)
+        names.append(run_dir.name)
+    return names
+
+def test_ensemble_is_tempered_per_member_and_attacked_on_its_averaged_probabilities(tmp_path, monkeypatch):
+    import data
+    import evaluate
+    import model_paths
+    from utils import attacks, metrics
+    from utils.calibration import fit_temperature
+    from utils.detectors.bayes import EnsembleModel
+
+    runs = _digits_runs(tmp_path / "runs")
+    monkeypatch.setitem(model_paths.MODEL_PATHS, "digits",
+                        [model_paths.TableEntry("DE", tuple(runs), "ensemble", {"score": "entropy"})])
+    attacked = []
+
+    def recording_attack(model, x_in, y_in, opts):
+        attacked.append(model)
+        return attacks.AdvBatch(x=torch.rand_like(x_in))
+
+    monkeypatch.setitem(attacks.ADV_SETS, "adv_noise", recording_attack)
+    results = tmp_path / "results"
+    evaluate.main(evaluate.get_args_parser().parse_args(
+        ["--dataset", "digits", "--runs-root", str(tmp_path / "runs"), "--results-root", str(results), "--ood",
+         "uniform", "--n-ood", "200", "--adv-sets", "adv_noise", "--n-adv", "50", "--no-progress", "--no-print"]))
+    rows = [json.loads(line) for line in (results / "ood" / "digits.jsonl").read_text().splitlines()]
+    row = next(r for r in rows if r["ood"] == "uniform")
+    # every member tempered on its own validation split
+    loaded = [models.load_run(tmp_path / "runs" / "digits" / run) for run in runs]
+    expected_t = []
+    for member in loaded:
+        val = data.get_dataset("digits", "val", val_fraction=0.1, seed=member.run_config["seed"])
+        x, y = next(iter(torch.utils.data.DataLoader(val, batch_size=len(val))))
+        with torch.no_grad():
+            expected_t.append(fit_temperature(member(x), y))
+    assert row["temperature"] == expected_t and expected_t[0] != expected_t[1]
+    test = data.get_dataset("digits", "test")
+    x, y = next(iter(torch.utils.data.DataLoader(test, batch_size=len(test))))
+    with torch.no_grad():
+        tempered = torch.stack([(m(x) / t).softmax(1) for m, t in zip(loaded, expected_t)]).mean(0).double()
+    assert row["t_accuracy"] == pytest.approx(metrics.accuracy(tempered, y))
+    assert row["t_ece"] == pytest.approx(metrics.ece(tempered, y))
+    assert row["t_nll"] == pytest.approx(metrics.nll(tempered, y))
+    assert row["t_nll"] < row["nll"] and row["t_auroc"] != row["auroc"]
+    # the adversarial set attacks the ensemble, not member 0
+    (target,) = attacked
+    assert isinstance(target, EnsembleModel) and len(target.members) == 2
+    with torch.no_grad():
+        averaged = torch.stack([m(x[:5]).softmax(1) for m in loaded]).mean(0)
+        torch.testing.assert_close(target(x[:5]).softmax(1), averaged)

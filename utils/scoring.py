@@ -33,6 +33,7 @@ class SetScores:
     tempered: dict[str, torch.Tensor] = field(default_factory=dict)
     logits: torch.Tensor | None = None     # (N, K), None for ensembles
     probs: torch.Tensor | None = None      # (N, K) predictive probabilities (MMC, accuracy, NLL, ECE)
+    tempered_probs: torch.Tensor | None = None  # (N, K) an ensemble's mean of per-member tempered softmaxes
     labels: torch.Tensor | None = None
 
 
@@ -53,6 +54,10 @@ def _batch_scores(model, detectors: dict[str, Detector], temperatures: dict[str,
             member_probs = ensemble.member_probs(x)
             out[key].append(predictive_confidence(member_probs, ensemble.score).cpu())
             out["__probs"].append(member_probs.mean(dim=0).cpu())
+            if key in temperatures:  # one temperature per member
+                member_probs = ensemble.member_probs(x, temperatures[key])
+                out["t|" + key].append(predictive_confidence(member_probs, ensemble.score).cpu())
+                out["t|__probs"].append(member_probs.mean(dim=0).cpu())
             return
     for key, det in detectors.items():
         if det.needs_grad:
@@ -66,7 +71,8 @@ def score_dataset(model: nn.Module | None, detectors: dict[str, Detector], datas
 
     `model` is the network whose softmax gives the reported probabilities; for an ensemble it is None and
     `detectors` holds the one ensemble detector. `temperatures` (detector key -> T) also scores those
-    logit/feature detectors on logits / T (temperature scaling, DDU's t_* metrics) from the same pass.
+    logit/feature detectors on logits / T (temperature scaling, DDU's t_* metrics) from the same pass; for an
+    ensemble T is a list, one temperature per member.
     """
     temperatures = temperatures or {}
     out: dict[str, list] = defaultdict(list)
@@ -77,4 +83,5 @@ def score_dataset(model: nn.Module | None, detectors: dict[str, Detector], datas
     cat = lambda key: torch.cat(out[key]).double() if out[key] else None  # noqa: E731
     return SetScores(confidences={key: cat(key) for key in detectors},
                      tempered={key: cat("t|" + key) for key in detectors if out["t|" + key]},
-                     logits=cat("__logits"), probs=cat("__probs"), labels=torch.cat(out["__labels"]))
+                     logits=cat("__logits"), probs=cat("__probs"), tempered_probs=cat("t|__probs"),
+                     labels=torch.cat(out["__labels"]))

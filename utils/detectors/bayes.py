@@ -9,9 +9,11 @@ ODIN; their passes run without gradients.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator, Sequence, Union
+import math
+from typing import Iterator, Optional, Sequence, Union
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from utils.detectors.base import Detector
@@ -115,9 +117,26 @@ class Ensemble(Detector):
         self.score = check_choice("ensemble score", score, SCORES)
 
     @torch.no_grad()
-    def member_probs(self, x: torch.Tensor) -> torch.Tensor:
-        """(M, N, K) softmax outputs of the members."""
-        return torch.stack([member(x).softmax(dim=1) for member in self.models])
+    def member_probs(self, x: torch.Tensor, temperatures: Optional[Sequence[float]] = None) -> torch.Tensor:
+        """(M, N, K) softmax outputs of the members; with `temperatures`, member m's logits are divided by its
+        own T_m first (DDU tempers every member on its own validation split)."""
+        temperatures = temperatures or [1.0] * len(self.models)
+        if len(temperatures) != len(self.models):
+            raise ValueError(f"{len(temperatures)} temperatures for {len(self.models)} ensemble members")
+        return torch.stack([(member(x) / t).softmax(dim=1) for member, t in zip(self.models, temperatures)])
 
     def confidence(self, x: torch.Tensor) -> torch.Tensor:
         return predictive_confidence(self.member_probs(x), self.score)
+
+
+class EnsembleModel(nn.Module):
+    """A deep ensemble as one differentiable network: log of the mean member softmax, which are valid logits
+    (softmax gives back the averaged probabilities), so attacks maximise the ensemble's own confidence."""
+
+    def __init__(self, members: Sequence[nn.Module]) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        log_probs = torch.stack([F.log_softmax(member(x), dim=1) for member in self.members])
+        return torch.logsumexp(log_probs, dim=0) - math.log(len(self.members))
