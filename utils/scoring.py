@@ -9,20 +9,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from utils.detectors.base import Detector
+from utils.detectors.base import Detector, model_outputs  # noqa: F401  (model_outputs: re-exported)
 from utils.detectors.bayes import predictive_confidence
-
-
-def model_outputs(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(penultimate features, logits) of one forward pass.
-
-    A model whose output is not head(features) (CCU: the GMMs enter the output) provides
-    `forward_with_features(x)`; every other model composes its features and head.
-    """
-    if hasattr(model, "forward_with_features"):
-        return model.forward_with_features(x)
-    features = model.features(x)
-    return features, model.head(features)
 
 
 @dataclass
