@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -14,8 +15,10 @@ from model_paths import run_flags
 
 CIFAR10_STATS = ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))
 
+
 def resolved(*argv: str):
     return train.resolve(train.get_args_parser().parse_args(list(argv)))
+
 
 # --------------------------------------------------------------------------------------------------- recipes
 
@@ -30,6 +33,7 @@ def test_recipes_carry_their_input_normalisation():
         assert resolved(*argv).normalize is None    # CCU and ACET train on raw pixels
     with pytest.raises(ValueError, match="1-channel"):
         resolved("--dataset", "digits", "--normalize", "cifar10")
+
 
 def test_trained_model_carries_the_normalisation_and_old_runs_still_load(tmp_path):
     run_dir = train.main(train.get_args_parser().parse_args(
@@ -50,6 +54,7 @@ def test_trained_model_carries_the_normalisation_and_old_runs_still_load(tmp_pat
     models.save_checkpoint(old_dir / "model.pt", {"model": plain.state_dict(), "config": old_config, "epoch": 1})
     torch.testing.assert_close(models.load_run(old_dir)(x), plain(x))
 
+
 @pytest.mark.parametrize("dataset", ["MNIST", "CIFAR10"])
 @pytest.mark.parametrize("method", ["ceda", "acet"])
 def test_ceda_and_acet_train_with_the_originals_weight_decay(dataset, method):
@@ -59,6 +64,7 @@ def test_ceda_and_acet_train_with_the_originals_weight_decay(dataset, method):
     assert resolved("--dataset", dataset, "--method", "plain").weight_decay == 5e-4
     assert resolved("--dataset", dataset, "--method", method, "--weight-decay", "0").weight_decay == 0.0
 
+
 def test_acet_recipe_keeps_lenet_on_mnist_and_resnet20_on_cifar():
     mnist = resolved("--dataset", "MNIST", "--recipe", "acet", "--method", "acet")
     assert (mnist.arch, mnist.optimizer, mnist.lr, mnist.weight_decay, mnist.augment) == \
@@ -66,6 +72,7 @@ def test_acet_recipe_keeps_lenet_on_mnist_and_resnet20_on_cifar():
     cifar = resolved("--dataset", "CIFAR10", "--recipe", "acet", "--method", "plain")
     assert (cifar.arch, cifar.optimizer, cifar.lr, cifar.weight_decay) == ("resnet_small", "sgd", 0.1, 1e-3)
     assert cifar.milestones == [0.5, 0.75, 0.9]
+
 
 def test_ccu_schedule_lowers_the_lr_before_its_one_indexed_epochs_50_75_90():
     opts = resolved("--dataset", "MNIST")
@@ -79,15 +86,18 @@ def test_ccu_schedule_lowers_the_lr_before_its_one_indexed_epochs_50_75_90():
     assert lrs[73] == pytest.approx(1e-4) and lrs[74] == pytest.approx(1e-5)
     assert lrs[88] == pytest.approx(1e-5) and lrs[89] == pytest.approx(1e-6)
 
+
 def test_ddu_schedule_counts_finished_epochs():
     opts = resolved("--dataset", "CIFAR10", "--recipe", "ddu")
     assert sorted({round(f * opts.epochs) for f in opts.milestones}) == [150, 250]
+
 
 @pytest.mark.parametrize("dataset,arch", [("MNIST", "lenet"), ("CIFAR10", "vgg13")])
 def test_mcd_runs_train_ccus_mc_dropout_network(dataset, arch):
     flags, seed = run_flags("mcd-s0")
     opts = resolved("--dataset", dataset, "--seed", str(seed), *flags)
     assert (opts.arch, opts.dropout, opts.optimizer, opts.lr) == (arch, 0.5, "adam", 2e-4)
+
 
 # ------------------------------------------------------------------------------------------------ evaluation
 
@@ -105,6 +115,7 @@ def _digits_runs(root, seeds=(0, 1)) -> list[str]:
         models.save_checkpoint(run_dir / "model.pt", checkpoint)
         names.append(run_dir.name)
     return names
+
 
 def test_ensemble_is_tempered_per_member_and_attacked_on_its_averaged_probabilities(tmp_path, monkeypatch):
     import data
@@ -153,3 +164,80 @@ def test_ensemble_is_tempered_per_member_and_attacked_on_its_averaged_probabilit
     with torch.no_grad():
         averaged = torch.stack([m(x[:5]).softmax(1) for m in loaded]).mean(0)
         torch.testing.assert_close(target(x[:5]).softmax(1), averaged)
+
+
+def _save_run(root, name: str, config: dict, model=None) -> None:
+    torch.manual_seed(len(name))
+    model = models.build_model(config) if model is None else model
+    models.save_checkpoint(root / "digits" / name / "model.pt",
+                           {"model": model.state_dict(), "config": config, "epoch": 0})
+
+
+def test_ccu_table1_gives_every_entry_its_column_scored_by_its_own_detector(tmp_path, monkeypatch):
+    """MCD is MC dropout (dropout active, 10-sample variance score); ODIN and Maha get columns of their own."""
+    import gen_attack_stats
+    import gen_gmm
+    import model_paths
+    from argparse import Namespace
+    from model_paths import TableEntry
+    from utils.detectors import DETECTORS
+    from utils.methods.ccu import CCU_METHODS, clamp_out_variances
+
+    runs = tmp_path / "runs"
+    base = {"arch": "mlp", "num_classes": 10, "in_channels": 1, "input_size": [1, 8, 8], "dataset": "digits",
+            "arch_kwargs": {"widths": [16]}, "method": "plain", "seed": 0}
+    for name in ("plain-s0", "plain-s1"):
+        _save_run(runs, name, base)
+    _save_run(runs, "mcd-s0", {**base, "dropout": 0.5})
+    gen_gmm.main(gen_gmm.get_args_parser().parse_args(
+        ["--dataset", "digits", "--n-components", "3", "--n-in", "300", "--n-out", "300", "--max-iter", "40",
+         "--runs-root", str(tmp_path / "gmm"), "--device", "cpu"]))
+    opts = Namespace(**{**base, "method": "ccu", "gmm": str(tmp_path / "gmm" / "digits" / "gmm-s0")})
+    ccu = CCU_METHODS["ccu"].wrap_model(models.build_model(base), opts, init=True)
+    clamp_out_variances(ccu)
+    _save_run(runs, "ccu-s0", vars(opts), ccu)
+    entries = [TableEntry("Base", ("plain-s0",)), TableEntry("MCD", ("mcd-s0",), "mcdropout",
+                                                             {"samples": 10, "score": "variance"}),
+               TableEntry("ODIN", ("plain-s0",), "odin"), TableEntry("Maha", ("plain-s0",), "mahalanobis"),
+               TableEntry("DE", ("plain-s0", "plain-s1"), "ensemble"), TableEntry("CCU", ("ccu-s0",))]
+    monkeypatch.setitem(model_paths.MODEL_PATHS, "digits", entries)
+    results = tmp_path / "results"
+    gen_attack_stats.main(["--study", "ccu", "--dataset", "digits", "--runs-root", str(runs), "--n-seeds", "8",
+                           "--restarts", "1", "--steps", "3", "--n-test", "60", "--results", str(results),
+                           "--device", "cpu"])
+    rows = [json.loads(line) for line in (results / "attacks" / "digits.jsonl").read_text().splitlines()]
+    assert [r["label"] for r in rows] == ["Base", "MCD", "ODIN", "Maha", "DE", "CCU"]
+    dump = np.load(results / "scores" / "digits_ccu_attack.npz")
+    in_scores = dict(zip(dump["labels"], dump["in_log_conf"]))
+    import data
+    x = torch.stack([data.get_dataset("digits", "test")[i][0] for i in range(60)])
+    plain = models.load_run(runs / "digits" / "plain-s0")
+    odin = DETECTORS["odin"](plain).confidence(x).log().numpy()
+    np.testing.assert_allclose(in_scores["ODIN"], odin, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(in_scores["Base"], plain(x).log_softmax(1).amax(1).detach().numpy(), atol=1e-5)
+    maha = DETECTORS["mahalanobis"](plain)
+    maha.fit(torch.utils.data.DataLoader(data.get_dataset("digits", "train"), batch_size=500))
+    np.testing.assert_allclose(in_scores["Maha"], maha.confidence(x).numpy(), rtol=1e-4)
+    # MC dropout: minus the summed variance over 10 stochastic passes, never the deterministic eval-mode MSP
+    assert (in_scores["MCD"] <= 0).all() and (in_scores["MCD"] < -1e-6).mean() > 0.9
+    de = torch.stack([models.load_run(runs / "digits" / r)(x).softmax(1) for r in ("plain-s0", "plain-s1")])
+    np.testing.assert_allclose(in_scores["DE"], de.mean(0).amax(1).log().detach().numpy(), atol=1e-5)
+    assert {r["label"]: r["detector"] for r in rows}["Maha"] == "mahalanobis"
+
+
+def test_mc_dropout_column_is_stochastic_and_attacked_with_dropout_on(tmp_path):
+    from utils.attacks import eval_mode
+    from utils.studies.ccu_targets import entry_model
+
+    config = {"arch": "mlp", "num_classes": 10, "in_channels": 1, "input_size": [1, 8, 8], "dataset": "digits",
+              "arch_kwargs": {"widths": [16]}, "dropout": 0.5, "seed": 0}
+    _save_run(tmp_path, "mcd-s0", config)
+    column = entry_model([tmp_path / "digits" / "mcd-s0"], "mcdropout", {"samples": 10, "score": "variance"},
+                         "digits", "./datasets", "cpu")
+    x = torch.rand(16, 1, 8, 8, requires_grad=True)
+    with eval_mode(column):                           # what the attack does to the model it is given
+        first = column.objective(x)
+        second = column.objective(x)
+        (grad,) = torch.autograd.grad(first.sum(), x)
+    assert not torch.equal(first, second) and bool((first < 0).all())
+    assert float(grad.abs().sum()) > 0
