@@ -30,8 +30,8 @@ max-pool, which the recorder tracks. Products of two input-dependent tensors, di
 division, and every operation not on the list (smooth non-linearities such as exp, softmax, tanh; untracked
 piecewise-affine ones such as clamp, abs, max over a dim; and discontinuous ones such as sign, floor,
 threshold) are flagged, so an unknown operation is refused, never certified. A CCU model (Gaussian mixtures:
-squared distances, exp) is flagged this way. Such a model raises `NotPiecewiseAffineError`, or, with on_non_pa="numeric" / "nan", gets the confidence
-measured at alpha = 1e6 (`numeric_confidence`) or NaN. Layers need not be nn.Modules: functional calls
+squared distances, exp) is flagged this way. Such a model raises `NotPiecewiseAffineError`, or, with
+on_non_pa="numeric" / "nan", gets the confidence measured at alpha = 1e6 (`numeric_confidence`) or NaN. Layers need not be nn.Modules: functional calls
 (F.relu, torch.relu, Tensor.relu, F.max_pool2d) are seen too, through a TorchFunctionMode.
 """
 from __future__ import annotations

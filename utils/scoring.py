@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from utils.detectors.base import Detector, model_outputs  # noqa: F401  (model_outputs: re-exported)
-from utils.detectors.bayes import predictive_confidence
+from utils.detectors.bayes import predictive_confidence, tempered_probs
 
 
 @dataclass
@@ -39,11 +39,12 @@ def _batch_scores(model, detectors: dict[str, Detector], temperatures: dict[str,
                     out["t|" + key].append(det.from_outputs(features, logits / temperatures[key]).cpu())
         else:  # an ensemble: its members' softmaxes give both its score and the predictive probabilities
             (key, ensemble), = detectors.items()
-            member_probs = ensemble.member_probs(x)
+            member_logits = ensemble.member_logits(x)
+            member_probs = tempered_probs(member_logits)
             out[key].append(predictive_confidence(member_probs, ensemble.score).cpu())
             out["__probs"].append(member_probs.mean(dim=0).cpu())
-            if key in temperatures:  # one temperature per member
-                member_probs = ensemble.member_probs(x, temperatures[key])
+            if key in temperatures:  # one temperature per member, on the same logits
+                member_probs = tempered_probs(member_logits, temperatures[key])
                 out["t|" + key].append(predictive_confidence(member_probs, ensemble.score).cpu())
                 out["t|__probs"].append(member_probs.mean(dim=0).cpu())
             return

@@ -53,8 +53,19 @@ def predictive_confidence(probs: torch.Tensor, score: str) -> torch.Tensor:
     raise ValueError(f"unknown score {score!r}; valid: {', '.join(SCORES)}")
 
 
+def tempered_probs(member_logits: torch.Tensor, temperatures: Optional[Sequence[float]] = None) -> torch.Tensor:
+    """softmax(logits_m / T_m) per member m of (M, N, K) logits (T = 1 without `temperatures`); DDU tempers every
+    ensemble member on its own validation split."""
+    if temperatures is None:
+        return member_logits.softmax(dim=-1)
+    if len(temperatures) != len(member_logits):
+        raise ValueError(f"{len(temperatures)} temperatures for {len(member_logits)} ensemble members")
+    scale = torch.as_tensor(temperatures, dtype=member_logits.dtype, device=member_logits.device).view(-1, 1, 1)
+    return (member_logits / scale).softmax(dim=-1)
+
+
 @contextmanager
-def _dropout_active(model: nn.Module) -> Iterator[None]:
+def dropout_active(model: nn.Module) -> Iterator[None]:
     """Everything in eval mode (BatchNorm uses its running statistics) except the dropout layers."""
     modes = [(module, module.training) for module in model.modules()]
     dropouts = [module for module in model.modules() if isinstance(module, _DROPOUT_TYPES)]
@@ -91,7 +102,7 @@ class MCDropout(Detector):
     @torch.no_grad()
     def sample_probs(self, x: torch.Tensor) -> torch.Tensor:
         """(samples, N, K) softmax outputs of the stochastic passes."""
-        with _dropout_active(self.model):
+        with dropout_active(self.model):
             return torch.stack([self.model(x).softmax(dim=1) for _ in range(self.samples)])
 
     def confidence(self, x: torch.Tensor) -> torch.Tensor:
@@ -117,13 +128,13 @@ class Ensemble(Detector):
         self.score = check_choice("ensemble score", score, SCORES)
 
     @torch.no_grad()
+    def member_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """(M, N, K) logits of the members."""
+        return torch.stack([member(x) for member in self.models])
+
     def member_probs(self, x: torch.Tensor, temperatures: Optional[Sequence[float]] = None) -> torch.Tensor:
-        """(M, N, K) softmax outputs of the members; with `temperatures`, member m's logits are divided by its
-        own T_m first (DDU tempers every member on its own validation split)."""
-        temperatures = temperatures or [1.0] * len(self.models)
-        if len(temperatures) != len(self.models):
-            raise ValueError(f"{len(temperatures)} temperatures for {len(self.models)} ensemble members")
-        return torch.stack([(member(x) / t).softmax(dim=1) for member, t in zip(self.models, temperatures)])
+        """(M, N, K) softmax outputs of the members; with `temperatures`, see `tempered_probs`."""
+        return tempered_probs(self.member_logits(x), temperatures)
 
     def confidence(self, x: torch.Tensor) -> torch.Tensor:
         return predictive_confidence(self.member_probs(x), self.score)

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 
 from utils.detectors import get_detector_class
 from utils.detectors.base import Detector, model_outputs
-from utils.detectors.bayes import Ensemble, EnsembleModel, MCDropout, _dropout_active, predictive_confidence
+from utils.detectors.bayes import Ensemble, EnsembleModel, MCDropout, dropout_active, predictive_confidence
 from utils.detectors.mahalanobis import Mahalanobis
 from utils.detectors.odin import ODIN
 
@@ -50,7 +50,7 @@ class EntryModel(nn.Module):
         return self.network(x)
 
     def _mc_probs(self, x: torch.Tensor) -> torch.Tensor:
-        with _dropout_active(self.network):
+        with dropout_active(self.network):
             return torch.stack([self.network(x).softmax(dim=1) for _ in range(self.detector.samples)])
 
     def _to_log(self, score: torch.Tensor) -> torch.Tensor:
