@@ -112,7 +112,7 @@ def test_jitter_search_all_fail_raises_clear_error():
     good = torch.randn(20, 6, generator=generator, dtype=torch.float64)
     huge = 1e12 * torch.randn(20, 2, generator=generator, dtype=torch.float64) @ basis
     x, y = torch.cat([good, huge]), torch.arange(2).repeat_interleave(20)
-    with pytest.raises(JitterError, match=r"classes \[1\] .* last jitter tried, 0.1 \* I"):
+    with pytest.raises(JitterError, match=r"classes \[1\] .* largest jitter tried, 0.1 \* I"):
         DDU(FeatureNet(6, 2)).fit_features(x, y)
     with pytest.raises(JitterError, match=r"classes \[0, 1\] .* 1e-300"):
         DDU(FeatureNet(6, 2), jitters=[0.0, 1e-300]).fit_features(torch.full_like(x, float("nan")), y)
