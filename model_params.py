@@ -1,8 +1,8 @@
-"""Per-dataset training defaults (docs/methods.md#ccu-training, #acet-schedules, #ddu-training). Numbers and names only;
-nothing runs at import.
+"""Per-dataset training defaults (see docs/methods.md). Numbers and names only; nothing runs at import.
 
-`train.py` flags that default to None take their value from `PARAMS[dataset]` (or from `RECIPES[name]`
-when `--recipe` names one), so one table lists every default of the paper reproductions.
+`train.py` flags that default to None take their value from `PARAMS[dataset]`, then from `METHOD_PARAMS[method]`
+(what a training objective's original code always used), then from `RECIPES[name]` when `--recipe` names one,
+so one file lists every default of the paper reproductions.
 """
 from __future__ import annotations
 
@@ -27,11 +27,36 @@ class Params:
     spectral_norm_coeff: float | None = None
     mod: bool = False
     dropout: float = 0.0
+    normalize: str | None = None        # a key of NORMALIZATIONS: the model's first layer, (x - mean) / std
     arch_kwargs: dict = field(default_factory=dict)
 
 
-_MNIST = Params(arch="lenet", optimizer="adam", lr=1e-3, epochs=100)
-_SGD = dict(optimizer="sgd", lr=0.1, epochs=100)
+# Input normalisations, (per-channel mean, per-channel std) of pixels in [0, 1]. The model carries the one its
+# recipe names as its first layer (models.common.Normalize); CCU's and ACET's networks take raw pixels.
+NORMALIZATIONS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    # DDU: the CIFAR-10 training statistics, for CIFAR-10, CIFAR-100 and SVHN alike
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
+    # ODIN's DenseNet-BC / WRN-28-10: (125.3, 123.0, 113.9) / 255 and (63.0, 62.1, 66.7) / 255
+    "odin": ((125.3 / 255, 123.0 / 255, 113.9 / 255), (63.0 / 255, 62.1 / 255, 66.7 / 255)),
+    # DDU's Dirty-MNIST (and MNIST) models
+    "mnist": ((0.1307,), (0.3081,)),
+}
+
+
+def normalization(name: str | None) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """(mean, std) of a NORMALIZATIONS key; None or "none" means raw [0, 1] pixels."""
+    if name is None or name == "none":
+        return None
+    if name not in NORMALIZATIONS:
+        raise ValueError(f"unknown normalisation {name!r}; valid: none, {', '.join(NORMALIZATIONS)}")
+    return NORMALIZATIONS[name]
+
+
+# CCU's run_training.py lowers the lr before 1-indexed epochs 50, 75 and 90, i.e. after 49, 74 and 89 finished
+# epochs (train.py's milestones count finished epochs, as torch's MultiStepLR does).
+_CCU_MILESTONES = (49 / 100, 74 / 100, 89 / 100)
+_MNIST = Params(arch="lenet", optimizer="adam", lr=1e-3, epochs=100, milestones=_CCU_MILESTONES)
+_SGD = dict(optimizer="sgd", lr=0.1, epochs=100, milestones=_CCU_MILESTONES)
 
 PARAMS: dict[str, Params] = {
     "MNIST": _MNIST,
@@ -42,7 +67,7 @@ PARAMS: dict[str, Params] = {
     # DDU's Dirty-MNIST (docs/methods.md#ddu-training): its training recipe is not in the original repo; ResNet-18 with
     # SN + mod and a 10% validation split is the paper's Figure 1 model.
     "DirtyMNIST": replace(_MNIST, arch="resnet18", augment="none", val_fraction=0.1, spectral_norm_coeff=3.0,
-                          mod=True, epochs=50),
+                          mod=True, epochs=50, normalize="mnist"),
     # Built-in offline sets: small enough for a laptop CPU in seconds.
     "digits": Params(arch="lenet", optimizer="adam", lr=1e-3, epochs=15, batch_size=64, test_batch_size=256,
                      augment="none", out_data="acet_noise"),
@@ -50,31 +75,73 @@ PARAMS: dict[str, Params] = {
                     weight_decay=0.0, augment="none", out_data="uniform", arch_kwargs={"widths": [100, 100]}),
 }
 
-# Named alternatives to a dataset's defaults (`train.py --recipe NAME`).
-RECIPES: dict[str, dict] = {
-    # DDU (docs/methods.md#ddu-training): WRN-28-10 with soft spectral normalisation (coeff 3) and the
-    # leaky-ReLU/avg-pool modifications, SGD 0.1 for 350 epochs with x0.1 at epochs 150 and 250, 10% held out for
-    # validation.
-    "ddu": dict(arch="wrn", optimizer="sgd", lr=0.1, epochs=350, milestones=(150 / 350, 250 / 350),
-                spectral_norm_coeff=3.0, mod=True, val_fraction=0.1, augment="ddu", dropout=0.3),
-    # ACET (docs/methods.md#acet-schedules): the pre-activation ResNet-20 on SVHN/CIFAR, always-on crop augmentation.
-    "acet": dict(arch="resnet_small", augment="acet"),
+# What a training objective's original code always used, whatever the dataset (before any --recipe).
+METHOD_PARAMS: dict[str, dict] = {
+    # ACET/CEDA (Hein et al. 2019): the loss adds 5e-4 * sum ||W||^2 over weights and biases, whose gradient
+    # 1e-3 * W is coupled L2 weight decay 1e-3 (utils/methods/noise.py)
+    "ceda": dict(weight_decay=1e-3),
+    "acet": dict(weight_decay=1e-3),
 }
 
 
-def get_params(dataset: str, recipe: str | None = None) -> Params:
+@dataclass(frozen=True)
+class Recipe:
+    """Named alternative defaults (`train.py --recipe NAME`): `common` for every dataset, `per_dataset` on top."""
+    common: dict
+    per_dataset: dict[str, dict] = field(default_factory=dict)
+
+    def overrides(self, dataset: str) -> dict:
+        return {**self.common, **self.per_dataset.get(dataset, {})}
+
+
+_GREY = ("MNIST", "FMNIST", "DirtyMNIST", "digits")   # 1-channel sets: the papers' small-image networks
+
+RECIPES: dict[str, Recipe] = {
+    # DDU (arXiv 2102.11582): WRN-28-10 with soft spectral normalisation (coeff 3) and the leaky-ReLU/avg-pool
+    # modifications, SGD 0.1 for 350 epochs with x0.1 after epochs 150 and 250, 10% held out for validation,
+    # inputs normalised with the CIFAR-10 statistics (also for CIFAR-100 and SVHN). Its Dirty-MNIST models are
+    # ResNet-18 + SN with MNIST statistics and no augmentation.
+    "ddu": Recipe(
+        dict(arch="wrn", optimizer="sgd", lr=0.1, epochs=350, milestones=(150 / 350, 250 / 350),
+             spectral_norm_coeff=3.0, mod=True, val_fraction=0.1, augment="ddu", dropout=0.3, normalize="cifar10"),
+        {name: dict(arch="resnet18", dropout=0.0, augment="none", normalize="mnist") for name in _GREY}),
+    # ACET (arXiv 1812.05720): LeNet with Adam 1e-3 on MNIST (the dataset default), the pre-activation ResNet-20
+    # with momentum SGD 0.1 on SVHN/CIFAR; always-on crop augmentation; x0.1 after 50/75/90% of training; weight
+    # decay 1e-3 (the loss's 5e-4 * sum ||W||^2) for the plain models of its tables too; raw pixels.
+    "acet": Recipe(
+        dict(arch="resnet_small", augment="acet", weight_decay=1e-3, milestones=(0.5, 0.75, 0.9)),
+        {**{name: dict(arch="lenet") for name in _GREY}, "moons": dict(arch="mlp", augment="none")}),
+    # CCU's MC-dropout baseline (arXiv 1909.12180): VGG-13 (LeNet on MNIST) with dropout 0.5 kept active at test
+    # time, Adam 2e-4, CCU's schedule.
+    "mcd": Recipe(dict(arch="vgg13", optimizer="adam", lr=2e-4, dropout=0.5),
+                  {name: dict(arch="lenet") for name in _GREY}),
+    # ODIN's networks (arXiv 1706.02690) take inputs normalised with its CIFAR statistics. Its repository ships
+    # weights, not training code; these are the DenseNet-BC and Wide-ResNet papers' CIFAR recipes, which the
+    # ODIN paper says it follows (without their Nesterov momentum; see the README).
+    "odin-densenet": Recipe(dict(arch="densenet_bc100", optimizer="sgd", lr=0.1, epochs=300, batch_size=64,
+                                 weight_decay=1e-4, milestones=(0.5, 0.75), augment="ddu", dropout=0.0,
+                                 normalize="odin")),
+    "odin-wrn": Recipe(dict(arch="wrn", optimizer="sgd", lr=0.1, epochs=200, batch_size=128, weight_decay=5e-4,
+                            milestones=(60 / 200, 120 / 200, 160 / 200), gamma=0.2, augment="ddu", dropout=0.3,
+                            normalize="odin")),
+}
+
+
+def get_params(dataset: str, recipe: str | None = None, method: str | None = None) -> Params:
+    """PARAMS[dataset], then METHOD_PARAMS[method], then RECIPES[recipe] for that dataset."""
     if dataset not in PARAMS:
         raise ValueError(f"no defaults for dataset {dataset!r}; model_params.PARAMS has: {', '.join(PARAMS)}")
-    params = PARAMS[dataset]
+    params = replace(PARAMS[dataset], **METHOD_PARAMS.get(method, {}))
     if recipe is None:
         return params
     if recipe not in RECIPES:
         raise ValueError(f"unknown recipe {recipe!r}; valid: {', '.join(RECIPES)}")
-    return replace(params, **RECIPES[recipe])
+    return replace(params, **RECIPES[recipe].overrides(dataset))
 
 
-# Defaults that a training method adds or replaces, per dataset: `train.py --method M` takes the flags of
-# METHOD_PARAMS[M][dataset] before PARAMS (explicit flags win over both). A method absent here uses PARAMS alone.
+
+# Defaults that a training method adds or replaces per dataset: `train.py --method M` takes the flags of
+# METHOD_DATASET_PARAMS[M][dataset] over PARAMS/METHOD_PARAMS/RECIPES (explicit flags win over all).
 @dataclass(frozen=True)
 class GANParams:
     """The confident-classifier GAN (Lee, Lee, Lee, Shin, ICLR 2018, arXiv 1711.09325): its generator and
@@ -104,15 +171,15 @@ GAN_PARAMS: dict[str, GANParams] = {
     "digits": GANParams("dcgan8", gan_width=32),
 }
 
-METHOD_PARAMS: dict[str, dict] = {"gan": GAN_PARAMS}
+METHOD_DATASET_PARAMS: dict[str, dict] = {"gan": GAN_PARAMS}
 
 
 def method_params(method: str, dataset: str) -> dict:
     """The flags `--method method` sets by default on `dataset` (empty for methods without own defaults)."""
-    if method not in METHOD_PARAMS:
+    if method not in METHOD_DATASET_PARAMS:
         return {}
-    if dataset not in METHOD_PARAMS[method]:
-        raise ValueError(f"no {method} defaults for dataset {dataset!r}; model_params.METHOD_PARAMS[{method!r}] "
-                         f"has: {', '.join(METHOD_PARAMS[method])}")
-    params = asdict(METHOD_PARAMS[method][dataset])
+    if dataset not in METHOD_DATASET_PARAMS[method]:
+        raise ValueError(f"no {method} defaults for dataset {dataset!r}; model_params.METHOD_DATASET_PARAMS[{method!r}] "
+                         f"has: {', '.join(METHOD_DATASET_PARAMS[method])}")
+    params = asdict(METHOD_DATASET_PARAMS[method][dataset])
     return {**{k: v for k, v in params.items() if k != "classifier"}, **params["classifier"]}

@@ -97,8 +97,8 @@ def table_entries(dataset: str, paths: str | None = None) -> list[TableEntry]:
 # scripts/train_table.py trains every run a dataset's table names (after gen_gmm.py for ccu/ccus).
 RUN_FLAGS: dict[str, list[str]] = {
     "plain": ["--method", "plain"],
-    # CCU's MC-dropout baseline (docs/methods.md#mc-dropout): dropout 0.5 kept active at test time, Adam 2e-4
-    "mcd": ["--method", "plain", "--dropout", "0.5", "--optimizer", "adam", "--lr", "2e-4"],
+    # CCU's MC-dropout baseline: VGG-13 (LeNet on MNIST), dropout 0.5 kept active at test time, Adam 2e-4
+    "mcd": ["--method", "plain", "--recipe", "mcd"],
     "edl": ["--method", "edl", "--optimizer", "adam", "--lr", "1e-3"],
     "ceda": ["--method", "ceda"],
     "acet": ["--method", "acet"],

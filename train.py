@@ -39,7 +39,7 @@ from utils.runs import append_jsonl, prepare_run_dir, provenance, resolve_data_r
 # Flags whose None default means "take model_params.PARAMS[dataset]" (argparse dest -> Params field).
 DATASET_DEFAULTS = ("arch", "optimizer", "lr", "epochs", "batch_size", "test_batch_size", "momentum",
                     "weight_decay", "milestones", "gamma", "augment", "out_data", "val_fraction",
-                    "spectral_norm_coeff", "mod", "dropout", "arch_kwargs")
+                    "spectral_norm_coeff", "mod", "dropout", "normalize", "arch_kwargs")
 
 # Allowed values of the numeric flags, checked before any folder is made (None = unset, allowed).
 TRAIN_RANGES = {"epochs": AT_LEAST_ONE, "batch_size": AT_LEAST_ONE, "test_batch_size": AT_LEAST_ONE,
@@ -81,6 +81,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--augment", default=None, help="augmentation name (data.AUGMENTATIONS) or 'none'")
     p.add_argument("--val-fraction", type=float, default=None, help="held-out share of the training set")
     p.add_argument("--dropout", type=float, default=None)
+    p.add_argument("--normalize", default=None, choices=["none", *model_params.NORMALIZATIONS],
+                   help="input normalisation the model carries as its first layer (default: the recipe's)")
     p.add_argument("--spectral-norm-coeff", type=float, default=None)
     p.add_argument("--mod", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--arch-kwargs", type=json.loads, default=None, help='JSON, e.g. \'{"widths": [100, 100]}\'')
@@ -138,7 +140,7 @@ def resolve(args: Namespace) -> Namespace:
     opts = Namespace(**vars(args))
     opts.dataset = args.dataset or "digits"
     opts.num_classes, shape = data.dataset_info(opts.dataset)
-    params = asdict(model_params.get_params(opts.dataset, args.recipe))
+    params = asdict(model_params.get_params(opts.dataset, args.recipe, opts.method))
     method_defaults = model_params.method_params(opts.method, opts.dataset)  # e.g. gan: G/D and its classifier
     params.update(method_defaults)
     if args.arch is not None and args.arch != params["arch"]:
@@ -147,6 +149,7 @@ def resolve(args: Namespace) -> Namespace:
         if getattr(opts, key) is None:
             setattr(opts, key, params[key])
     opts.milestones = list(opts.milestones)
+    opts.normalize = model_params.normalization(opts.normalize)  # the numbers go into config.json and the model
     # images (C, H, W) -> in_channels C, input_size H; flat vectors (D,) (moons) -> 1 channel of size D
     opts.in_channels, opts.input_size = (shape[0], shape[1]) if len(shape) == 3 else (1, shape[0])
     if opts.arch == "mlp":
@@ -154,6 +157,9 @@ def resolve(args: Namespace) -> Namespace:
     elif len(shape) != 3:
         raise ValueError(f"arch {opts.arch!r} takes images (C, H, W) but {opts.dataset} has vectors of shape "
                          f"{tuple(shape)}; use --arch mlp")
+    if opts.normalize is not None and len(shape) == 3 and len(opts.normalize[0]) != shape[0]:
+        raise ValueError(f"--normalize has {len(opts.normalize[0])} channel(s) but {opts.dataset} images have "
+                         f"{shape[0]}; pick a normalisation for {shape[0]}-channel inputs or 'none'")
     opts.data_shape = list(shape)
     opts.name = args.name or f"{args.method}-s{args.seed}"
     opts.data_root = resolve_data_root(args.data_root)

@@ -143,6 +143,20 @@ def test_forward_with_features_and_head_delegation():
     assert torch.allclose(model.head(model.features(x)), model.base(x))
 
 
+def test_detectors_score_the_ccu_models_own_output():
+    from utils.detectors import DETECTORS
+
+    model = make_ccu().eval()
+    x = torch.cat([in_data(20, seed=3).view(-1, *SHAPE), torch.rand(20, *SHAPE)])   # near and far from the data
+    log_probs = model(x)
+    base_msp = model.base(x).softmax(1).amax(1)
+    ccu_msp = log_probs.exp().amax(1)
+    assert float((base_msp - ccu_msp).abs().max()) > 0.1   # the two models disagree here
+    torch.testing.assert_close(DETECTORS["msp"](model).confidence(x), ccu_msp)
+    torch.testing.assert_close(DETECTORS["energy"](model).confidence(x), log_probs.logsumexp(1))
+    torch.testing.assert_close(DETECTORS["entropy"](model).confidence(x), (log_probs.exp() * log_probs).sum(1))
+
+
 # --- certificate -----------------------------------------------------------------------------------------------
 
 def brentq_radii(terms, f_log_b, r_max=1e4) -> np.ndarray:

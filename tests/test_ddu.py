@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from utils.calibration import TEMPERATURE_GRID, fit_temperature
 from utils.ddu_summary import (classification_metrics, ddu_table, make_row, score_names, summarize, summary,
                                write_summaries)
-from utils.detectors.ddu import DDU, DDU_DETECTORS, SCORES, JitterError, default_jitters
+from utils.detectors.ddu import DDU, DDU_DETECTORS, SCORES, JitterError, default_jitters, jittered_cholesky
 from utils.metrics import auroc, ece, nll
 
 
@@ -88,6 +88,20 @@ def test_jitter_search_recovers_rank_deficient_covariance():
     reference = torch.distributions.MultivariateNormal(
         x[y == 1].mean(0), covariance_matrix=covariances[1] + ddu.jitter_ * torch.eye(6, dtype=torch.float64))
     np.testing.assert_allclose(densities[:, 1].numpy(), reference.log_prob(x).numpy(), rtol=1e-9)
+
+
+def test_jitter_ladder_keeps_the_originals_order():
+    # a zero-variance feature: eps = 0 fails, float64 tiny (2.2e-308) and the smaller subnormal 1e-308 both work;
+    # the original scans 0, tiny, 1e-308, ... and so takes tiny, not the numerically smaller 1e-308
+    tiny = torch.finfo(torch.float64).tiny
+    assert default_jitters()[:3] == [0.0, tiny, 1e-308]
+    _, eps = jittered_cholesky(torch.zeros(1, 1, 1, dtype=torch.float64))
+    assert eps == tiny
+    # a rank-deficient covariance that every positive rung fixes: the first in the given order wins
+    singular = torch.tensor([[[1.0, 0.0], [0.0, 0.0]]], dtype=torch.float64)
+    cholesky, eps = jittered_cholesky(singular, [0.0, 1e-1, 1e-3])
+    assert eps == 1e-1
+    torch.testing.assert_close(cholesky[0] @ cholesky[0].T, singular[0] + 0.1 * torch.eye(2, dtype=torch.float64))
 
 
 def test_jitter_search_all_fail_raises_clear_error():

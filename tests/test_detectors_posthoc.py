@@ -346,6 +346,14 @@ def test_predictive_scores_match_ddu_formulas():
     np.testing.assert_allclose(predictive_confidence(probs, "variance").numpy(), -p.var(0).sum(1), rtol=1e-12)
 
 
+def test_mutual_information_is_clamped_at_zero():
+    # identical members: PE and the mean member entropy agree up to float64 rounding, which gave MI = -2e-16
+    gen = torch.Generator().manual_seed(3)
+    probs = (5 * torch.randn(500, 10, generator=gen)).softmax(1).unsqueeze(0).expand(5, -1, -1)
+    confidence = predictive_confidence(probs, "mutual_info")
+    assert bool((confidence <= 0).all()) and float(confidence.min()) > -1e-12   # -MI: never above 0
+
+
 def test_ensemble_of_one_is_its_member_and_identical_members_have_no_mi(trained, toy):
     x_in, _, x_out = toy
     x = torch.cat([x_in, x_out])

@@ -116,7 +116,8 @@ def test_ddu_rows_temperature_summary_and_table(tmp_path, monkeypatch):
     assert all(0.1 <= r["temperature"] <= 10.0 and r["t_nll"] <= r["nll"] + 1e-6 for r in softmax)
     assert all(r["n_in"] == 360 for r in rows)
     ensemble = next(r for r in rows if r["label"] == "DE")
-    assert ensemble["run"] == "plain-s0+plain-s1" and ensemble["temperature"] is None
+    assert ensemble["run"] == "plain-s0+plain-s1"
+    assert ensemble["temperature"] == [softmax[0]["temperature"], softmax[1]["temperature"]]  # one per member
     summary = json.loads((results / "ddu" / "digits_DDU.json").read_text())
     assert {"accuracy", "ece", "t_accuracy", "t_ece", "auroc", "t_auroc", "info"} <= set(summary)
     aurocs = [r["auroc"] for r in rows if r["label"] == "DDU"]

@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from utils import limits
@@ -153,6 +154,36 @@ def test_non_piecewise_affine_models_are_flagged():
 
     with pytest.warns(UserWarning):
         assert bool(limits.limit_analysis(Squares(), directions, on_non_pa="nan").confidence.isnan().all())
+
+
+class _Inner(nn.Module):
+    """Linear -> op -> Linear: the op sees an input-dependent tensor."""
+
+    def __init__(self, op) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.first, self.second, self.op = nn.Linear(4, 6), nn.Linear(6, 3), op
+
+    def forward(self, x):
+        return self.second(self.op(self.first(x)))
+
+
+@pytest.mark.parametrize("name,op", [
+    ("clamp_min", lambda h: h.clamp_min(0.0)), ("clamp_max", lambda h: h.clamp_max(0.0)),
+    ("threshold", lambda h: F.threshold(h, 0.5, 0.0)), ("sign", torch.sign), ("floor", torch.floor),
+    ("reciprocal division", lambda h: 1.0 / (h + 10.0)), ("rounding division", lambda h: h // 2),
+    ("rounding div", lambda h: torch.div(h, 2, rounding_mode="floor")),
+    ("division by the input", lambda h: h / (h + 5.0)),
+])
+def test_operations_off_the_allow_list_are_refused_not_certified(name, op):
+    directions = torch.randn(30, 4, generator=torch.Generator().manual_seed(8))
+    with pytest.raises(limits.NotPiecewiseAffineError):
+        limits.limit_analysis(_Inner(op), directions)
+    with pytest.warns(UserWarning):
+        fallback = limits.limit_analysis(_Inner(op), directions, on_non_pa="numeric")
+    assert fallback.method == "numeric" and not bool(fallback.certified.any())
+    # constant divisors and eval-mode layers stay allowed
+    _assert_exact_matches_numeric(_Inner(lambda h: torch.relu(h) / 3.0), directions)
 
 
 def test_ray_curve_converges_to_limit_and_gradient_vanishes():

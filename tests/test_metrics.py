@@ -18,10 +18,11 @@ def test_ood_metrics_equal_sklearn(seed):
     assert result["auroc"] == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
     assert result["aupr_in"] == pytest.approx(average_precision_score(labels, scores), abs=1e-12)
     assert result["aupr_out"] == pytest.approx(average_precision_score(1 - labels, -scores), abs=1e-12)
-    # FPR@95 "id" by brute force over thresholds taken from the data
+    # FPR@95 "id" is ACET's percentile rule; "id_achievable" by brute force over thresholds from the data
+    assert result["fpr95"] == pytest.approx(np.mean(conf_out >= np.percentile(conf_in, 5)))
     thresholds = np.sort(conf_in)[::-1]
     tau = next(t for t in thresholds if np.mean(conf_in >= t) >= 0.95)
-    assert result["fpr95"] == pytest.approx(np.mean(conf_out >= tau))
+    assert metrics.fpr_at_95_tpr(conf_in, conf_out, "id_achievable") == pytest.approx(np.mean(conf_out >= tau))
     errors = [0.5 * np.mean(conf_in < t) + 0.5 * np.mean(conf_out >= t) for t in np.r_[scores, np.inf]]
     assert result["detection_error"] == pytest.approx(min(errors))
 
@@ -35,6 +36,16 @@ def test_fpr_conventions_hand_computed():
     # "ood": catch >= 95% of OOD (all 10 here, 9.5 is the lowest threshold doing so at >= 0.95) -> in-distribution
     # samples with conf <= 9.5 are rejected: 1..9 = 9 of 20
     assert metrics.fpr_at_95_tpr(conf_in, conf_out, "ood") == pytest.approx(0.45)
+
+
+def test_fpr_id_is_acets_interpolated_percentile():
+    # in 1..20: np.percentile(., 5) = 1 + 0.05 * 19 = 1.95 (linear interpolation), not an observed score.
+    # An OOD score of 1.96 is accepted by ACET's rule (>= 1.95) but rejected at the achievable threshold 2.
+    conf_in = np.arange(1, 21, dtype=float)
+    conf_out = np.array([1.96, 0.5, 0.7, 2.5])
+    assert metrics.fpr_at_95_tpr(conf_in, conf_out, "id") == pytest.approx(2 / 4)
+    assert metrics.fpr_at_95_tpr(conf_in, conf_out, "id_achievable") == pytest.approx(1 / 4)
+    assert metrics.ood_metrics(conf_in, conf_out)["fpr95"] == pytest.approx(2 / 4)
 
 
 def test_ties_and_constant_scores():

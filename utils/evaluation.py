@@ -131,12 +131,33 @@ def row_settings(options: dict, ood: str, tuning: bool, args: Namespace) -> dict
     return settings
 
 
+def member_temperatures(members: list, args: Namespace) -> list[float] | None:
+    """Each ensemble member tempered on its own validation split (DDU, docs/methods.md#temperature-scaling); None unless all have one."""
+    temperatures = [fit_run_temperature(member, run_splits(getattr(member, "run_config", {}), args)[1], args)
+                    for member in members]
+    return None if any(t is None for t in temperatures) else temperatures
+
+
+def attacked_model(loaded: list):
+    """What the adversarial OOD sets attack: the network itself, or an ensemble's averaged probabilities."""
+    from utils.detectors.bayes import EnsembleModel  # noqa: PLC0415
+    return loaded[0] if len(loaded) == 1 else EnsembleModel(loaded).eval()
+
+
+def _ensemble_classification(test: SetScores) -> dict:
+    """accuracy, ECE and their tempered versions from an ensemble's (per-member tempered) mean probabilities."""
+    tempered = test.probs if test.tempered_probs is None else test.tempered_probs
+    return {"accuracy": metrics.accuracy(test.probs, test.labels), "ece": metrics.ece(test.probs, test.labels),
+            "t_accuracy": metrics.accuracy(tempered, test.labels), "t_ece": metrics.ece(tempered, test.labels),
+            "t_nll": metrics.nll(tempered, test.labels)}
+
+
 def set_rows(entry: TableEntry, run: str, checkpoint: str, scores: dict[str, SetScores], key: str,
              options: dict, temperature: float | None, seed: int | None, args: Namespace) -> list[dict]:
     """One row per OOD set with every metric; in-distribution statistics repeated on each row.
 
-    Temperature-scaled statistics (t_*) use the run's validation temperature; without one they equal the
-    untempered ones and `temperature` is null.
+    Temperature-scaled statistics (t_*) use the run's validation temperature (an ensemble: one per member, each
+    on its own validation split); without one they equal the untempered ones and `temperature` is null.
     """
     test = scores["in"]
     conf_in = test.confidences[key]
@@ -149,8 +170,7 @@ def set_rows(entry: TableEntry, run: str, checkpoint: str, scores: dict[str, Set
         base.update(classification_metrics(test.logits, test.labels, temperature or 1.0))
         base["t_nll"] = metrics.nll((test.logits / (temperature or 1.0)).softmax(dim=1), test.labels)
     else:
-        base.update(accuracy=metrics.accuracy(test.probs, test.labels), ece=metrics.ece(test.probs, test.labels))
-        base.update(t_accuracy=base["accuracy"], t_ece=base["ece"], t_nll=base["nll"])
+        base.update(_ensemble_classification(test))
     base.update(temperature=temperature, test_error=1.0 - base["accuracy"])
     rows = []
     for name, set_scores in scores.items():
@@ -196,9 +216,13 @@ def evaluate_group(runs: tuple, group_entries: list[TableEntry], sets: dict, tun
     built = {f"{e.label}|{e.detector}": build_detector(e, loaded, train_set, tune_sets, args) for e in group_entries}
     detectors = {key: detector for key, (detector, _) in built.items()}
     model = None if len(loaded) > 1 else loaded[0]
-    temperature = fit_run_temperature(model, val_set, args) if model is not None else None
-    temperatures = {key: temperature for key, det in detectors.items() if temperature and not det.needs_grad}
-    all_sets = {**sets, **adversarial_sets(loaded[0], sets, adv_sets, args)}
+    if model is not None:
+        temperature = fit_run_temperature(model, val_set, args)
+        temperatures = {key: temperature for key, det in detectors.items() if temperature and not det.needs_grad}
+    else:
+        temperature = member_temperatures(loaded, args)
+        temperatures = {key: temperature for key in detectors} if temperature else {}
+    all_sets = {**sets, **adversarial_sets(attacked_model(loaded), sets, adv_sets, args)}
     scores = {name: score_dataset(model, detectors, dataset, args.batch_size, device, progress=args.progress,
                                   amp=getattr(args, "amp", "off") if getattr(args, "amp_scores", False) else "off",
                                   desc=f"{Path(runs[0]).name} {name}", temperatures=temperatures)

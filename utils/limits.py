@@ -23,12 +23,15 @@ again further out: each unit heading for a change predicts where it happens (alp
 is past the farthest predicted change, but at least 2 alpha (doubling) and at most 1024 alpha; after
 `max_steps` looks the rest are reported uncertified with the estimate at the last alpha.
 
-Which networks are piecewise affine is decided while they run: the recorder flags smooth non-linearities
-(exp, softmax, sigmoid, tanh, powers, normalisation by input statistics, ...) applied to input-dependent
-tensors, products or quotients of two input-dependent tensors, and piecewise-affine ops it cannot track
-(clamp, abs, max over a dim, ...). A CCU model (Gaussian mixtures: squared distances, exp) is flagged this
-way. Such a model raises `NotPiecewiseAffineError`, or, with on_non_pa="numeric" / "nan", gets the confidence
-measured at alpha = 1e6 (`numeric_confidence`) or NaN. Layers need not be nn.Modules: functional calls
+Which networks are piecewise affine is decided while they run, by an ALLOW-LIST: an operation applied to an
+input-dependent tensor passes only if it is known to be affine in that tensor (`AFFINE`: linear layers,
+convolutions, sums, average pools, reshapes, eval-mode batch norm and dropout, ...), or is a ReLU / leaky ReLU /
+max-pool, which the recorder tracks. Products of two input-dependent tensors, division by one, rounding
+division, and every operation not on the list (smooth non-linearities such as exp, softmax, tanh; untracked
+piecewise-affine ones such as clamp, abs, max over a dim; and discontinuous ones such as sign, floor,
+threshold) are flagged, so an unknown operation is refused, never certified. A CCU model (Gaussian mixtures:
+squared distances, exp) is flagged this way. Such a model raises `NotPiecewiseAffineError`, or, with
+on_non_pa="numeric" / "nan", gets the confidence measured at alpha = 1e6 (`numeric_confidence`) or NaN. Layers need not be nn.Modules: functional calls
 (F.relu, torch.relu, Tensor.relu, F.max_pool2d) are seen too, through a TorchFunctionMode.
 """
 from __future__ import annotations
@@ -43,21 +46,44 @@ import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten
 
 RELU_LIKE = {"relu", "relu_", "leaky_relu", "leaky_relu_"}
 MAX_POOL = {"max_pool2d", "_max_pool2d", "max_pool2d_with_indices"}
+# Affine in each input-dependent operand when the others are constant (torch function / Tensor method names).
+AFFINE = {
+    # sums, differences, scaling, and linear maps of one input-dependent operand
+    "add", "add_", "__add__", "__radd__", "__iadd__", "sub", "sub_", "__sub__", "__rsub__", "__isub__", "rsub",
+    "neg", "neg_", "__neg__", "negative", "__pos__", "positive", "sum", "mean", "cumsum", "diff",
+    "mul", "mul_", "__mul__", "__rmul__", "__imul__", "multiply", "matmul", "__matmul__", "__rmatmul__", "mm",
+    "bmm", "mv", "addmm", "addmv", "baddbmm", "einsum", "linear", "bilinear", "conv1d", "conv2d", "conv3d",
+    "conv_transpose1d", "conv_transpose2d", "conv_transpose3d",
+    "avg_pool1d", "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d",
+    # quotient by a constant (checked below)
+    "div", "div_", "__truediv__", "__itruediv__", "true_divide", "divide",
+    # eval-mode layers (checked below)
+    "batch_norm", "dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout",
+    # moving, copying and selecting entries
+    "view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "squeeze", "squeeze_", "unsqueeze",
+    "unsqueeze_", "permute", "transpose", "transpose_", "t", "movedim", "moveaxis", "swapaxes", "swapdims",
+    "expand", "expand_as", "repeat", "tile", "contiguous", "clone", "to", "float", "double", "cpu", "cuda",
+    "cat", "concat", "concatenate", "stack", "hstack", "vstack", "split", "chunk", "unbind", "narrow", "select",
+    "index_select", "gather", "__getitem__", "__setitem__", "copy_", "flip", "roll", "pad", "constant_pad_nd",
+    "pixel_shuffle", "pixel_unshuffle", "unfold", "fold", "channel_shuffle",
+    # metadata: no values are computed
+    "__get__", "size", "dim", "ndimension", "numel", "__len__", "is_floating_point", "is_contiguous", "stride",
+    "element_size", "type_as",
+}
 SMOOTH = {"exp", "exp_", "exp2", "expm1", "log", "log_", "log2", "log10", "log1p", "sigmoid", "sigmoid_", "tanh",
           "tanh_", "softmax", "log_softmax", "softmin", "logsumexp", "gelu", "silu", "elu", "selu", "celu",
           "softplus", "mish", "pow", "pow_", "__pow__", "__rpow__", "square", "sqrt", "rsqrt", "reciprocal",
           "norm", "vector_norm", "cdist", "erf", "sin", "cos", "atan", "logit", "layer_norm", "group_norm",
           "instance_norm", "local_response_norm", "normalize", "glu", "var", "std", "logsigmoid", "softsign",
-          "tanhshrink", "cosine_similarity", "tan", "sinh", "cosh", "asinh"}
-UNTRACKED_PA = {"max", "min", "amax", "amin", "maximum", "minimum", "clamp", "clamp_", "clip", "hardtanh",
-                "relu6", "abs", "where", "sort", "topk", "max_pool1d", "max_pool3d", "adaptive_max_pool1d",
-                "adaptive_max_pool2d", "hardswish", "hardsigmoid", "prelu", "rrelu"}
-BILINEAR = {"mul", "mul_", "__mul__", "__rmul__", "matmul", "__matmul__", "mm", "bmm", "einsum", "bilinear", "linear",
-            "conv1d", "conv2d", "conv3d", "addmm", "baddbmm"}  # non-affine when two operands depend on the input
-DIVISION = {"div", "div_", "__truediv__", "true_divide"}
+          "tanhshrink", "cosine_similarity", "tan", "sinh", "cosh", "asinh"}  # named in the error message only
+BILINEAR = {"mul", "mul_", "__mul__", "__rmul__", "__imul__", "multiply", "matmul", "__matmul__", "__rmatmul__",
+            "mm", "bmm", "mv", "einsum", "bilinear", "linear", "conv1d", "conv2d", "conv3d", "conv_transpose1d",
+            "conv_transpose2d", "conv_transpose3d", "addmm", "addmv", "baddbmm"}  # non-affine with two such operands
+DIVISION = {"div", "div_", "__truediv__", "__itruediv__", "true_divide", "divide"}
 
 
 class NotPiecewiseAffineError(ValueError):
@@ -138,26 +164,35 @@ class RegionRecorder(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = getattr(func, "__name__", "")
-        tensors = [a for a in list(args) + list(kwargs.values()) if isinstance(a, torch.Tensor)]
-        dependent = [_tangent(t) is not None for t in tensors]
         if name in RELU_LIKE:
             self._relu(args[0])
         elif name in MAX_POOL:
             self._max_pool(args, kwargs)
-        elif any(dependent):
-            if name in SMOOTH:
-                self._flag(name, "smooth non-linearity")
-            elif name in UNTRACKED_PA:
-                self._flag(name, "piecewise affine but not tracked; express it with relu / max_pool2d")
-            elif name in BILINEAR and sum(dependent) > 1:
-                self._flag(name, "product of two input-dependent tensors")
-            elif name in DIVISION and len(args) > 1 and _tangent(args[1]) is not None:
-                self._flag(name, "division by an input-dependent tensor")
-            elif name == "batch_norm" and (kwargs.get("training") or (len(args) > 5 and args[5])):
-                self._flag(name, "batch statistics in training mode")
-            elif name == "dropout" and (kwargs.get("training") or (len(args) > 2 and args[2])):
-                self._flag(name, "random dropout in training mode")
+        else:
+            why = self._not_affine(name, args, kwargs)
+            if why:
+                self._flag(name, why)
         return func(*args, **kwargs)
+
+    def _not_affine(self, name: str, args: tuple, kwargs: dict) -> Optional[str]:
+        """Why `name(*args, **kwargs)` is not known to be affine in its input-dependent tensors (None: it is)."""
+        leaves, _ = tree_flatten((args, kwargs))
+        dependent = [isinstance(leaf, torch.Tensor) and _tangent(leaf) is not None for leaf in leaves]
+        if not any(dependent):
+            return None                                   # constants (weights, buffers) may go through anything
+        if name not in AFFINE:
+            kind = "smooth non-linearity" if name in SMOOTH else "not on the allow-list of piecewise-affine ops"
+            return f"{kind}; express it with linear layers, relu / leaky_relu and max_pool2d"
+        if name in BILINEAR and sum(dependent) > 1:
+            return "product of two input-dependent tensors"
+        divisor = args[1] if len(args) > 1 else kwargs.get("other")
+        if name in DIVISION and (_tangent(divisor) is not None or kwargs.get("rounding_mode") is not None):
+            return "division by an input-dependent tensor, or a rounding division"
+        if name == "batch_norm" and (kwargs.get("training") or (len(args) > 5 and args[5])):
+            return "batch statistics in training mode"
+        if "dropout" in name and (kwargs.get("training") or (len(args) > 2 and args[2])):
+            return "random dropout in training mode"
+        return None
 
 
 @dataclass
@@ -185,6 +220,12 @@ def _device_dtype(net: nn.Module) -> tuple[torch.device, torch.dtype]:
     return (param.device, param.dtype) if param is not None else (torch.device("cpu"), torch.float32)
 
 
+def _refusal(net: nn.Module, violation: str) -> NotPiecewiseAffineError:
+    return NotPiecewiseAffineError(
+        f"{type(net).__name__} is not piecewise affine: it applies {violation} to its input, so Theorem 3.1 does "
+        "not apply; measure it with numeric_confidence(model, d, alpha=1e6) or pass on_non_pa='numeric'")
+
+
 def _ray_pass(net: nn.Module, d: torch.Tensor, alpha: torch.Tensor):
     """One forward-mode pass at alpha d with tangent d: logits, their slope along d, and the recorder."""
     recorder = RegionRecorder(len(d))
@@ -192,8 +233,14 @@ def _ray_pass(net: nn.Module, d: torch.Tensor, alpha: torch.Tensor):
     with torch.no_grad(), fwAD.dual_level(), warnings.catch_warnings():
         # torch loads its forward-AD decompositions through the deprecated torch.jit.script on first use
         warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
-        with recorder:
-            out = net(fwAD.make_dual(scale * d, d))
+        try:
+            with recorder:
+                out = net(fwAD.make_dual(scale * d, d))
+        except Exception:
+            if recorder.violation is None:
+                raise
+            # the op that broke the pass was refused first (forward-mode AD lacks some ops, e.g. floor_divide)
+            raise _refusal(net, recorder.violation) from None
         logits, slope = fwAD.unpack_dual(out)
     slope = torch.zeros_like(logits) if slope is None else slope  # a constant network has slope 0
     return logits, slope, recorder
@@ -217,10 +264,7 @@ def _limit_chunk(net: nn.Module, d: torch.Tensor, alpha0: float, max_steps: int,
     for _ in range(max_steps):
         out, s, recorder = _ray_pass(net, d[todo], alpha[todo])
         if recorder.violation:
-            raise NotPiecewiseAffineError(
-                f"{type(net).__name__} is not piecewise affine: it applies {recorder.violation} to its input, "
-                "so Theorem 3.1 does not apply; measure it with numeric_confidence(model, d, alpha=1e6) or "
-                "pass on_non_pa='numeric'")
+            raise _refusal(net, recorder.violation)
         if slope is None:
             slope, intercept = out.new_empty(n, out.shape[1]), out.new_empty(n, out.shape[1])
         seen[todo] = alpha[todo]

@@ -15,9 +15,12 @@ import numpy as np
 import torch
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
-FprConvention = Literal["id", "ood"]
+FprConvention = Literal["id", "id_achievable", "ood"]
 FPR_CONVENTIONS = {
-    "id": "FPR@95%TPR(in): share of OOD samples accepted at the threshold keeping 95% of in-distribution samples",
+    "id": "FPR@95%TPR(in): share of OOD samples with conf >= the 5th percentile (linear interpolation) of the "
+          "in-distribution confidences (ACET's code; the Hein-lab papers' numbers)",
+    "id_achievable": "FPR@95%TPR(in, achievable): share of OOD samples accepted at the highest observed threshold "
+                     "keeping at least 95% of in-distribution samples",
     "ood": "FPR@95%TPR(out): share of in-distribution samples rejected when 95% of OOD samples are caught",
 }
 
@@ -62,17 +65,24 @@ def aupr_out(conf_in, conf_out) -> float:
 def fpr_at_95_tpr(conf_in, conf_out, convention: FprConvention = "id") -> float:
     """False-positive rate at 95% true-positive rate, under a named convention.
 
-    "id" (ODIN, ACET, CCU papers): positives are in-distribution samples, accepted when conf >= threshold;
-    the result is the share of OOD samples accepted at the highest threshold that keeps at least 95% of the
-    in-distribution samples. "ood" (OpenOOD, pytorch-ood): positives are OOD samples, caught when
-    conf <= threshold; the result is the share of in-distribution samples caught at the lowest threshold that
-    catches at least 95% of the OOD samples. Ties at the threshold are accepted (resp. caught) together.
+    "id" (ACET's evaluation code, Hein et al. 2019, arXiv 1812.05720; the default): tau = the 5th percentile of
+    conf_in with linear interpolation (`np.percentile(conf_in, 5)`), FPR = #(conf_out >= tau) / N_out. tau may
+    lie between two in-distribution scores, so the TPR it implies need not be a ROC point.
+    "id_achievable": positives are in-distribution samples, accepted when conf >= threshold; the share of OOD
+    samples accepted at the highest observed threshold that keeps at least 95% of the in-distribution samples.
+    "ood" (OpenOOD, pytorch-ood): positives are OOD samples, caught when conf <= threshold; the share of
+    in-distribution samples caught at the lowest threshold that catches at least 95% of the OOD samples.
+    Ties at the threshold are accepted (resp. caught) together.
 
-    The ROC curve comes from scikit-learn; the ROC point is the first one whose TPR reaches 0.95 (sklearn's
-    points are exactly the achievable thresholds, so no interpolation is involved).
+    For the last two the ROC curve comes from scikit-learn; the ROC point is the first one whose TPR reaches
+    0.95 (sklearn's points are exactly the achievable thresholds, so no interpolation is involved).
     """
     if convention not in FPR_CONVENTIONS:
         raise ValueError(f"unknown FPR convention {convention!r}; valid: {', '.join(FPR_CONVENTIONS)}")
+    if convention == "id":
+        scores_in, scores_out = _as_array(conf_in, "conf_in"), _as_array(conf_out, "conf_out")
+        tau = np.percentile(scores_in, 5)  # numpy's default method is linear interpolation
+        return float(np.mean(scores_out >= tau))
     labels, scores = _labelled(conf_in, conf_out)
     if convention == "ood":
         labels, scores = 1 - labels, -scores

@@ -10,20 +10,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from utils.amp import autocast
-from utils.detectors.base import Detector
-from utils.detectors.bayes import predictive_confidence
-
-
-def model_outputs(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(penultimate features, logits) of one forward pass.
-
-    A model whose output is not head(features) (CCU: the GMMs enter the output) provides
-    `forward_with_features(x)`; every other model composes its features and head.
-    """
-    if hasattr(model, "forward_with_features"):
-        return model.forward_with_features(x)
-    features = model.features(x)
-    return features, model.head(features)
+from utils.detectors.base import Detector, model_outputs  # noqa: F401  (model_outputs: re-exported)
+from utils.detectors.bayes import predictive_confidence, tempered_probs
 
 
 @dataclass
@@ -34,6 +22,7 @@ class SetScores:
     tempered: dict[str, torch.Tensor] = field(default_factory=dict)
     logits: torch.Tensor | None = None     # (N, K), None for ensembles
     probs: torch.Tensor | None = None      # (N, K) predictive probabilities (MMC, accuracy, NLL, ECE)
+    tempered_probs: torch.Tensor | None = None  # (N, K) an ensemble's mean of per-member tempered softmaxes
     labels: torch.Tensor | None = None
 
 
@@ -53,9 +42,14 @@ def _batch_scores(model, detectors: dict[str, Detector], temperatures: dict[str,
                     out["t|" + key].append(det.from_outputs(features, logits / temperatures[key]).cpu())
         else:  # an ensemble: its members' softmaxes give both its score and the predictive probabilities
             (key, ensemble), = detectors.items()
-            member_probs = ensemble.member_probs(x)
+            member_logits = ensemble.member_logits(x)
+            member_probs = tempered_probs(member_logits)
             out[key].append(predictive_confidence(member_probs, ensemble.score).cpu())
             out["__probs"].append(member_probs.mean(dim=0).cpu())
+            if key in temperatures:  # one temperature per member, on the same logits
+                member_probs = tempered_probs(member_logits, temperatures[key])
+                out["t|" + key].append(predictive_confidence(member_probs, ensemble.score).cpu())
+                out["t|__probs"].append(member_probs.mean(dim=0).cpu())
             return
     for key, det in detectors.items():
         if det.needs_grad:
@@ -69,7 +63,8 @@ def score_dataset(model: nn.Module | None, detectors: dict[str, Detector], datas
 
     `model` is the network whose softmax gives the reported probabilities; for an ensemble it is None and
     `detectors` holds the one ensemble detector. `temperatures` (detector key -> T) also scores those
-    logit/feature detectors on logits / T (temperature scaling, DDU's t_* metrics) from the same pass.
+    logit/feature detectors on logits / T (temperature scaling, DDU's t_* metrics) from the same pass; for an
+    ensemble T is a list, one temperature per member.
     `amp` (utils/amp.py) runs the shared pass in bf16/fp16 (evaluate.py --amp-scores); the default "off"
     keeps the scores float32, since bf16 logits tie confidences near 1 and move AUROC / FPR.
     """
@@ -82,4 +77,5 @@ def score_dataset(model: nn.Module | None, detectors: dict[str, Detector], datas
     cat = lambda key: torch.cat(out[key]).double() if out[key] else None  # noqa: E731
     return SetScores(confidences={key: cat(key) for key in detectors},
                      tempered={key: cat("t|" + key) for key in detectors if out["t|" + key]},
-                     logits=cat("__logits"), probs=cat("__probs"), labels=torch.cat(out["__labels"]))
+                     logits=cat("__logits"), probs=cat("__probs"), tempered_probs=cat("t|__probs"),
+                     labels=torch.cat(out["__labels"]))

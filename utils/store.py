@@ -41,8 +41,8 @@ KEYS: dict[str, tuple[str, ...]] = {
     # what else changes the numbers: n_ood, the OOD sampling seed, the FPR convention, tuning and attack settings.
     "ood": ("dataset", "label", "run", "checkpoint", "detector", "options", "ood", "settings"),
     # gen_attack_stats.py --study ccu, results/attacks/<DATASET>.jsonl
-    "ccu_attack": ("study", "dataset", "label", "runs", "checkpoints", "ccu_run", "seeds", "n_seeds", "restarts",
-                   "steps", "step_size", "f", "seed"),
+    "ccu_attack": ("study", "dataset", "label", "runs", "checkpoints", "detector", "options", "ccu_run", "seeds",
+                   "n_seeds", "n_test", "restarts", "steps", "step_size", "f", "seed"),
     # gen_attack_stats.py --study alpha, results/attacks/<DATASET>_alpha.jsonl
     "alpha": ("study", "dataset", "label", "run", "checkpoint", "n", "target", "alpha_max", "overconf", "seed",
               "float64"),

@@ -7,6 +7,18 @@ import torch
 from torch import nn
 
 
+def model_outputs(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(penultimate features, logits of the model's own output) of one forward pass.
+
+    A model whose output is not head(features) (CCU: the GMMs enter the output) provides
+    `forward_with_features(x)`; every other model composes its features and head.
+    """
+    if hasattr(model, "forward_with_features"):
+        return model.forward_with_features(x)
+    features = model.features(x)
+    return features, model.head(features)
+
+
 class Detector:
     """Base class of every detector in `utils.detectors.DETECTORS`.
 
@@ -33,5 +45,5 @@ class Detector:
 
     @torch.no_grad()
     def confidence(self, x: torch.Tensor) -> torch.Tensor:
-        features = self.model.features(x)
-        return self.from_outputs(features, self.model.head(features))
+        """The score of the model's own output (for CCU: its log-probabilities, not the base classifier's)."""
+        return self.from_outputs(*model_outputs(self.model, x))

@@ -9,9 +9,11 @@ ODIN; their passes run without gradients.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator, Sequence, Union
+import math
+from typing import Iterator, Optional, Sequence, Union
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from utils.detectors.base import Detector
@@ -32,11 +34,11 @@ def predictive_confidence(probs: torch.Tensor, score: str) -> torch.Tensor:
     With p_bar = mean_s p_s (computed in float64):
     * "max_prob": max_k p_bar_k (CCU's DE baseline, as a probability instead of its log);
     * "entropy": -PE, PE = -sum_k p_bar_k log(p_bar_k + 1e-12) (DDU's m2 for ensembles);
-    * "mutual_info": -MI, MI = PE - mean_s H(p_s), each entropy with the +1e-12 (DDU's m1); MI >= 0 since the
-      entropy is concave (also with the +1e-12);
+    * "mutual_info": -MI, MI = max(PE - mean_s H(p_s), 0), each entropy with the +1e-12 (DDU's m1). MI >= 0
+      since the entropy is concave, but the float64 difference of two equal entropies can round to -2e-16
+      (identical members), hence the clamp;
     * "variance": -sum_k Var_s p_s(k), population variance over the S samples (CCU's MCD score,
-      docs/methods.md#mc-dropout; CCU also multiplies by 1000 and places it at the argmax class, neither of which
-      changes the ranking).
+      docs/methods.md#mc-dropout; CCU also multiplies by 1000 and places it at the argmax class, neither of which changes the ranking).
     """
     probs = probs.double()
     mean = probs.mean(dim=0)
@@ -45,14 +47,25 @@ def predictive_confidence(probs: torch.Tensor, score: str) -> torch.Tensor:
     if score == "entropy":
         return -_entropy(mean)
     if score == "mutual_info":
-        return -(_entropy(mean) - _entropy(probs).mean(dim=0))
+        return -(_entropy(mean) - _entropy(probs).mean(dim=0)).clamp_min(0.0)
     if score == "variance":
         return -probs.var(dim=0, unbiased=False).sum(dim=1)
     raise ValueError(f"unknown score {score!r}; valid: {', '.join(SCORES)}")
 
 
+def tempered_probs(member_logits: torch.Tensor, temperatures: Optional[Sequence[float]] = None) -> torch.Tensor:
+    """softmax(logits_m / T_m) per member m of (M, N, K) logits (T = 1 without `temperatures`); DDU tempers every
+    ensemble member on its own validation split."""
+    if temperatures is None:
+        return member_logits.softmax(dim=-1)
+    if len(temperatures) != len(member_logits):
+        raise ValueError(f"{len(temperatures)} temperatures for {len(member_logits)} ensemble members")
+    scale = torch.as_tensor(temperatures, dtype=member_logits.dtype, device=member_logits.device).view(-1, 1, 1)
+    return (member_logits / scale).softmax(dim=-1)
+
+
 @contextmanager
-def _dropout_active(model: nn.Module) -> Iterator[None]:
+def dropout_active(model: nn.Module) -> Iterator[None]:
     """Everything in eval mode (BatchNorm uses its running statistics) except the dropout layers."""
     modes = [(module, module.training) for module in model.modules()]
     dropouts = [module for module in model.modules() if isinstance(module, _DROPOUT_TYPES)]
@@ -89,7 +102,7 @@ class MCDropout(Detector):
     @torch.no_grad()
     def sample_probs(self, x: torch.Tensor) -> torch.Tensor:
         """(samples, N, K) softmax outputs of the stochastic passes."""
-        with _dropout_active(self.model):
+        with dropout_active(self.model):
             return torch.stack([self.model(x).softmax(dim=1) for _ in range(self.samples)])
 
     def confidence(self, x: torch.Tensor) -> torch.Tensor:
@@ -115,9 +128,26 @@ class Ensemble(Detector):
         self.score = check_choice("ensemble score", score, SCORES)
 
     @torch.no_grad()
-    def member_probs(self, x: torch.Tensor) -> torch.Tensor:
-        """(M, N, K) softmax outputs of the members."""
-        return torch.stack([member(x).softmax(dim=1) for member in self.models])
+    def member_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """(M, N, K) logits of the members."""
+        return torch.stack([member(x) for member in self.models])
+
+    def member_probs(self, x: torch.Tensor, temperatures: Optional[Sequence[float]] = None) -> torch.Tensor:
+        """(M, N, K) softmax outputs of the members; with `temperatures`, see `tempered_probs`."""
+        return tempered_probs(self.member_logits(x), temperatures)
 
     def confidence(self, x: torch.Tensor) -> torch.Tensor:
         return predictive_confidence(self.member_probs(x), self.score)
+
+
+class EnsembleModel(nn.Module):
+    """A deep ensemble as one differentiable network: log of the mean member softmax, which are valid logits
+    (softmax gives back the averaged probabilities), so attacks maximise the ensemble's own confidence."""
+
+    def __init__(self, members: Sequence[nn.Module]) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        log_probs = torch.stack([F.log_softmax(member(x), dim=1) for member in self.members])
+        return torch.logsumexp(log_probs, dim=0) - math.log(len(self.members))

@@ -63,37 +63,43 @@ def class_statistics(features: torch.Tensor, labels: torch.Tensor, num_classes: 
 
 def jittered_cholesky(covariances: torch.Tensor, jitters: Iterable[float] | None = None
                       ) -> tuple[torch.Tensor, float]:
-    """Cholesky factors (K, F, F) of Sigma_c + eps I for the first eps on the ladder that works for every class.
+    """Cholesky factors (K, F, F) of Sigma_c + eps I for the first eps of the ladder, IN THE LADDER'S ORDER, that
+    works for every class (the original's linear scan over 0, float64 tiny, 1e-308, ..., so tiny is tried before
+    the smaller subnormal 1e-308).
 
-    One eps for all classes, as in the original (it builds one batched MultivariateNormal). The original tries
-    the ~310 rungs in order; at F = 1024 that is minutes of Cholesky calls. Success is monotone in eps up to
-    rounding, so this bisects the ladder and then steps down while the rung below also works: the rung returned
-    works and the one below it fails, which is the linear scan's answer whenever success is monotone.
+    One eps for all classes, as in the original (it builds one batched MultivariateNormal). The original tries the
+    ~310 rungs one by one; at F = 1024 with dead (zero-variance) features that is minutes of Cholesky calls.
+    Success is monotone in the value of eps up to rounding, so this bisects the sorted values for the smallest
+    one that works, v, and returns the first rung in ladder order whose value is >= v: the linear scan's answer
+    whenever success is monotone, for about log2(310) factorisations.
     """
+    ladder = default_jitters() if jitters is None else [float(eps) for eps in jitters]
+    if not ladder:
+        raise ValueError("the DDU jitter ladder is empty")
     eye = torch.eye(covariances.shape[-1], dtype=covariances.dtype, device=covariances.device)
-    ladder = sorted(default_jitters() if jitters is None else list(jitters))
-    tried: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    tried: dict[float, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def attempt(rung: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cholesky, failed classes mask) at one rung, computed once."""
-        if rung not in tried:
-            cholesky, info = torch.linalg.cholesky_ex(covariances + ladder[rung] * eye)
+    def attempt(eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cholesky, failed classes mask) at one jitter, computed once."""
+        if eps not in tried:
+            cholesky, info = torch.linalg.cholesky_ex(covariances + eps * eye)
             # cholesky_ex can "succeed" with NaN on inputs that already hold NaN/inf; count those as failures
-            tried[rung] = cholesky, (info != 0) | ~torch.isfinite(cholesky).flatten(1).all(1)
-        return tried[rung]
+            tried[eps] = cholesky, (info != 0) | ~torch.isfinite(cholesky).flatten(1).all(1)
+        return tried[eps]
 
-    last = len(ladder) - 1
-    if attempt(last)[1].any():
-        bad = attempt(last)[1].nonzero().flatten().tolist()
+    values = sorted(set(ladder))
+    if attempt(values[-1])[1].any():
+        bad = attempt(values[-1])[1].nonzero().flatten().tolist()
         raise JitterError(f"DDU: class covariance(s) of classes {bad} are not positive definite even with the "
-                          f"largest jitter tried, {ladder[last]:g} * I (features may be constant, huge, or NaN)")
-    low, high = -1, last                       # invariant: rung `high` works; rungs <= low failed (or none)
+                          f"largest jitter tried, {values[-1]:g} * I (features may be constant, huge, or NaN)")
+    low, high = -1, len(values) - 1            # invariant: values[high] works; values[<= low] failed (or none)
     while high - low > 1:
         middle = (low + high) // 2
-        low, high = (low, middle) if not attempt(middle)[1].any() else (middle, high)
-    while high > 0 and not attempt(high - 1)[1].any():
-        high -= 1
-    return attempt(high)[0], float(ladder[high])
+        low, high = (low, middle) if not attempt(values[middle])[1].any() else (middle, high)
+    eps = next(rung for rung in ladder if rung >= values[high])
+    if attempt(eps)[1].any():                   # rounding broke monotonicity: fall back to the smallest that works
+        eps = values[high]
+    return attempt(eps)[0], eps
 
 
 def gaussian_log_densities(features: torch.Tensor, means: torch.Tensor, cholesky: torch.Tensor) -> torch.Tensor:

@@ -34,6 +34,8 @@ from models.gmm import PCAMetric
 from utils.amp import attack_autocast
 from utils.attacks import eval_mode
 from utils.cli import AT_LEAST_ONE, NON_NEGATIVE_INT, POSITIVE, Range
+from utils.detectors.bayes import EnsembleModel
+from utils.studies.ccu_targets import entry_model
 
 STUDY = "ccu_attack"
 RANGES = {"n_seeds": AT_LEAST_ONE, "restarts": AT_LEAST_ONE, "steps": NON_NEGATIVE_INT, "step_size": POSITIVE,
@@ -41,7 +43,10 @@ RANGES = {"n_seeds": AT_LEAST_ONE, "restarts": AT_LEAST_ONE, "steps": NON_NEGATI
 
 
 def log_conf(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """max_y log softmax(model(x)); for CCU's log-probability outputs this is max_y log p(y|x)."""
+    """What the attack maximises: a table column's own objective (`ccu_targets.EntryModel.objective`), else
+    max_y log softmax(model(x)); for CCU's log-probability outputs this is max_y log p(y|x)."""
+    if hasattr(model, "objective"):
+        return model.objective(x)
     return F.log_softmax(model(x), dim=1).amax(dim=1)
 
 
@@ -122,18 +127,6 @@ def attack_in_batches(model: nn.Module, seeds: torch.Tensor, radius: torch.Tenso
     return torch.cat(xs), torch.cat(scores)
 
 
-class _EnsembleLogProbs(nn.Module):
-    """Deep ensemble as one differentiable model: log of the mean member softmax (valid logits)."""
-
-    def __init__(self, members: list[nn.Module]) -> None:
-        super().__init__()
-        self.members = nn.ModuleList(members)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        log_probs = torch.stack([F.log_softmax(m(x), dim=1) for m in self.members])
-        return torch.logsumexp(log_probs, dim=0) - np.log(len(self.members))
-
-
 def add_args(parser: argparse.ArgumentParser) -> None:
     model_paths.add_run_args(parser, "attack")
     parser.add_argument("--ccu-run", default=None, metavar="DIR",
@@ -166,19 +159,16 @@ def _ccu_run(args: argparse.Namespace) -> Path:
     raise ValueError(f"model_paths has no entry labelled CCU for {args.dataset}; pass --ccu-run DIR")
 
 
-def _targets(args: argparse.Namespace, ccu_dir: Path) -> list[tuple[str, list[Path]]]:
-    """(label, run folders) per distinct network: entries that only differ by detector share one attack."""
+def _targets(args: argparse.Namespace, ccu_dir: Path) -> list[tuple[str, list[Path], str, dict]]:
+    """(label, run folders, detector, options) of every table entry: each gets its own column, scored by its own
+    detector (Base, ODIN and Maha share a network but not a score)."""
     if args.runs:
-        pairs = [(Path(d).name, [Path(d)]) for d in args.runs]
+        pairs = [(Path(d).name, [Path(d)], "msp", {}) for d in args.runs]
     else:
-        pairs, seen = [], set()
-        for entry in model_paths.table_entries(args.dataset):
-            dirs = entry.run_dirs(args.runs_root, args.dataset)
-            if tuple(dirs) not in seen:
-                seen.add(tuple(dirs))
-                pairs.append((entry.label, dirs))
-    if not any(dirs == [ccu_dir] for _, dirs in pairs):
-        pairs.append(("CCU", [ccu_dir]))
+        pairs = [(entry.label, entry.run_dirs(args.runs_root, args.dataset), entry.detector, dict(entry.options))
+                 for entry in model_paths.table_entries(args.dataset)]
+    if not any(dirs == [ccu_dir] for _, dirs, _, _ in pairs):
+        pairs.append(("CCU", [ccu_dir], "msp", {}))
     return pairs
 
 
@@ -186,7 +176,7 @@ def _load_target(dirs: list[Path], device: str) -> nn.Module:
     import models
 
     loaded = [models.load_run(d, device=device) for d in dirs]
-    return loaded[0] if len(loaded) == 1 else _EnsembleLogProbs(loaded).to(device).eval()
+    return loaded[0] if len(loaded) == 1 else EnsembleModel(loaded).to(device).eval()
 
 
 def _seeds(args: argparse.Namespace, shape: tuple, data_root: str) -> torch.Tensor:
@@ -200,14 +190,22 @@ def _seeds(args: argparse.Namespace, shape: tuple, data_root: str) -> torch.Tens
     return torch.stack([dataset[i][0] for i in range(min(args.n_seeds, len(dataset)))])
 
 
-@torch.no_grad()
+def reported_scores(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The table's score of x: a column's own detector score (`EntryModel.score`), else its log-confidence."""
+    if hasattr(model, "score"):
+        return model.score(x).cpu()
+    with torch.no_grad():
+        return F.log_softmax(model(x), dim=1).amax(1).cpu()
+
+
 def _test_scores(model: nn.Module, loader, device: str) -> tuple[torch.Tensor, float]:
-    """(log-conf per test sample, test error) of one model."""
+    """(score per test sample, test error) of one model."""
     scores, wrong, total = [], 0, 0
     for x, y in loader:
-        log_probs = F.log_softmax(model(x.to(device)), dim=1)
-        scores.append(log_probs.amax(1).cpu())
-        wrong += int((log_probs.argmax(1).cpu() != y).sum())
+        x = x.to(device)
+        scores.append(reported_scores(model, x))
+        with torch.no_grad():
+            wrong += int((model(x).argmax(1).cpu() != y).sum())
         total += y.numel()
     return torch.cat(scores), wrong / total
 
@@ -264,11 +262,15 @@ def main(args: argparse.Namespace) -> None:
               "radius_median": radius_median, "certified_pct": 100 * float((radius > 0).double().mean()),
               "git_sha": runs.git_sha(), "date": runs.now()}
     rows, dump = [], {"labels": [], "adv": [], "adv_log_conf": [], "in_log_conf": []}
-    for label, dirs in tqdm(_targets(args, ccu_dir), desc="models", disable=not getattr(args, "progress", False)):
-        model = ccu_model if dirs == [ccu_dir] else _load_target(dirs, args.device)
+    for label, dirs, detector, options in tqdm(_targets(args, ccu_dir), desc="models",
+                                               disable=not getattr(args, "progress", False)):
+        model = entry_model(dirs, detector, options, args.dataset, data_root, args.device, args.test_batch_size)
         in_scores, test_error = _test_scores(model, loader, args.device)
-        adv, adv_scores = attack_in_batches(model, seeds, radius, ccu_model.metric, args)
+        adv, _ = attack_in_batches(model, seeds, radius, ccu_model.metric, args)
+        adv_scores = torch.cat([reported_scores(model, batch.to(args.device))
+                                for batch in adv.split(args.batch_size)])
         row = {**common, **attack_row(label, in_scores, test_error, adv_scores), "runs": [str(d) for d in dirs],
+               "detector": detector, "options": options,
                "checkpoints": [runs.file_hash(d / "model.pt") for d in dirs]}
         print(f"{label:>10s}: TE {row['te']:.1f}  MMC {row['mmc']:.1f}  SR {row['sr']:.1f}  AUC {row['auc']:.1f}")
         rows.append(row)

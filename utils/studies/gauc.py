@@ -173,10 +173,10 @@ def gauc_table(rows: list[dict]) -> str:
 def _load(run_dirs: list[Path], device: str) -> nn.Module:
     """One run, or a deep ensemble of several as one model (log of the mean member softmax)."""
     import models
-    from utils.studies.ccu import _EnsembleLogProbs
+    from utils.detectors.bayes import EnsembleModel
 
     loaded = [models.load_run(d, device=device) for d in run_dirs]
-    return loaded[0] if len(loaded) == 1 else _EnsembleLogProbs(loaded).to(device).eval()
+    return loaded[0] if len(loaded) == 1 else EnsembleModel(loaded).to(device).eval()
 
 
 def study_model(label: str, run_dirs: list[Path], x_in: torch.Tensor, y_in: torch.Tensor, oods: dict,
