@@ -56,6 +56,15 @@ class ProodModel(nn.Module):
         """The classifier's features (detectors that read features see the classifier)."""
         return self.classifier.features(x)
 
+    def head(self, features: torch.Tensor) -> torch.Tensor:
+        """The classifier's head (the discriminator also needs the input: see forward_with_features)."""
+        return self.classifier.head(features)
+
+    def forward_with_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(classifier features, ProoD log-probabilities) from one pass: the scores evaluation computes."""
+        features = self.classifier.features(x)
+        return features, self.combine(self.classifier.head(features), self.discriminator_logit(x))
+
     @torch.no_grad()
     def confidence_upper_bound(self, x: torch.Tensor, eps: float) -> torch.Tensor:
         """(N,) float64: sigmoid(u_d) + (1 - sigmoid(u_d)) / K, u_d bounded by IBP in float64 (utils/ibp.py)."""

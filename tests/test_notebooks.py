@@ -15,7 +15,8 @@ ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 # The command each notebook's missing-input message names (and its markdown shows).
 MAKES_INPUT = {"ccu_attacks": "gen_attack_stats.py --study ccu", "ddu_histograms": "python -m utils.plots.ddu",
-               "limits": "python scripts/limits_figures.py", "moons": "python scripts/moons_figure.py"}
+               "limits": "python scripts/limits_figures.py", "moons": "python scripts/moons_figure.py",
+               "gan_samples": "--method gan"}
 
 
 def test_there_are_notebooks_for_each_figure_family():

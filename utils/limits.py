@@ -70,6 +70,8 @@ AFFINE = {
     "cat", "concat", "concatenate", "stack", "hstack", "vstack", "split", "chunk", "unbind", "narrow", "select",
     "index_select", "gather", "__getitem__", "__setitem__", "copy_", "flip", "roll", "pad", "constant_pad_nd",
     "pixel_shuffle", "pixel_unshuffle", "unfold", "fold", "channel_shuffle",
+    # constants shaped like the input (their values do not depend on it)
+    "zeros_like", "ones_like", "full_like", "new_zeros", "new_ones", "new_full",
     # metadata: no values are computed
     "__get__", "size", "dim", "ndimension", "numel", "__len__", "is_floating_point", "is_contiguous", "stride",
     "element_size", "type_as",
