@@ -63,7 +63,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm bars")
     g = p.add_argument_group("out-distribution and method options")
-    g.add_argument("--out-data", default=None, help="training out-distribution: a data key")
+    g.add_argument("--out-data", default=None, type=data.dataset_arg,
+                   help="training out-distribution: a data key, or NAME=PATH (an image folder or a .npz of uint8 images)")
     g.add_argument("--out-frac", type=float, default=1.0, help="out batch size relative to the clean batch")
     g.add_argument("--out-loss", default="max_conf", choices=["max_conf", "uniform_conf"])
     g.add_argument("--attack-eps", type=float, default=0.3)
@@ -149,6 +150,8 @@ def main(args: Namespace) -> Path:
     # process several times slower (a 6x slower LeNet step on MNIST here); flushing them to zero is harmless.
     torch.set_flush_denormal(True)
     method, model, optimizer, scheduler = build(opts, device)  # before any file is written: bad configs fail here
+    if method.uses_out_data:
+        data.check_dataset(opts.out_data, like=opts.dataset, root=opts.data_root)
     if rank == 0:
         run_dir = prepare_run_dir(opts.runs_root, opts.dataset, opts.name, opts.resume)
     train_set = data.get_dataset(opts.dataset, "train", root=opts.data_root, augment=opts.augment,

@@ -67,7 +67,7 @@ def load_sets(args: Namespace, ood_sets: list[str]) -> dict[str, Dataset]:
     sets = {"in": data.get_dataset(args.dataset, "test", root=args.data_root, download=args.download)}
     for name in ood_sets:
         try:
-            sets[name] = data.get_dataset(name, "test", root=args.data_root, like=args.dataset, n=args.n_ood,
+            sets[data.set_name(name)] = data.get_dataset(name, "test", root=args.data_root, like=args.dataset, n=args.n_ood,
                                           seed=args.seed, download=args.download)
         except FileNotFoundError as error:
             if not args.skip_missing:
