@@ -20,6 +20,7 @@ import time
 from argparse import Namespace
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -74,16 +75,16 @@ class Budget:
 BUDGETS: dict[str, Budget] = {
     "paper": Budget(),
     # real MNIST on 2 CPU cores within about an hour: one epoch, short attacks, fewer samples; DDU's WRN-28-10
-    # is replaced by its LeNet (SN + mod kept)
+    # is replaced by the small pre-activation ResNet (spectral normalisation and the modifications kept)
     "small": Budget(train=("--epochs", "1"), per_kind={"acet": ("--attack-steps", "5", "--max-batches", "150"),
-                                                        "ddu": ("--arch", "lenet_ddu")},
+                                                        "ddu": ("--arch", "resnet_small", "--max-batches", "100")},
                     gmm=("--n-in", "10000", "--n-out", "5000", "--max-iter", "30"),
                     evaluate=("--n-ood", "2000", "--n-adv", "200", "--attack-steps", "20"),
                     studies={"ccu": ("--n-seeds", "100", "--restarts", "2", "--steps", "50"), "alpha": ("--n", "2000"),
                              "audit": ("--n-directions", "200")}),
     # tests: seconds on digits
     "tiny": Budget(train=("--epochs", "1", "--max-batches", "3"), per_kind={"acet": ("--attack-steps", "2"),
-                                                                            "ddu": ("--arch", "lenet_ddu")},
+                                                                            "ddu": ("--arch", "resnet_small")},
                    gmm=("--n-components", "5", "--n-in", "300", "--n-out", "300", "--no-augment", "--max-iter", "10"),
                    evaluate=("--n-ood", "200", "--n-adv", "20", "--attack-steps", "3", "--tune-n", "50"),
                    studies={"ccu": ("--n-seeds", "10", "--restarts", "1", "--steps", "3", "--n-test", "200"),
@@ -136,7 +137,7 @@ def run_state(run_dir: Path) -> str:
 class Step:
     title: str
     cost: float
-    action: callable
+    action: Callable[[], None]
 
 
 def plan(args: Namespace, table: Table, budget: Budget) -> list[Step]:
@@ -233,7 +234,8 @@ def run_steps(steps: list[Step], label: str) -> None:
               flush=True)
         step.action()
         done_cost += step.cost
-    print(f"[{label}] all {len(steps)} stages done in {_duration(time.perf_counter() - start)}", flush=True)
+    print(f"[{label}] all {len(steps)} stages done in {_duration(time.perf_counter() - start)} "
+          f"({_duration(time.process_time())} of CPU time in this process)", flush=True)
 
 
 def caption(args: Namespace, table: Table, budget: Budget) -> str:
@@ -241,9 +243,12 @@ def caption(args: Namespace, table: Table, budget: Budget) -> str:
     text = f"{table.what}. In-distribution {args.dataset}; budget `{args.budget}`"
     if args.budget == "paper":
         return text + " (the papers' settings).\n\n"
-    parts = [("train.py", budget.train), ("gen_gmm.py", budget.gmm), ("evaluate.py", budget.evaluate),
-             *[(f"train.py ({kind} runs)", flags) for kind, flags in budget.per_kind.items()],
-             *[(f"--study {name}", flags) for name, flags in budget.studies.items() if name == table.study]]
+    kinds = {run.rpartition("-s")[0] for run in table_runs(table, args.dataset)}
+    parts = [("train.py", budget.train), *[(f"train.py ({kind} runs)", flags) for kind, flags in budget.per_kind.items()
+                                           if kind in kinds],
+             ("gen_gmm.py", budget.gmm if kinds & {"ccu", "ccus"} else ()),
+             ("evaluate.py", budget.evaluate if table.evaluate is not None else ()),
+             (f"gen_attack_stats.py --study {table.study}", budget.studies.get(table.study, ()))]
     return text + " (shortened: " + "; ".join(f"{what} {shlex.join(flags)}" for what, flags in parts if flags) \
         + "), so its numbers are not the papers'.\n\n"
 
