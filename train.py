@@ -150,8 +150,8 @@ def main(args: Namespace) -> Path:
     # process several times slower (a 6x slower LeNet step on MNIST here); flushing them to zero is harmless.
     torch.set_flush_denormal(True)
     method, model, optimizer, scheduler = build(opts, device)  # before any file is written: bad configs fail here
-    if method.uses_out_data:
-        data.check_dataset(opts.out_data, like=opts.dataset, root=opts.data_root)
+    # built before the run folder: an unreadable NAME=PATH set or one smaller than a batch fails with nothing written
+    out_source = training.OutSource(opts, opts.data_root, opts.num_workers) if method.uses_out_data else None
     if rank == 0:
         run_dir = prepare_run_dir(opts.runs_root, opts.dataset, opts.name, opts.resume)
     train_set = data.get_dataset(opts.dataset, "train", root=opts.data_root, augment=opts.augment,
@@ -166,7 +166,6 @@ def main(args: Namespace) -> Path:
         write_json(run_dir / "config.json", {**config, "provenance": provenance()})
     if rank == 0:
         print(f"{run_dir}: " + json.dumps(config, sort_keys=True, default=str), flush=True)
-    out_source = training.OutSource(opts, opts.data_root, opts.num_workers) if method.uses_out_data else None
     writer = _tensorboard(run_dir) if rank == 0 else None
     for epoch in range(start_epoch, opts.epochs):
         loader = training.train_loader(train_set, opts.batch_size, opts.seed, epoch, opts.num_workers)

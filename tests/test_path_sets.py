@@ -116,3 +116,13 @@ def test_train_ceda_on_a_folder_out_distribution(tmp_path):
             ["--dataset", "digits", "--method", "ceda", "--out-data", f"mine={folder}", "--epochs", "1",
              "--runs-root", str(tmp_path / "runs"), "--name", "second", "--no-progress"]))
     assert not (tmp_path / "runs" / "digits" / "second").exists()
+
+
+def test_out_set_smaller_than_a_batch_is_refused_not_waited_on(tmp_path):
+    """The training loader drops incomplete batches: a 10-image out set used to make training wait forever."""
+    np.savez(tmp_path / "few.npz", x=np.zeros((10, 8, 8), dtype=np.uint8))
+    with pytest.raises(ValueError, match="has 10 samples, fewer than one out batch"):
+        train.main(train.get_args_parser().parse_args(
+            ["--dataset", "digits", "--method", "ceda", "--out-data", f"few={tmp_path / 'few.npz'}",
+             "--runs-root", str(tmp_path / "runs"), "--no-progress"]))
+    assert not (tmp_path / "runs").exists()
