@@ -147,7 +147,7 @@ def plan(args: Namespace, table: Table, budget: Budget) -> list[Step]:
     data_flags = (["--data-root", args.data_root] if args.data_root else []) + (["--download"] if args.download else [])
     runs, steps = table_runs(table, args.dataset), []
     gmm_dir = runs_root / args.dataset / "gmm-s0"
-    if any(run.split("-s")[0] in ("ccu", "ccus") for run in runs) and not (gmm_dir / "gmm.pt").exists():
+    if any(run.rpartition("-s")[0] in ("ccu", "ccus") for run in runs) and not (gmm_dir / "gmm.pt").exists():
         argv = [*common, *data_flags, "--name", "gmm-s0", *budget.gmm]
         steps.append(Step("gen_gmm gmm-s0", 3.0, lambda argv=argv: _gen_gmm(argv, gmm_dir)))
     epochs = model_params.get_params(args.dataset).epochs
@@ -185,7 +185,7 @@ def _gen_gmm(argv: list[str], gmm_dir: Path) -> None:
 
     if gmm_dir.exists() and not any(gmm_dir.iterdir()):
         gmm_dir.rmdir()  # an empty folder left by a fit that was killed
-    elif gmm_dir.exists():  # killed between writing gmm.pt and config.json? no: gmm.pt is missing, so set it aside
+    elif gmm_dir.exists():  # files but no gmm.pt: a fit that was stopped; keep it aside, never overwrite it
         gmm_dir.rename(gmm_dir.with_name(f"{gmm_dir.name}.interrupted-{int(time.time())}"))
     gen_gmm.main(gen_gmm.get_args_parser().parse_args(argv))
 
@@ -289,6 +289,8 @@ def main(args: Namespace) -> Path | None:
     table_runs(table, args.dataset)  # a table not defined for this dataset: one line listing those that are
     for key in args.ood:  # unreadable NAME=PATH files fail before anything is trained or written
         data.check_dataset(key, like=args.dataset, root=args.data_root or "datasets")
+    if args.ood and table.evaluate is None:
+        print(f"note: {args.table} evaluates no OOD sets; --ood is not used")
     label = f"{args.table} {args.dataset} budget={args.budget}"
     steps = plan(args, table, budget)
     if args.dry_run:
