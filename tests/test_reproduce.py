@@ -87,6 +87,11 @@ def test_every_table_plans_its_runs(table, tmp_path, capsys):
     runs = reproduce.table_runs(reproduce.TABLES[table], dataset)
     assert all(f"train {run} (missing)" in printed for run in runs)
     assert ("gen_gmm gmm-s0" in printed) == any(run.startswith("ccu") for run in runs)
+    for budget, flags in reproduce.BUDGETS.items():  # every caption names its budget and the flags it shortened
+        args.budget = budget
+        text = reproduce.caption(args, reproduce.TABLES[table], flags)
+        assert f"budget `{budget}`" in text and (budget == "paper") == ("shortened" not in text)
+        assert budget == "paper" or "train.py --epochs 1" in text
 
 
 def test_unreadable_ood_path_fails_before_anything_runs(tmp_path):
