@@ -53,7 +53,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--detectors", default=None,
                    help=f"comma list from {sorted(DETECTORS)}; with --runs the detectors to use (default msp), "
                         "otherwise extra detectors added to every single-model table entry")
-    p.add_argument("--ood", default=None, help="comma list of OOD sets (default: data.OOD_TEST[dataset])")
+    p.add_argument("--ood", default=None, help="comma list of OOD sets (default: data.OOD_TEST[dataset]): data keys "
+                                              "or NAME=PATH (an image folder or a .npz of uint8 images)")
     p.add_argument("--adv-sets", default="", help="comma list of attack-made OOD sets, e.g. adv_noise,adv_samples")
     p.add_argument("--n-ood", type=int, default=10000, help="samples per OOD set (at most)")
     p.add_argument("--n-adv", type=int, default=1000, help="test images used to seed each adversarial set")
@@ -158,6 +159,8 @@ def main(args: Namespace) -> None:
             raise ValueError(f"unknown adversarial set(s) {unknown}; valid: {', '.join(ADV_SETS)}")
     entries = checked_entries(args)
     ood_sets = args.ood.split(",") if args.ood else list(data.OOD_TEST[args.dataset])
+    for name in ood_sets:  # unknown names and unreadable NAME=PATH files fail before anything is written
+        data.check_dataset(name, like=args.dataset, root=args.data_root)
     rows = evaluation.evaluate_entries(entries, args, ood_sets, adv_sets)
     print(f"wrote {len(rows)} rows to {evaluation.rows_path(args)}")
     labels = _labels(args) or list(dict.fromkeys(entry.label for entry in entries))

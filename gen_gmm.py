@@ -44,8 +44,9 @@ GMM_RANGES = {"n_components": AT_LEAST_ONE, "n_in": AT_LEAST_ONE, "n_out": AT_LE
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", required=True, choices=sorted(data.DATASETS), help="in-distribution set")
-    parser.add_argument("--out-data", default="natural_patches", choices=sorted(data.DATASETS),
-                        help="out-distribution set for the out-mixture (paper: 80M Tiny Images)")
+    parser.add_argument("--out-data", default="natural_patches", type=data.dataset_arg,
+                        help="out-distribution set for the out-mixture (paper: 80M Tiny Images): a data key, or "
+                             "NAME=PATH (an image folder or a .npz of uint8 images)")
     parser.add_argument("--n-components", type=int, default=100, help="components per mixture (paper: 100)")
     parser.add_argument("--n-in", type=int, default=None, help="in-distribution samples (default: all)")
     parser.add_argument("--n-out", type=int, default=25728, help="out samples (paper: 201 x 128 = 25 728)")
@@ -119,6 +120,7 @@ def main(args: argparse.Namespace) -> None:
     run_dir = Path(args.runs_root) / args.dataset / args.name
     if run_dir.exists() and any(run_dir.iterdir()):
         raise FileExistsError(f"{run_dir} already exists; choose another --name (GMM runs are never overwritten)")
+    data.check_dataset(args.out_data, like=args.dataset, root=data_root)  # unreadable files: fail before any file
     # the folder is made by the first file written, after the fit: a failed fit leaves nothing behind
     config = {**{k: v for k, v in vars(args).items() if k != "debug"}, "data_root": data_root, **runs.provenance(),
               "kind": "gmm"}

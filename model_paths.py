@@ -75,8 +75,14 @@ _DDU = [
     TableEntry("DDU", _DDU_SEEDS, "ddu"),
 ]
 
+# ACET Table 1 (SPEC 2.5): Plain, CEDA, ACET; ODIN Table 2 (SPEC 3.5): the baseline and ODIN on one network.
+_ACET = [TableEntry("Plain", ("plain-s0",)), TableEntry("CEDA", ("ceda-s0",)), TableEntry("ACET", ("acet-s0",))]
+_ODIN = [TableEntry("Baseline", ("plain-s0",)), TableEntry("ODIN", ("plain-s0",), "odin")]
+
 MODEL_PATHS: dict[str, list[TableEntry]] = {
     "digits": _DEMO,
+    **{f"{name}/acet": _ACET for name in ("digits", "MNIST", "FMNIST", "SVHN", "CIFAR10", "CIFAR100")},
+    **{f"{name}/odin": _ODIN for name in ("digits", "MNIST", "SVHN", "CIFAR10", "CIFAR100")},
     "CIFAR10/ddu": _DDU,
     "CIFAR100/ddu": _DDU,
     "moons": [TableEntry("Base", ("plain-s0",)), TableEntry("CEDA", ("ceda-s0",)), TableEntry("ACET", ("acet-s0",))],

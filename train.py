@@ -99,7 +99,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="hold in-memory sets on --device and augment batches there (default: where it applies)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm bars")
     g = p.add_argument_group("out-distribution and method options")
-    g.add_argument("--out-data", default=None, help="training out-distribution: a data key")
+    g.add_argument("--out-data", default=None, type=data.dataset_arg,
+                   help="training out-distribution: a data key, or NAME=PATH (an image folder or a .npz of uint8 images)")
     g.add_argument("--out-frac", type=float, default=1.0, help="out batch size relative to the clean batch")
     g.add_argument("--out-loss", default="max_conf", choices=["max_conf", "uniform_conf"])
     g.add_argument("--attack-eps", type=float, default=0.3)
@@ -208,6 +209,7 @@ def main(args: Namespace) -> Path:
     train_set = load_train_set(opts.dataset, opts.data_root, opts.augment, device, getattr(opts, "device_data", None),
                                download=opts.download, val_fraction=opts.val_fraction, seed=opts.seed)
     test_loader = _test_batches(opts, device)
+    # built before the run folder: an unreadable NAME=PATH set or one smaller than a batch fails with nothing written
     out_source = training.OutSource(opts, opts.data_root, opts.num_workers, device) if method.uses_out_data else None
     if rank == 0:
         run_dir = prepare_run_dir(opts.runs_root, opts.dataset, opts.name, opts.resume)

@@ -8,7 +8,7 @@ from typing import Callable, Optional
 import torch
 from torch.utils.data import Dataset
 
-from data import builtin, dirty_mnist, noise, real
+from data import builtin, dirty_mnist, noise, path_sets, real
 from data.base import (DatasetNotFoundError, TensorImageDataset, holdout_indices, make_generator, take,
                        with_transform)
 from data.transforms import build_augment
@@ -118,10 +118,42 @@ OOD_TEST: dict[str, list[str]] = {
 }
 
 
+def _path_set(key: str) -> DatasetSpec:
+    """A user's ``NAME=PATH`` set (data/path_sets.py): unlabeled, at the shape of ``like``, every split the same."""
+    name, _ = path_sets.split_key(key)
+    if name in DATASETS:
+        raise path_sets.PathSetError(f"{key!r}: {name!r} is already a dataset key; give the set another NAME")
+    return DatasetSpec(0, None, "path", lambda split, ctx: path_sets.load_path_set(key, ctx.shape), has_val=True)
+
+
 def _spec(name: str) -> DatasetSpec:
+    if path_sets.is_path_set(name):
+        return _path_set(name)
     if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; valid: {', '.join(DATASETS)}")
+        raise ValueError(f"unknown dataset {name!r}; valid: {', '.join(DATASETS)}, or NAME=PATH for an image "
+                         "folder or a .npz of uint8 images")
     return DATASETS[name]
+
+
+def check_dataset(key: str, like: Optional[str] = None, root: str = "./datasets") -> None:
+    """Fail now, with one clear error, if ``key`` cannot be used: an unknown name, or a ``NAME=PATH`` set that is
+    missing or holds unreadable files (read in full here and cached, so the later load is free). Scripts call it
+    before they write anything."""
+    _spec(key)
+    if path_sets.is_path_set(key):
+        get_dataset(key, "test", root=root, like=like)
+
+
+def dataset_arg(key: str) -> str:
+    """argparse ``type=`` for dataset keys: a registry key or ``NAME=PATH`` (checked for form here, for its files
+    by ``check_dataset`` once the in-distribution shape is known)."""
+    import argparse
+
+    try:
+        _spec(key)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return key
 
 
 def dataset_info(name: str, like: Optional[str] = None) -> tuple[int, tuple[int, ...]]:

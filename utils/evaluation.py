@@ -68,7 +68,7 @@ def load_sets(args: Namespace, ood_sets: list[str]) -> dict[str, Dataset]:
     sets = {"in": data.get_dataset(args.dataset, "test", root=args.data_root, download=args.download)}
     for name in ood_sets:
         try:
-            sets[name] = data.get_dataset(name, "test", root=args.data_root, like=args.dataset, n=args.n_ood,
+            sets[data.set_name(name)] = data.get_dataset(name, "test", root=args.data_root, like=args.dataset, n=args.n_ood,
                                           seed=args.seed, download=args.download)
         except FileNotFoundError as error:
             if not args.skip_missing:
@@ -165,7 +165,8 @@ def set_rows(entry: TableEntry, run: str, checkpoint: str, scores: dict[str, Set
     base = {"dataset": args.dataset, "label": entry.label, "run": run, "seed": seed, "checkpoint": checkpoint,
             "detector": entry.detector, "options": options, "n_in": len(conf_in), "aleatoric": aleatoric,
             "epistemic": epistemic, "fpr_convention": args.fpr_convention, "git_sha": git_sha(), "date": now(),
-            "nll": metrics.nll(test.probs, test.labels), "mmc_in": metrics.mmc(test.probs)}
+            "nll": metrics.nll(test.probs, test.labels), "mmc_in": metrics.mmc(test.probs),
+            **getattr(args, "row_tags", {})}  # e.g. reproduce.py's budget
     if test.logits is not None:
         base.update(classification_metrics(test.logits, test.labels, temperature or 1.0))
         base["t_nll"] = metrics.nll((test.logits / (temperature or 1.0)).softmax(dim=1), test.labels)

@@ -140,6 +140,10 @@ class OutSource:
         if opts.out_data not in ("acet_noise", "uniform"):
             self.dataset = data.get_dataset(opts.out_data, "train", root=data_root, like=opts.dataset,
                                             seed=opts.seed)
+            batch = max(1, round(opts.out_frac * opts.batch_size))
+            if len(self.dataset) < batch:  # the loader drops incomplete batches: it would yield nothing, forever
+                raise ValueError(f"--out-data {opts.out_data} has {len(self.dataset)} samples, fewer than one out "
+                                 f"batch ({batch}); add samples or lower --batch-size / --out-frac")
             if device is not None and isinstance(self.dataset, TensorImageDataset) and self.dataset.transform is None:
                 self.dataset = DeviceDataset(self.dataset, device)  # same batches, gathered on the device
 

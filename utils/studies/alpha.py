@@ -179,7 +179,7 @@ def main(args: argparse.Namespace) -> None:
                "checkpoint": runs.file_hash(run_dir / "model.pt"), "n": args.n, "target": args.target,
                "alpha_max": args.alpha_max, "overconf": args.overconf, "seed": args.seed,
                "float64": args.float64, **study_run(model, x, args), "git_sha": runs.git_sha(),
-               "date": runs.now()}
+               "date": runs.now(), **getattr(args, "row_tags", {})}
         print(f"{label:>12s} {run_dir}: median alpha {row['median_alpha_str']}, reached {100 * row['reached']:.1f}%,"
               f" overconfident {row['pct_overconfident']:.1f}%")
         rows.append(row)

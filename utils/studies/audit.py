@@ -133,7 +133,7 @@ def main(args: argparse.Namespace) -> None:
             rows.append({"study": "audit", "dataset": args.dataset, "label": label, "run": str(run_dir),
                          "checkpoint": runs.file_hash(Path(run_dir) / "model.pt"), "source": source,
                          "threshold": args.threshold, "alpha_check": args.alpha_check, "seed": args.seed, **stats,
-                         "git_sha": runs.git_sha(), "date": runs.now()})
+                         "git_sha": runs.git_sha(), "date": runs.now(), **getattr(args, "row_tags", {})})
             agreement = "n/a" if stats["method"] != "exact" else f"{100 * stats['agreement']:.1f}%"
             print(f"{label:>14s} {source:>8s} [{stats['method']}]: {100 * stats['share_confident']:.1f}% of limits "
                   f"> {args.threshold}, median {stats['q50']:.4f}, certified {100 * stats['certified']:.1f}%, "

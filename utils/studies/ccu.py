@@ -260,7 +260,7 @@ def main(args: argparse.Namespace) -> None:
               "n_seeds": int(seeds.shape[0]), "restarts": args.restarts, "steps": args.steps,
               "step_size": args.step_size, "f": args.f, "seed": args.seed,
               "radius_median": radius_median, "certified_pct": 100 * float((radius > 0).double().mean()),
-              "git_sha": runs.git_sha(), "date": runs.now()}
+              "git_sha": runs.git_sha(), "date": runs.now(), **getattr(args, "row_tags", {})}
     rows, dump = [], {"labels": [], "adv": [], "adv_log_conf": [], "in_log_conf": []}
     for label, dirs, detector, options in tqdm(_targets(args, ccu_dir), desc="models",
                                                disable=not getattr(args, "progress", False)):

@@ -1,0 +1,310 @@
+"""One command per paper table: train what is missing, evaluate, attack, write the table.
+
+    python reproduce.py --list
+    python reproduce.py ccu-table2 --dataset MNIST --budget small --data-root ../shared/datasets
+    python reproduce.py acet-table1 --dataset SVHN --download --ood mine=/path/to/images
+
+Every run the table needs (model_paths.MODEL_PATHS, trained as model_paths.RUN_FLAGS says; CCU's mixtures by
+gen_gmm.py first) is trained unless its checkpoint is finished, resumed (`train.py --resume`) when interrupted;
+then evaluate.py and/or a study of gen_attack_stats.py run and the table goes to
+<results>/tables/<DATASET>_<TABLE>.md with a caption naming the budget. Killing it and running it again keeps
+every finished run. `--budget paper` trains and attacks as the papers do; `small` and `tiny` shorten epochs,
+attacks and sample counts (recorded in every result row and in the caption) and keep their runs and results
+apart from the paper's: <runs-root>/budget-<name>/ and <results-root>/budget-<name>/.
+"""
+from __future__ import annotations
+
+import argparse
+import shlex
+import time
+from argparse import Namespace
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+import data
+import model_params
+import model_paths
+
+STUDY_RESULTS_FLAG = "--results"  # the studies' results-root flag (renamed to --results-root on another branch)
+
+
+@dataclass(frozen=True)
+class Table:
+    """A paper table: which runs (a MODEL_PATHS key, "{dataset}" filled in) and which steps after training."""
+
+    what: str
+    paths: str
+    evaluate: tuple[str, ...] | None = None  # evaluate.py flags, None = no evaluation
+    study: str | None = None                 # a gen_attack_stats.py study
+    output: str = "{dataset}_ood.md"         # the table file the step writes under <results>/tables/
+
+
+TABLES: dict[str, Table] = {
+    "ccu-table2": Table("CCU Table 2: MMC and AUROC of every method of the CCU paper on the OOD sets", "{dataset}",
+                        evaluate=("--layout", "ccu", "--metrics", "auroc,mmc")),
+    "ccu-table1": Table("CCU Table 1: adversarial noise inside CCU's certified balls (TE/MMC/SR/AUC)", "{dataset}",
+                        study="ccu", output="{dataset}_ccu_attack.md"),
+    "acet-table1": Table("ACET Table 1: Plain/CEDA/ACET on OOD sets, adversarial noise and adversarial samples",
+                         "{dataset}/acet", evaluate=("--layout", "ccu", "--metrics", "mmc,auroc,fpr95",
+                                                     "--adv-sets", "adv_noise,adv_samples")),
+    "acet-alpha": Table("ACET Table 2: how far uniform noise is scaled before Plain/CEDA/ACET are 99.9% confident",
+                        "{dataset}/acet", study="alpha", output="{dataset}_alpha.md"),
+    "odin-table2": Table("ODIN Table 2: the max-softmax baseline vs ODIN, five metrics per OOD set",
+                         "{dataset}/odin", evaluate=("--layout", "odin"), output="{dataset}_odin.md"),
+    "ddu-table": Table("DDU's table: softmax entropy, energy, 5-ensemble and DDU (WRN-28-10 + SN), 5 seeds",
+                       "{dataset}/ddu", evaluate=("--layout", "ddu"), output="{dataset}_ddu.md"),
+    "limits-audit": Table("Know your limits: exact confidence limits of Plain/CEDA/ACET far from the data",
+                          "{dataset}/acet", study="audit", output="{dataset}_audit.md"),
+}
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Extra flags per script; the empty paper budget keeps every script's (the papers') defaults."""
+
+    train: tuple[str, ...] = ()
+    per_kind: dict = field(default_factory=dict)  # run kind -> extra train.py flags
+    gmm: tuple[str, ...] = ()
+    evaluate: tuple[str, ...] = ()
+    studies: dict = field(default_factory=dict)   # study -> extra flags
+
+
+BUDGETS: dict[str, Budget] = {
+    "paper": Budget(),
+    # real MNIST on 2 CPU cores within about an hour: one epoch, short attacks, fewer samples; DDU's WRN-28-10
+    # is replaced by the small pre-activation ResNet (spectral normalisation and the modifications kept)
+    "small": Budget(train=("--epochs", "1"), per_kind={"acet": ("--attack-steps", "5", "--max-batches", "150"),
+                                                        "ddu": ("--arch", "resnet_small", "--max-batches", "100")},
+                    gmm=("--n-in", "10000", "--n-out", "5000", "--max-iter", "30"),
+                    evaluate=("--n-ood", "2000", "--n-adv", "200", "--attack-steps", "20"),
+                    studies={"ccu": ("--n-seeds", "100", "--restarts", "2", "--steps", "50"), "alpha": ("--n", "2000"),
+                             "audit": ("--n-directions", "200")}),
+    # tests: seconds on digits
+    "tiny": Budget(train=("--epochs", "1", "--max-batches", "3"), per_kind={"acet": ("--attack-steps", "2"),
+                                                                            "ddu": ("--arch", "resnet_small")},
+                   gmm=("--n-components", "5", "--n-in", "300", "--n-out", "300", "--no-augment", "--max-iter", "10"),
+                   evaluate=("--n-ood", "200", "--n-adv", "20", "--attack-steps", "3", "--tune-n", "50"),
+                   studies={"ccu": ("--n-seeds", "10", "--restarts", "1", "--steps", "3", "--n-test", "200"),
+                            "alpha": ("--n", "100"), "audit": ("--n-directions", "20")}),
+}
+KIND_COST = {"acet": 6.0, "ceda": 2.0, "oe": 2.0, "ccu": 2.5, "ccus": 2.5, "ddu": 1.5}  # rough, for the ETA only
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("table", nargs="?", choices=sorted(TABLES), help="the paper table to reproduce")
+    p.add_argument("--list", action="store_true", help="print the tables and the runs each trains")
+    p.add_argument("--dataset", default="MNIST", help="in-distribution: a key of data.DATASETS")
+    p.add_argument("--budget", default="paper", choices=list(BUDGETS))
+    p.add_argument("--ood", nargs="*", default=[], type=data.dataset_arg, metavar="NAME=PATH",
+                   help="extra OOD sets for evaluated tables: data keys or NAME=PATH (image folder or .npz)")
+    p.add_argument("--data-root", default=None, help="dataset folder (default: $DATA_ROOT or ./datasets)")
+    p.add_argument("--download", action=argparse.BooleanOptionalAction, default=False)
+    p.add_argument("--runs-root", default="runs")
+    p.add_argument("--results-root", default="results")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dry-run", action="store_true", help="print the steps that would run, run nothing")
+    return p
+
+
+def roots(args: Namespace) -> tuple[Path, Path]:
+    """Runs and results roots of the budget: a shortened budget never mixes with the papers' runs and rows."""
+    if args.budget == "paper":
+        return Path(args.runs_root), Path(args.results_root)
+    sub = f"budget-{args.budget}"
+    return Path(args.runs_root) / sub, Path(args.results_root) / sub
+
+
+def table_runs(table: Table, dataset: str) -> list[str]:
+    """The run folder names the table's entries need, in table order."""
+    entries = model_paths.table_entries(dataset, table.paths.format(dataset=dataset))
+    return list(dict.fromkeys(run for entry in entries for run in entry.runs))
+
+
+def run_state(run_dir: Path) -> str:
+    """"finished", "interrupted" (a checkpoint of an unfinished run), "stale" (no checkpoint yet) or "missing"."""
+    checkpoint = run_dir / "model.pt"
+    if checkpoint.exists():
+        saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        return "finished" if saved["epoch"] >= saved["config"]["epochs"] else "interrupted"
+    return "stale" if run_dir.exists() and any(run_dir.iterdir()) else "missing"
+
+
+@dataclass
+class Step:
+    title: str
+    cost: float
+    action: Callable[[], None]
+
+
+def plan(args: Namespace, table: Table, budget: Budget) -> list[Step]:
+    """Every step still to do, in order: the mixtures, each unfinished run, then evaluation and/or the study."""
+    runs_root, results_root = roots(args)
+    common = ["--dataset", args.dataset, "--runs-root", str(runs_root), "--device", args.device]
+    data_flags = (["--data-root", args.data_root] if args.data_root else []) + (["--download"] if args.download else [])
+    runs, steps = table_runs(table, args.dataset), []
+    gmm_dir = runs_root / args.dataset / "gmm-s0"
+    if any(run.rpartition("-s")[0] in ("ccu", "ccus") for run in runs) and not (gmm_dir / "gmm.pt").exists():
+        argv = [*common, *data_flags, "--name", "gmm-s0", *budget.gmm]
+        steps.append(Step("gen_gmm gmm-s0", 3.0, lambda argv=argv: _gen_gmm(argv, gmm_dir)))
+    epochs = model_params.get_params(args.dataset).epochs
+    for run in runs:
+        flags, seed = model_paths.run_flags(run)
+        kind, run_dir = run.rpartition("-s")[0], runs_root / args.dataset / run
+        state = run_state(run_dir)
+        if state == "finished":
+            print(f"{run_dir}: finished earlier, kept")
+            continue
+        argv = [*common, *data_flags, "--seed", str(seed), "--name", run, *flags, *budget.train,
+                *budget.per_kind.get(kind, ()), "--no-progress"] + (["--resume"] if state == "interrupted" else [])
+        cost = KIND_COST.get(kind, 1.0) * (1 if budget.train else epochs)
+        steps.append(Step(f"train {run} ({state})", cost, lambda argv=argv, run_dir=run_dir: _train(argv, run_dir)))
+    results = ["--results-root", str(results_root)]
+    if table.evaluate is not None:
+        ood = ",".join([*data.OOD_TEST.get(args.dataset, []), *args.ood])
+        argv = [*common, *data_flags, *results, "--paths", table.paths.format(dataset=args.dataset),
+                "--skip-missing", "--no-progress", "--no-print", *table.evaluate, *budget.evaluate] + \
+            (["--ood", ood] if ood else [])
+        steps.append(Step("evaluate.py", 0.5 * len(runs), lambda argv=argv: _evaluate(argv, args.budget)))
+    if table.study is not None:
+        study_data = ["--data-root", args.data_root] if args.data_root and table.study != "alpha" else []
+        argv = ["--study", table.study, *common, *study_data, STUDY_RESULTS_FLAG, str(results_root),
+                *budget.studies.get(table.study, ())]
+        if table.study != "ccu":  # the ccu study finds the table's runs (and its CCU run) itself
+            argv += ["--runs", *[str(runs_root / args.dataset / run) for run in runs]]
+        steps.append(Step(f"gen_attack_stats.py --study {table.study}", 1.0 * len(runs),
+                          lambda argv=argv: _study(argv, args.budget)))
+    return steps
+
+
+def _gen_gmm(argv: list[str], gmm_dir: Path) -> None:
+    import gen_gmm
+
+    if gmm_dir.exists() and not any(gmm_dir.iterdir()):
+        gmm_dir.rmdir()  # an empty folder left by a fit that was killed
+    elif gmm_dir.exists():  # files but no gmm.pt: a fit that was stopped; keep it aside, never overwrite it
+        gmm_dir.rename(gmm_dir.with_name(f"{gmm_dir.name}.interrupted-{int(time.time())}"))
+    gen_gmm.main(gen_gmm.get_args_parser().parse_args(argv))
+
+
+def _train(argv: list[str], run_dir: Path) -> None:
+    import train
+
+    if run_state(run_dir) == "stale":  # stopped before its first checkpoint: nothing to resume, keep it aside
+        aside = run_dir.with_name(f"{run_dir.name}.interrupted-{int(time.time())}")
+        run_dir.rename(aside)
+        print(f"{run_dir} stopped before its first epoch ended; moved to {aside} and started again")
+    train.main(train.get_args_parser().parse_args(argv))
+
+
+def _evaluate(argv: list[str], budget: str) -> None:
+    import evaluate
+
+    args = evaluate.get_args_parser().parse_args(argv)
+    args.row_tags = {"budget": budget}
+    evaluate.main(args)
+
+
+def _study(argv: list[str], budget: str) -> None:
+    import importlib
+
+    import gen_attack_stats
+
+    args = gen_attack_stats.get_args_parser(argv[1]).parse_args(argv)
+    args.row_tags = {"budget": budget}
+    torch.set_flush_denormal(True)  # as gen_attack_stats.main does
+    importlib.import_module(gen_attack_stats.STUDIES[args.study]).main(args)
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m{secs:02d}s"
+
+
+def run_steps(steps: list[Step], label: str) -> None:
+    """Run the steps, printing one progress line per stage with an ETA from the cost of the steps done so far."""
+    start, done_cost, total_cost = time.perf_counter(), 0.0, sum(step.cost for step in steps)
+    for index, step in enumerate(steps, 1):
+        elapsed = time.perf_counter() - start
+        eta = _duration(elapsed / done_cost * (total_cost - done_cost)) if done_cost else "unknown"
+        print(f"[{label}] stage {index}/{len(steps)}: {step.title} | elapsed {_duration(elapsed)} | ETA {eta}",
+              flush=True)
+        step.action()
+        done_cost += step.cost
+    print(f"[{label}] all {len(steps)} stages done in {_duration(time.perf_counter() - start)} "
+          f"({_duration(time.process_time())} of CPU time in this process)", flush=True)
+
+
+def caption(args: Namespace, table: Table, budget: Budget) -> str:
+    """What the table shows, with the budget it was made under and the flags that shortened it."""
+    text = f"{table.what}. In-distribution {args.dataset}; budget `{args.budget}`"
+    if args.budget == "paper":
+        return text + " (the papers' settings).\n\n"
+    kinds = {run.rpartition("-s")[0] for run in table_runs(table, args.dataset)}
+    parts = [("train.py", budget.train), *[(f"train.py ({kind} runs)", flags) for kind, flags in budget.per_kind.items()
+                                           if kind in kinds],
+             ("gen_gmm.py", budget.gmm if kinds & {"ccu", "ccus"} else ()),
+             ("evaluate.py", budget.evaluate if table.evaluate is not None else ()),
+             (f"gen_attack_stats.py --study {table.study}", budget.studies.get(table.study, ()))]
+    return text + " (shortened: " + "; ".join(f"{what} {shlex.join(flags)}" for what, flags in parts if flags) \
+        + "), so its numbers are not the papers'.\n\n"
+
+
+def write_table(args: Namespace, table_name: str, table: Table, budget: Budget) -> Path:
+    """<results>/tables/<DATASET>_<TABLE>.md: the caption and the table the last step wrote."""
+    from utils.runs import atomic_write_text
+
+    tables_dir = roots(args)[1] / "tables"
+    produced = tables_dir / table.output.format(dataset=args.dataset)
+    if not produced.exists():
+        raise FileNotFoundError(f"{produced} was not written; see the output of the steps above")
+    out = tables_dir / f"{args.dataset}_{table_name}.md"
+    atomic_write_text(out, caption(args, table, budget) + produced.read_text())
+    return out
+
+
+def list_tables() -> str:
+    lines = []
+    for name, table in TABLES.items():
+        datasets = sorted({key.split("/")[0] for key in model_paths.MODEL_PATHS
+                           if table.paths.format(dataset=key.split("/")[0]) == key})
+        runs = ", ".join(table_runs(table, datasets[0])) if datasets else "-"
+        steps = " + ".join(s for s in ("evaluate.py" if table.evaluate else "",
+                                       f"gen_attack_stats.py --study {table.study}" if table.study else "") if s)
+        lines.append(f"{name:13s} {table.what}\n{'':13s} datasets: {', '.join(datasets)}; trains: {runs}; then {steps}")
+    return "\n".join(lines)
+
+
+def main(args: Namespace) -> Path | None:
+    if args.list:
+        print(list_tables())
+        return None
+    if args.table is None:
+        raise SystemExit("name a table (reproduce.py --list shows them)")
+    table, budget = TABLES[args.table], BUDGETS[args.budget]
+    data.dataset_info(args.dataset)  # unknown names fail before anything runs
+    table_runs(table, args.dataset)  # a table not defined for this dataset: one line listing those that are
+    for key in args.ood:  # unreadable NAME=PATH files fail before anything is trained or written
+        data.check_dataset(key, like=args.dataset, root=args.data_root or "datasets")
+    if args.ood and table.evaluate is None:
+        print(f"note: {args.table} evaluates no OOD sets; --ood is not used")
+    label = f"{args.table} {args.dataset} budget={args.budget}"
+    steps = plan(args, table, budget)
+    if args.dry_run:
+        print("\n".join(f"{i}. {step.title}" for i, step in enumerate(steps, 1)) or "nothing to train")
+        return None
+    run_steps(steps, label)
+    out = write_table(args, args.table, table, budget)
+    print(out.read_text())
+    print(f"wrote {out}")
+    return out
+
+
+if __name__ == "__main__":
+    try:
+        main(get_args_parser().parse_args())
+    except (ValueError, FileNotFoundError, FileExistsError) as error:  # bad input: one line, no traceback
+        raise SystemExit(f"reproduce.py: error: {error}") from None

@@ -1,0 +1,103 @@
+"""reproduce.py: one table end to end on digits (tiny budget), killed and re-run without retraining anything."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import reproduce
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _argv(tmp_path: Path, *extra: str) -> list[str]:
+    return ["acet-table1", "--dataset", "digits", "--budget", "tiny", "--runs-root", str(tmp_path / "runs"),
+            "--results-root", str(tmp_path / "results"), "--device", "cpu", *extra]
+
+
+def _wait_for(path: Path, process: subprocess.Popen, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert process.poll() is None, process.stdout.read()
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.02)
+
+
+def test_table_end_to_end_killed_and_rerun(tmp_path, capsys):
+    np.savez(tmp_path / "mine.npz", x=np.random.default_rng(0).integers(0, 256, (300, 16, 16), dtype=np.uint8))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([sys.executable, "reproduce.py", *_argv(tmp_path, "--ood", f"mine={tmp_path}/mine.npz")],
+                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    runs = tmp_path / "runs" / "budget-tiny" / "digits"
+    _wait_for(runs / "plain-s0" / "model.pt", process)
+    process.send_signal(signal.SIGKILL)  # no chance to clean up
+    process.wait()
+    first = process.stdout.read()
+    assert "stage 1/4: train plain-s0 (missing)" in first and "ETA" in first
+    plain = runs / "plain-s0"
+    stamp, log_lines = (plain / "model.pt").stat().st_mtime_ns, (plain / "log.jsonl").read_text()
+    assert reproduce.run_state(plain) == "finished"
+
+    out = reproduce.main(reproduce.get_args_parser().parse_args(_argv(tmp_path, "--ood", f"mine={tmp_path}/mine.npz")))
+    printed = capsys.readouterr().out
+    assert f"{plain}: finished earlier, kept" in printed and "train plain-s0" not in printed
+    assert (plain / "model.pt").stat().st_mtime_ns == stamp and (plain / "log.jsonl").read_text() == log_lines
+    for run in ("plain-s0", "ceda-s0", "acet-s0"):  # every run trained exactly its one epoch, once
+        saved = torch.load(runs / run / "model.pt", map_location="cpu", weights_only=True)
+        assert saved["epoch"] == 1 and len((runs / run / "log.jsonl").read_text().splitlines()) == 1
+    assert not list(runs.glob("*.interrupted-*"))  # the kill came after a checkpoint: nothing set aside
+
+    table = out.read_text()
+    assert out == tmp_path / "results" / "budget-tiny" / "tables" / "digits_acet-table1.md"
+    assert "budget `tiny`" in table and "--epochs 1 --max-batches 3" in table
+    assert "| mine |" in table and "| adv_noise |" in table and "Plain (TE" in table
+    rows = [json.loads(line) for line in (tmp_path / "results" / "budget-tiny" / "ood" / "digits.jsonl").open()]
+    assert rows and all(row["budget"] == "tiny" for row in rows)
+    assert {row["label"] for row in rows} == {"Plain", "CEDA", "ACET"}
+    # a third call has nothing left to train
+    assert [s.title for s in reproduce.plan(reproduce.get_args_parser().parse_args(_argv(tmp_path)),
+                                            reproduce.TABLES["acet-table1"], reproduce.BUDGETS["tiny"])] == ["evaluate.py"]
+
+
+def test_stale_run_without_checkpoint_is_set_aside_and_retrained(tmp_path):
+    args = reproduce.get_args_parser().parse_args(["odin-table2", *_argv(tmp_path)[1:]])
+    stale = tmp_path / "runs" / "budget-tiny" / "digits" / "plain-s0"
+    stale.mkdir(parents=True)
+    (stale / "config.json").write_text("{}")  # killed before its first epoch ended
+    steps = reproduce.plan(args, reproduce.TABLES["odin-table2"], reproduce.BUDGETS["tiny"])
+    assert [s.title for s in steps] == ["train plain-s0 (stale)", "evaluate.py"]
+    steps[0].action()
+    assert reproduce.run_state(stale) == "finished"
+    assert len(list(stale.parent.glob("plain-s0.interrupted-*"))) == 1
+
+
+@pytest.mark.parametrize("table", sorted(reproduce.TABLES))
+def test_every_table_plans_its_runs(table, tmp_path, capsys):
+    dataset = "CIFAR10" if table == "ddu-table" else "MNIST"
+    args = reproduce.get_args_parser().parse_args([table, "--dataset", dataset, "--runs-root", str(tmp_path),
+                                                   "--dry-run"])
+    reproduce.main(args)
+    printed = capsys.readouterr().out
+    runs = reproduce.table_runs(reproduce.TABLES[table], dataset)
+    assert all(f"train {run} (missing)" in printed for run in runs)
+    assert ("gen_gmm gmm-s0" in printed) == any(run.startswith("ccu") for run in runs)
+    for budget, flags in reproduce.BUDGETS.items():  # every caption names its budget and the flags it shortened
+        args.budget = budget
+        text = reproduce.caption(args, reproduce.TABLES[table], flags)
+        assert f"budget `{budget}`" in text and (budget == "paper") == ("shortened" not in text)
+        assert budget == "paper" or "train.py --epochs 1" in text
+
+
+def test_unreadable_ood_path_fails_before_anything_runs(tmp_path):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    (folder / "a.png").write_text("not a png")
+    with pytest.raises(ValueError, match="a.png"):
+        reproduce.main(reproduce.get_args_parser().parse_args(_argv(tmp_path, "--ood", f"mine={folder}")))
+    assert not (tmp_path / "runs").exists()
