@@ -80,18 +80,21 @@ def test_evaluate_rows_use_the_given_name(tmp_path):
     results = tmp_path / "results"
     evaluate.main(evaluate.get_args_parser().parse_args(
         ["--dataset", "digits", "--runs", str(run), "--ood", f"mine={tmp_path / 'mine.npz'},uniform",
-         "--results-root", str(results), "--no-progress", "--no-print"]))
-    rows = [json.loads(line) for line in (results / "ood" / "digits.jsonl").read_text().splitlines()]
+         "--results-root", str(results), "--no-progress", "--no-print", "--table-name", "t"]))
+    rows = [json.loads(line) for line in (results / "ood" / "digits_adhoc_t.jsonl").read_text().splitlines()]
     assert sorted(row["ood"] for row in rows) == ["mine", "uniform"]
     assert next(r for r in rows if r["ood"] == "mine")["n_out"] == 60
-    assert "| mine |" in (results / "tables" / "digits_ood.md").read_text()
+    assert "| mine |" in (results / "tables" / "digits_adhoc_t_ood.md").read_text()
 
 
 def test_evaluate_refuses_unreadable_set_before_writing(tmp_path):
     folder = _image_folder(tmp_path)
     (folder / "oops.jpg").write_text("text")
+    run = train.main(train.get_args_parser().parse_args(
+        ["--dataset", "digits", "--runs-root", str(tmp_path / "runs"), "--epochs", "1", "--max-batches", "2",
+         "--no-progress"]))
     args = evaluate.get_args_parser().parse_args(
-        ["--dataset", "digits", "--runs", str(tmp_path / "no-run"), "--ood", f"mine={folder}",
+        ["--dataset", "digits", "--runs", str(run), "--ood", f"mine={folder}",
          "--results-root", str(tmp_path / "results")])
     with pytest.raises(data.PathSetError, match="oops.jpg"):
         evaluate.main(args)

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from utils.methods.base import Auxiliary, Method
+from utils.distributed import unwrap
 
 
 def kl_uniform_to_softmax(logits: torch.Tensor) -> torch.Tensor:
@@ -44,8 +45,11 @@ def gan_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_out: Optional
     """The classifier's loss: mean CE(f(x), y) + beta * mean KL(U || softmax(f(x_out))), x_out = G(z')."""
     if x_out is None:
         raise ValueError("gan's classifier loss needs generated samples x_out from gan_step")
-    joint = model(torch.cat([x, x_out]))  # one forward per step, as DistributedDataParallel requires
-    logits, logits_out = joint[: len(x)], joint[len(x):]
+    logits = model(x)
+    # Separate passes keep batch-norm statistics of real and generated batches apart, as the original does. The
+    # second runs on the unwrapped module so that DistributedDataParallel sees one forward per step; both passes
+    # share the parameters, so one backward sums their gradients before DDP's all-reduce hooks fire.
+    logits_out = unwrap(model)(x_out)
     loss = F.cross_entropy(logits, y) + opts.gan_beta * kl_uniform_to_softmax(logits_out).mean()
     return loss, logits
 
