@@ -361,3 +361,17 @@ def test_attack_study_end_to_end(tmp_path, monkeypatch):
     assert np.exp(dump["adv_log_conf"][1][certified]).max() <= 1.1 / 10 + 1e-6
     assert (results / "tables" / "digits_ccu_attack.md").read_text().count("| AUC |") == 1
     assert all(p.exists() for p in save_all(results / "scores" / "digits_ccu_attack.npz", tmp_path / "fig"))
+
+
+def test_attack_table_has_no_mmc_for_scores_that_are_not_probabilities():
+    """A density (DDU) or a Mahalanobis score has no mean confidence: exp of a log-density overflowed to inf."""
+    from utils.studies.ccu import attack_row, attack_table
+
+    in_scores, adv_scores = torch.tensor([800.0, 900.0]), torch.tensor([750.0, 950.0])
+    density = attack_row("DDU", in_scores, 0.01, adv_scores, probability=False)
+    msp = attack_row("Base", torch.log(torch.tensor([0.9, 0.99])), 0.01, torch.log(torch.tensor([0.5, 1.0])))
+    assert density["mmc"] is None and msp["mmc"] == pytest.approx(75.0)
+    common = {"study": "ccu_attack", "dataset": "digits", "n_seeds": 2, "seeds": "uniform", "radius_median": 1.0,
+              "certified_pct": 100.0, "f": 1.1, "restarts": 1, "steps": 1}
+    table = attack_table([{**common, **density}, {**common, **msp}])
+    assert "| MMC | n/a | 75.0 |" in table and "inf" not in table

@@ -3,8 +3,6 @@ shapes, training on digits (KL falls, confidence on generated samples near 1/K, 
 resume equality of classifier, G, D and their optimisers, and a run folder that every detector scores."""
 import json
 import math
-import signal
-import time
 import warnings
 from argparse import Namespace
 
@@ -19,7 +17,7 @@ import data
 import models
 import train
 from models.gan import GAN_ARCHS, Discriminator, Generator
-from tests.test_train import _spawn
+from tests.test_train import train_full_and_killed
 from utils.detectors import DETECTORS
 from utils.methods import load_auxiliary
 from utils.methods.base import Auxiliary
@@ -148,20 +146,7 @@ def test_gan_run_loads_and_every_single_model_detector_scores_it(runs):
 def test_kill_and_resume_is_bit_identical_for_classifier_generator_and_discriminator(tmp_path):
     common = ["--dataset", "digits", "--method", "gan", "--epochs", "3", "--max-batches", "4", "--runs-root",
               str(tmp_path), "--no-progress"]
-    full = _spawn([*common, "--name", "full"])
-    assert full.wait(timeout=300) == 0, full.stdout.read()
-    victim = _spawn([*common, "--name", "killed"])
-    log = tmp_path / "digits" / "killed" / "log.jsonl"
-    while not (log.exists() and log.read_text().count("\n") >= 1):
-        assert victim.poll() is None, "the run ended before it could be killed"
-        time.sleep(0.02)
-    victim.send_signal(signal.SIGKILL)
-    victim.wait()
-    done = torch.load(tmp_path / "digits" / "killed" / "model.pt", weights_only=True)["epoch"]
-    assert 1 <= done < 3
-    resumed = _spawn([*common, "--name", "killed", "--resume"])
-    output = resumed.communicate(timeout=300)[0]
-    assert resumed.returncode == 0, output
+    train_full_and_killed(common, tmp_path / "digits", epochs=3)
     a = torch.load(tmp_path / "digits" / "full" / "model.pt", weights_only=True)
     b = torch.load(tmp_path / "digits" / "killed" / "model.pt", weights_only=True)
     assert a["epoch"] == b["epoch"] == 3

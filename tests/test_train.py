@@ -70,24 +70,31 @@ def _spawn(argv):
                             stderr=subprocess.STDOUT, text=True)
 
 
-def test_kill_and_resume_gives_bit_identical_weights(tmp_path):
-    common = ["--dataset", "digits", "--epochs", "4", "--max-batches", "12", "--runs-root", str(tmp_path),
-              "--no-progress", "--out-data", "acet_noise"]
+def train_full_and_killed(common: list[str], run_root: Path, epochs: int) -> str:
+    """Train run "full" uninterrupted and run "killed" killed by SIGKILL after its first epoch, then resumed;
+    returns the resumed process's output (the two checkpoints are then compared by the caller)."""
     full = _spawn([*common, "--name", "full"])
     assert full.wait(timeout=300) == 0, full.stdout.read()
     victim = _spawn([*common, "--name", "killed"])
-    log = tmp_path / "digits" / "killed" / "log.jsonl"
+    log = run_root / "killed" / "log.jsonl"
     while not (log.exists() and log.read_text().count("\n") >= 1):
         assert victim.poll() is None, "the run ended before it could be killed"
         time.sleep(0.02)
     victim.send_signal(signal.SIGKILL)
     victim.wait()
-    done = torch.load(tmp_path / "digits" / "killed" / "model.pt", weights_only=True)["epoch"]
-    assert 1 <= done < 4
+    done = torch.load(run_root / "killed" / "model.pt", weights_only=True)["epoch"]
+    assert 1 <= done < epochs
     resumed = _spawn([*common, "--name", "killed", "--resume"])
     output = resumed.communicate(timeout=300)[0]
     assert resumed.returncode == 0, output
     assert f"after epoch {done}" in output
+    return output
+
+
+def test_kill_and_resume_gives_bit_identical_weights(tmp_path):
+    common = ["--dataset", "digits", "--epochs", "4", "--max-batches", "12", "--runs-root", str(tmp_path),
+              "--no-progress", "--out-data", "acet_noise"]
+    train_full_and_killed(common, tmp_path / "digits", epochs=4)
     a = torch.load(tmp_path / "digits" / "full" / "model.pt", weights_only=True)
     b = torch.load(tmp_path / "digits" / "killed" / "model.pt", weights_only=True)
     assert a["epoch"] == b["epoch"] == 4

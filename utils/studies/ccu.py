@@ -210,12 +210,15 @@ def _test_scores(model: nn.Module, loader, device: str) -> tuple[torch.Tensor, f
     return torch.cat(scores), wrong / total
 
 
-def attack_row(label: str, in_scores: torch.Tensor, test_error: float, adv_scores: torch.Tensor) -> dict:
-    """TE, MMC, SR, AUC (x100) of one model (docs/methods.md#ccu-attack-study)."""
+def attack_row(label: str, in_scores: torch.Tensor, test_error: float, adv_scores: torch.Tensor,
+               probability: bool = True) -> dict:
+    """TE, MMC, SR, AUC (x100) of one model (docs/methods.md#ccu-attack-study). MMC is the mean confidence only
+    for scores that are log-probabilities; a density or a Mahalanobis distance has none (None, "n/a")."""
     from utils import metrics
 
     median_in = float(np.median(in_scores.numpy()))  # numpy convention: mean of the two middle values
-    return {"label": label, "te": 100 * test_error, "mmc": 100 * float(adv_scores.exp().mean()),
+    mmc = 100 * float(adv_scores.exp().mean()) if probability else None
+    return {"label": label, "te": 100 * test_error, "mmc": mmc,
             "sr": 100 * float((adv_scores >= median_in).double().mean()),
             "auc": 100 * metrics.auroc(in_scores, adv_scores), "median_in_log_conf": median_in}
 
@@ -230,7 +233,8 @@ def attack_table(rows: list[dict]) -> str:
              f"{r0['restarts']} restarts x {r0['steps']} steps. All x100.", "",
              "| | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
     for key, name in (("te", "TE"), ("mmc", "MMC"), ("sr", "SR"), ("auc", "AUC")):
-        lines.append(f"| {name} | " + " | ".join(f"{latest[lab][key]:.1f}" for lab in labels) + " |")
+        cells = ["n/a" if latest[lab][key] is None else f"{latest[lab][key]:.1f}" for lab in labels]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -269,10 +273,13 @@ def main(args: argparse.Namespace) -> None:
         adv, _ = attack_in_batches(model, seeds, radius, ccu_model.metric, args)
         adv_scores = torch.cat([reported_scores(model, batch.to(args.device))
                                 for batch in adv.split(args.batch_size)])
-        row = {**common, **attack_row(label, in_scores, test_error, adv_scores), "runs": [str(d) for d in dirs],
+        probability = getattr(model, "log_space", True)  # CCU itself and the log-probability columns
+        row = {**common, **attack_row(label, in_scores, test_error, adv_scores, probability),
+               "runs": [str(d) for d in dirs],
                "detector": detector, "options": options,
                "checkpoints": [runs.file_hash(d / "model.pt") for d in dirs]}
-        print(f"{label:>10s}: TE {row['te']:.1f}  MMC {row['mmc']:.1f}  SR {row['sr']:.1f}  AUC {row['auc']:.1f}")
+        mmc = "n/a" if row["mmc"] is None else f"{row['mmc']:.1f}"
+        print(f"{label:>10s}: TE {row['te']:.1f}  MMC {mmc}  SR {row['sr']:.1f}  AUC {row['auc']:.1f}")
         rows.append(row)
         for key, value in (("labels", label), ("adv", adv.numpy()), ("adv_log_conf", adv_scores.numpy()),
                            ("in_log_conf", in_scores.numpy())):
