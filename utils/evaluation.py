@@ -140,8 +140,8 @@ def member_temperatures(members: list, args: Namespace) -> list[float] | None:
 
 def attacked_model(loaded: list):
     """What the adversarial OOD sets attack: the network itself, or an ensemble's averaged probabilities."""
-    from utils.detectors.bayes import EnsembleModel  # noqa: PLC0415
-    return loaded[0] if len(loaded) == 1 else EnsembleModel(loaded).eval()
+    from utils.detectors.bayes import as_one_network  # noqa: PLC0415
+    return as_one_network(loaded)
 
 
 def _ensemble_classification(test: SetScores) -> dict:

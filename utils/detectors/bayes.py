@@ -140,6 +140,18 @@ class Ensemble(Detector):
         return predictive_confidence(self.member_probs(x), self.score)
 
 
+def as_one_network(members: Sequence[nn.Module]) -> nn.Module:
+    """A run's network, or several runs (a deep ensemble) as one `EnsembleModel`, in eval mode."""
+    return members[0] if len(members) == 1 else EnsembleModel(members).eval()
+
+
+def load_network(run_dirs: Sequence, device: str | torch.device) -> nn.Module:
+    """`as_one_network` of the runs in `run_dirs`, loaded on `device`."""
+    import models  # noqa: PLC0415 (models imports the detectors' package only lazily)
+
+    return as_one_network([models.load_run(d, device=device) for d in run_dirs])
+
+
 class EnsembleModel(nn.Module):
     """A deep ensemble as one differentiable network: log of the mean member softmax, which are valid logits
     (softmax gives back the averaged probabilities), so attacks maximise the ensemble's own confidence."""

@@ -34,7 +34,7 @@ from models.gmm import PCAMetric
 from utils.amp import attack_autocast
 from utils.attacks import eval_mode
 from utils.cli import AT_LEAST_ONE, NON_NEGATIVE_INT, POSITIVE, Range
-from utils.detectors.bayes import EnsembleModel
+from utils.detectors.bayes import load_network
 from utils.studies.ccu_targets import entry_model
 
 STUDY = "ccu_attack"
@@ -172,13 +172,6 @@ def _targets(args: argparse.Namespace, ccu_dir: Path) -> list[tuple[str, list[Pa
     return pairs
 
 
-def _load_target(dirs: list[Path], device: str) -> nn.Module:
-    import models
-
-    loaded = [models.load_run(d, device=device) for d in dirs]
-    return loaded[0] if len(loaded) == 1 else EnsembleModel(loaded).to(device).eval()
-
-
 def _seeds(args: argparse.Namespace, shape: tuple, data_root: str) -> torch.Tensor:
     if args.seeds == "uniform":
         generator = torch.Generator().manual_seed(args.seed)
@@ -247,7 +240,7 @@ def main(args: argparse.Namespace) -> None:
     from utils.certify import certified_radius
 
     ccu_dir = _ccu_run(args)
-    ccu_model = _load_target([ccu_dir], args.device)
+    ccu_model = load_network([ccu_dir], args.device)
     if not isinstance(ccu_model, CCUModel):
         raise ValueError(f"{ccu_dir} is not a CCU run (its model is a {type(ccu_model).__name__})")
     args.dataset = args.dataset or getattr(ccu_model, "run_config", {}).get("dataset")

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 
 from utils.detectors import get_detector_class
 from utils.detectors.base import Detector, model_outputs
-from utils.detectors.bayes import Ensemble, EnsembleModel, MCDropout, dropout_active, predictive_confidence
+from utils.detectors.bayes import Ensemble, MCDropout, as_one_network, dropout_active, predictive_confidence
 from utils.detectors.mahalanobis import Mahalanobis
 from utils.detectors.odin import ODIN
 
@@ -94,5 +94,5 @@ def entry_model(dirs: Iterable[Path], detector: str, options: dict, dataset: str
     det = cls(loaded if detector == "ensemble" else loaded[0], **options)
     if type(det).fit is not Detector.fit:
         det.fit(_fit_loader(dataset, data_root, getattr(loaded[0], "run_config", {}), batch_size))
-    network = loaded[0] if len(loaded) == 1 else EnsembleModel(loaded)
+    network = as_one_network(loaded)
     return EntryModel(network, det, detector).to(device).eval()

@@ -172,11 +172,9 @@ def gauc_table(rows: list[dict]) -> str:
 
 def _load(run_dirs: list[Path], device: str) -> nn.Module:
     """One run, or a deep ensemble of several as one model (log of the mean member softmax)."""
-    import models
-    from utils.detectors.bayes import EnsembleModel
+    from utils.detectors.bayes import load_network
 
-    loaded = [models.load_run(d, device=device) for d in run_dirs]
-    return loaded[0] if len(loaded) == 1 else EnsembleModel(loaded).to(device).eval()
+    return load_network(run_dirs, device)
 
 
 def study_model(label: str, run_dirs: list[Path], x_in: torch.Tensor, y_in: torch.Tensor, oods: dict,
