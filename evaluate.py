@@ -66,8 +66,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="precision of the attacks (default: bf16 on CUDA where supported, else off)")
     p.add_argument("--amp-scores", action=argparse.BooleanOptionalAction, default=False,
                    help="also run the scoring passes at --amp (default: float32 logits feed the metrics)")
-    p.add_argument("--tune-ood", default=None,
-                   help="OOD set on which ODIN/Mahalanobis choose their hyperparameters (ODIN protocol)")
+    p.add_argument("--tune-ood", default=None, type=data.dataset_arg, metavar="SET",
+                   help="OOD set on which ODIN/Mahalanobis choose their hyperparameters (ODIN protocol): a data "
+                        "key or NAME=PATH")
     p.add_argument("--tune-n", type=int, default=1000, help="held-out samples of in- and tuning set")
     p.add_argument("--tune-criterion", default="fpr95", choices=["fpr95", "auroc"])
     p.add_argument("--skip-missing", action=argparse.BooleanOptionalAction, default=False,
@@ -159,7 +160,8 @@ def main(args: Namespace) -> None:
             raise ValueError(f"unknown adversarial set(s) {unknown}; valid: {', '.join(ADV_SETS)}")
     entries = checked_entries(args)
     ood_sets = args.ood.split(",") if args.ood else list(data.OOD_TEST[args.dataset])
-    for name in ood_sets:  # unknown names and unreadable NAME=PATH files fail before anything is written
+    for name in ood_sets + ([args.tune_ood] if args.tune_ood else []):  # unknown names and unreadable NAME=PATH
+        # files fail before anything is written
         data.check_dataset(name, like=args.dataset, root=args.data_root)
     rows = evaluation.evaluate_entries(entries, args, ood_sets, adv_sets)
     print(f"wrote {len(rows)} rows to {evaluation.rows_path(args)}")

@@ -129,3 +129,25 @@ def test_out_set_smaller_than_a_batch_is_refused_not_waited_on(tmp_path):
             ["--dataset", "digits", "--method", "ceda", "--out-data", f"few={tmp_path / 'few.npz'}",
              "--runs-root", str(tmp_path / "runs"), "--no-progress"]))
     assert not (tmp_path / "runs").exists()
+
+
+def test_odin_tunes_on_a_path_set(tmp_path):
+    """`--tune-ood NAME=PATH` used to stop with "tuning set ... is not loaded": sets are keyed by NAME."""
+    np.savez(tmp_path / "mine.npz", x=np.random.default_rng(3).integers(0, 256, (120, 12, 12), dtype=np.uint8))
+    run = train.main(train.get_args_parser().parse_args(
+        ["--dataset", "digits", "--runs-root", str(tmp_path / "runs"), "--epochs", "1", "--max-batches", "3",
+         "--no-progress"]))
+    results = tmp_path / "results"
+    evaluate.main(evaluate.get_args_parser().parse_args(
+        ["--dataset", "digits", "--runs", str(run), "--detectors", "odin", "--tune-ood", f"mine={tmp_path / 'mine.npz'}",
+         "--tune-n", "40", "--ood", "uniform", "--n-ood", "100", "--results-root", str(results), "--no-progress",
+         "--no-print", "--table-name", "t"]))
+    rows = [json.loads(line) for line in (results / "ood" / "digits_adhoc_t.jsonl").read_text().splitlines()]
+    assert {row["ood"] for row in rows} == {"mine", "uniform"}
+    assert all(row["options"]["tune_ood"] == "mine" for row in rows)
+    assert next(r for r in rows if r["ood"] == "mine")["n_out"] == 100 - 40  # --n-ood, less tuning
+    with pytest.raises(data.DatasetNotFoundError, match="nowhere"):
+        evaluate.main(evaluate.get_args_parser().parse_args(
+            ["--dataset", "digits", "--runs", str(run), "--detectors", "odin", "--tune-ood",
+             f"other={tmp_path / 'nowhere'}", "--results-root", str(tmp_path / "r2"), "--no-progress"]))
+    assert not (tmp_path / "r2").exists()

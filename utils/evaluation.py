@@ -39,13 +39,14 @@ def build_detector(entry: TableEntry, loaded: list, train_set: Dataset, tune_set
         detector.fit(DataLoader(train_set, batch_size=args.batch_size))
     recorded = dict(entry.options)
     if tune_ood and hasattr(detector, "tune"):
-        if tune_ood not in tune_sets:
+        name = data.set_name(tune_ood)  # sets are keyed by the name tables show (NAME of NAME=PATH)
+        if name not in tune_sets:
             raise ValueError(f"tuning set {tune_ood!r} is not loaded; add it to --ood or --tune-ood")
         choice = detector.tune(DataLoader(tune_sets["in"], batch_size=args.batch_size),
-                               DataLoader(tune_sets[tune_ood], batch_size=args.batch_size), criterion=criterion,
+                               DataLoader(tune_sets[name], batch_size=args.batch_size), criterion=criterion,
                                fpr_convention=args.fpr_convention)
-        recorded.update(tune_ood=tune_ood, tuned=choice)
-        print(f"{entry.label}: tuned on {tune_ood}: {choice}")
+        recorded.update(tune_ood=name, tuned=choice)
+        print(f"{entry.label}: tuned on {name}: {choice}")
     return detector, recorded
 
 
@@ -250,7 +251,8 @@ def evaluate_entries(entries: list[TableEntry], args: Namespace, ood_sets: list[
     group in progress; then the DDU JSON summaries (results/ddu/<DATASET>_<label>.json: mean, standard error
     and values over seeds). An error while scoring names the run folder(s) it came from."""
     wanted = [args.tune_ood] + [e.options.get("tune_ood") for e in entries]
-    ood_sets = ood_sets + [name for name in dict.fromkeys(wanted) if name and name not in ood_sets]
+    shown = {data.set_name(name) for name in ood_sets}
+    ood_sets = ood_sets + [name for name in dict.fromkeys(wanted) if name and data.set_name(name) not in shown]
     sets = load_sets(args, ood_sets)
     tuning = any(e.detector in TUNABLE and (args.tune_ood or "tune_ood" in e.options) for e in entries)
     sets, tune_sets = split_for_tuning(sets, args.tune_n) if tuning else (sets, {})
