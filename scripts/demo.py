@@ -37,7 +37,7 @@ DEMO_RUNS: list[tuple[str, list[str]]] = [
 ]
 GMM_FLAGS = ["--n-components", "20", "--out-data", "natural_patches", "--n-out", "3000", "--no-augment"]
 ATTACK_FLAGS = ["--n-seeds", "200", "--restarts", "5", "--steps", "100"]
-GAUC_FLAGS = ["--ood-sets", "uniform", "natural_patches", "--n-ood", "100", "--apgd-steps", "20", "--apgd-restarts",
+GAUC_FLAGS = ["--ood", "uniform", "natural_patches", "--n-ood", "100", "--apgd-steps", "20", "--apgd-restarts",
               "1", "--pgd-steps", "10"]
 EVALUATE_FLAGS = ["--adv-sets", "adv_noise", "--attack-steps", "40", "--n-adv", "360", "--n-ood", "5000"]
 DDU_FIGURE_FLAGS = ["--blends", "500", "--n", "2000"]

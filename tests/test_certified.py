@@ -232,12 +232,14 @@ def test_prood_run_is_self_contained_and_study_rows_are_ordered(tmp_path, prood_
         assert isinstance(loaded, ProodModel) and torch.allclose(loaded(x), prood(x), atol=1e-6)
     (tmp_path / "moved.pt").rename(tmp_path / "digits" / "plain-s0" / "model.pt")
     results = tmp_path / "results"
+    np.savez(tmp_path / "mine.npz", x=np.random.default_rng(0).integers(0, 256, (50, 12, 12), dtype=np.uint8))
     gen_attack_stats.main(["--study", "gauc", "--dataset", "digits", "--runs", str(tmp_path / "digits" / "plain-s0"),
-                           str(tmp_path / "digits" / "prood-s0"), "--eps", "0.1", "--ood-sets", "uniform",
-                           "natural_patches", "--n-ood", "40", "--n-test", "100", "--apgd-steps", "8",
+                           str(tmp_path / "digits" / "prood-s0"), "--eps", "0.1", "--ood", "uniform",
+                           "natural_patches", f"mine={tmp_path / 'mine.npz'}", "--n-ood", "40", "--n-test", "100", "--apgd-steps", "8",
                            "--apgd-restarts", "1", "--pgd-steps", "4", "--device", "cpu", "--results", str(results)])
     rows = [json.loads(line) for line in (results / "attacks" / "digits_gauc.jsonl").read_text().splitlines()]
-    assert len(rows) == 4
+    assert len(rows) == 6 and {row["ood"] for row in rows} == {"uniform", "natural_patches", "mine"}
+    assert all(row["n_ood"] == 40 for row in rows)  # a NAME=PATH set is subsampled like the others
     for row in rows:
         for convention in ("sklearn", "conservative"):
             assert row[f"gauc_{convention}"] <= row[f"aauc_{convention}"] <= row[f"auc_{convention}"]

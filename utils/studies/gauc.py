@@ -69,7 +69,12 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     from utils.methods.certified import CERTIFIED_EPS
 
     parser.add_argument("--eps", type=float, default=None, help=f"L-inf radius (default per dataset: {CERTIFIED_EPS})")
-    parser.add_argument("--ood-sets", nargs="+", default=None, help="default: data.OOD_TEST[dataset]")
+    import data
+    from utils.cli import add_alias
+
+    parser.add_argument("--ood", nargs="+", default=None, type=data.dataset_arg, metavar="SET",
+                        help="OOD sets: data keys or NAME=PATH (image folder or .npz); default: data.OOD_TEST[dataset]")
+    add_alias(parser, "--ood-sets", "--ood", dest="ood")
     parser.add_argument("--n-ood", type=int, default=1000, help="points per OOD set (seeded subset)")
     parser.add_argument("--n-test", type=int, default=None, help="in-distribution test points (default: all)")
     parser.add_argument("--apgd-steps", type=int, default=500)
@@ -225,7 +230,10 @@ def main(args: argparse.Namespace) -> None:
         raise ValueError(f"no default eps for {args.dataset}; pass --eps (defaults: {CERTIFIED_EPS})")
     data_root = runs.resolve_data_root(args.data_root)
     x_in, y_in = _in_test(args, data_root)
-    oods = {name: _ood_points(name, args, data_root) for name in (args.ood_sets or data.OOD_TEST[args.dataset])}
+    ood_keys = args.ood or data.OOD_TEST[args.dataset]
+    for key in ood_keys:  # unknown names and unreadable NAME=PATH files fail before any attack
+        data.check_dataset(key, like=args.dataset, root=data_root)
+    oods = {data.set_name(key): _ood_points(key, args, data_root) for key in ood_keys}
     targets = [(label, [run_dir]) for label, run_dir in
                model_paths.distinct_runs(args.dataset, args.runs_root, args.runs, include_ensembles=False)]
     if not args.runs:  # ensembles of the table are models too: attacked on their averaged probabilities
