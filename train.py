@@ -34,7 +34,7 @@ from utils.distributed import wrap_ddp
 from utils.methods import METHODS, get_method
 from utils.resume import resume_config, resume_record
 from utils.methods import certified as certified_methods
-from utils.runs import append_jsonl, prepare_run_dir, provenance, resolve_data_root, write_json
+from utils.runs import append_jsonl, prepare_run_dir, provenance, resolve_data_root, trim_log, write_json
 
 # Flags whose None default means "take model_params.PARAMS[dataset]" (argparse dest -> Params field).
 DATASET_DEFAULTS = ("arch", "optimizer", "lr", "epochs", "batch_size", "test_batch_size", "momentum",
@@ -217,6 +217,8 @@ def main(args: Namespace) -> Path:
     start_epoch = 0
     if opts.resume:
         start_epoch = _restore(run_dir, model, optimizer, scheduler, opts.epochs, aux, precision.scaler)
+        if rank == 0 and trim_log(run_dir / "log.jsonl", start_epoch):
+            print(f"log.jsonl: dropped the rows after epoch {start_epoch} (logged, then killed before its checkpoint)")
         if rank == 0 and start_epoch < opts.epochs:
             resumes = [*saved_extras.get("resumes", []), resume_record(start_epoch, changes)]
             write_json(run_dir / "config.json", {**config, **saved_extras, "resumes": resumes})
@@ -251,8 +253,10 @@ def main(args: Namespace) -> Path:
             stats.update(epoch=epoch + 1, seconds=round(timer.seconds, 3), lr=lr)
             if epoch == start_epoch and opts.resume:
                 stats["resumed"] = {"after_epoch": start_epoch, "changes": changes}
-            _save(run_dir, model, optimizer, scheduler, config, epoch + 1, aux, precision.scaler)
+            # the row first: a kill between the two leaves a row the resume trims (trim_log), never a
+            # finished checkpoint whose last epoch has no row
             _log(run_dir, writer, stats)
+            _save(run_dir, model, optimizer, scheduler, config, epoch + 1, aux, precision.scaler)
     if writer is not None:
         writer.close()
     return run_dir

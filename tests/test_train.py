@@ -146,3 +146,26 @@ def test_every_method_trains_through_train_py_and_reloads(tmp_path):
 
 def np_isfinite(value: float) -> bool:
     return value == value and abs(value) != float("inf")
+
+
+def test_each_epoch_is_logged_before_its_checkpoint_and_a_resume_logs_it_once(tmp_path, monkeypatch):
+    """A kill between checkpoint and log row used to leave a finished run whose last epoch had no row (seen as a
+    flaky reproduce.py test); now the row comes first and a resume drops a row its checkpoint lacks."""
+    saved = models.save_checkpoint
+
+    def checking_save(path, state):
+        rows = [json.loads(line) for line in (Path(path).parent / "log.jsonl").read_text().splitlines()]
+        assert rows[-1]["epoch"] == state["epoch"], "checkpoint written before its epoch's log row"
+        saved(path, state)
+
+    monkeypatch.setattr(models, "save_checkpoint", checking_save)
+    common = ["--dataset", "digits", "--max-batches", "3", "--runs-root", str(tmp_path), "--no-progress"]
+    run_dir = run_train([*common, "--epochs", "2"])
+    monkeypatch.setattr(models, "save_checkpoint", saved)
+    log = run_dir / "log.jsonl"
+    with log.open("a") as handle:  # as a kill after epoch 3's row, before its checkpoint, leaves it
+        handle.write(json.dumps({"epoch": 3, "train_loss": 9.0}) + "\n" + '{"epoch": 4, "tr')
+    run_train([*common, "--epochs", "3", "--name", "plain-s0", "--resume"])
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [row["epoch"] for row in rows] == [1, 2, 3] and rows[-1]["train_loss"] != 9.0
+    assert torch.load(run_dir / "model.pt", weights_only=True)["epoch"] == 3

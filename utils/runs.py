@@ -119,6 +119,30 @@ def append_jsonl(path: str | Path, rows: Iterable[dict]) -> None:
         os.fsync(handle.fileno())
 
 
+def trim_log(path: str | Path, epoch: int) -> int:
+    """Drop the rows of a run's log.jsonl whose "epoch" is above `epoch` (rewritten atomically); how many went.
+    train.py logs an epoch before it checkpoints it, so a run killed in between has one row more than its
+    checkpoint: resuming trims it and then logs that epoch again, once. Unreadable lines (cut off by a kill)
+    go too."""
+    path = Path(path)
+    if not path.exists():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            dropped += 1
+            continue
+        if isinstance(row, dict) and int(row.get("epoch", 0)) > epoch:
+            dropped += 1
+        else:
+            kept.append(line + "\n")
+    if dropped:
+        atomic_write_text(path, "".join(kept))
+    return dropped
+
+
 def record_study(results_root: str | Path, rows_name: str, table_name: str, rows: list[dict],
                  render: Callable[[list[dict]], str], key_fields: tuple[str, ...] | None = None) -> str:
     """Upsert a study's rows into results/attacks/<rows_name>.jsonl (keyed by `key_fields`, default
