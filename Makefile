@@ -19,7 +19,7 @@ demo: install
 	$(PY) scripts/demo.py --runs-root $(RUNS) --results-root $(RESULTS)
 
 test: install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n auto --maxprocesses 4 tests
 
 bench: install
 	$(PY) benchmarks/run_all.py
