@@ -211,6 +211,9 @@ def evaluate_group(runs: tuple, group_entries: list[TableEntry], sets: dict, tun
                    args: Namespace) -> list[dict]:
     """Load the runs once, build every detector of the entries, score every set once, return the rows."""
     device = torch.device(args.device)
+    # the group's random draws (MC-dropout masks, attack starts) follow --seed alone, not whatever ran before in
+    # this process: a re-run, or reproduce.py after training in the same process, scores the same numbers
+    torch.manual_seed(args.seed)
     loaded = [models.load_run(run, device=device) for run in runs]
     config = getattr(loaded[0], "run_config", {})
     train_set, val_set = run_splits(config, args)
