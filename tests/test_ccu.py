@@ -361,6 +361,16 @@ def test_attack_study_end_to_end(tmp_path, monkeypatch):
     assert np.exp(dump["adv_log_conf"][1][certified]).max() <= 1.1 / 10 + 1e-6
     assert (results / "tables" / "digits_ccu_attack.md").read_text().count("| AUC |") == 1
     assert all(p.exists() for p in save_all(results / "scores" / "digits_ccu_attack.npz", tmp_path / "fig"))
+    # seeds from the user's own images (NAME=PATH): rows name the set, beside the uniform-noise rows
+    np.savez(tmp_path / "mine.npz", x=np.random.default_rng(0).integers(0, 256, (20, 12, 12), dtype=np.uint8))
+    gen_attack_stats.main(["--study", "ccu", "--ccu-run", str(tmp_path / "runs" / "ccu"), "--runs",
+                           str(tmp_path / "runs" / "plain"), "--seeds", f"mine={tmp_path / 'mine.npz'}",
+                           "--n-seeds", "6", "--restarts", "1", "--steps", "2", "--n-test", "100",
+                           "--results-root", str(results), "--device", "cpu"])
+    rows = [__import__("json").loads(line) for line in (results / "attacks" / "digits.jsonl").read_text().split("\n")
+            if line]
+    assert sorted(r["seeds"] for r in rows) == ["mine", "mine", "uniform", "uniform"]
+    assert all(r["n_seeds"] == 6 for r in rows if r["seeds"] == "mine")
 
 
 def test_attack_table_has_no_mmc_for_scores_that_are_not_probabilities():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -245,3 +246,13 @@ def test_audit_main_writes_rows(tmp_path):
         assert row["method"] == "exact" and row["n"] == 40 and row["certified"] == 1.0
         assert row["agreement"] == 1.0 and 0.0 <= row["share_confident"] <= 1.0
     assert "plain-s0" in (tmp_path / "results/tables/digits_audit.md").read_text()
+    assert next(row for row in rows if row["source"] == "noise")["noise"] == "uniform"
+    # the noise directions from the user's own images (NAME=PATH): their rows sit beside the uniform ones
+    np.savez(tmp_path / "mine.npz", x=np.random.default_rng(0).integers(0, 256, (60, 12, 12), dtype=np.uint8))
+    audit.main(parser.parse_args(["--runs", str(run_dir), "--dataset", "digits", "--n-directions", "40",
+                                  "--sources", "noise", "--noise", f"mine={tmp_path / 'mine.npz'}",
+                                  "--results-root", str(tmp_path / "results"), "--device", "cpu"]))
+    rows = [json.loads(line) for line in (tmp_path / "results/attacks/digits_audit.jsonl").read_text().splitlines()]
+    assert sorted(row.get("noise", "") for row in rows) == ["", "", "mine", "uniform"]
+    with pytest.raises(SystemExit):  # a malformed key is refused by argparse, before anything runs
+        parser.parse_args(["--runs", str(run_dir), "--noise", "mine="])

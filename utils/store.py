@@ -47,7 +47,8 @@ KEYS: dict[str, tuple[str, ...]] = {
     "alpha": ("study", "dataset", "label", "run", "checkpoint", "n", "target", "alpha_max", "overconf", "seed",
               "float64"),
     # gen_attack_stats.py --study audit, results/attacks/<DATASET>_audit.jsonl
-    "audit": ("study", "dataset", "label", "run", "checkpoint", "source", "threshold", "alpha_check", "seed"),
+    "audit": ("study", "dataset", "label", "run", "checkpoint", "source", "noise", "threshold", "alpha_check",
+              "seed"),
     # gen_attack_stats.py --study gauc, results/attacks/<DATASET>_gauc.jsonl: one row per (model, OOD set)
     "gauc": ("study", "dataset", "label", "run", "checkpoint", "ood", "eps", "n_ood", "n_test", "apgd_steps",
              "apgd_restarts", "pgd_steps", "seed"),

@@ -25,7 +25,10 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n-directions", type=int, default=1000, help="directions d per source")
     parser.add_argument("--sources", nargs="+", default=list(AUDIT_SOURCES), choices=AUDIT_SOURCES,
                         help="gaussian: d ~ N(0, I); test: test images; noise: --noise images")
-    parser.add_argument("--noise", default="uniform", help="noise dataset key of data.DATASETS")
+    import data
+
+    parser.add_argument("--noise", default="uniform", type=data.dataset_arg,
+                        help="the 'noise' directions: a data.DATASETS key or NAME=PATH (image folder or .npz)")
     parser.add_argument("--alpha-check", type=float, default=1e6, help="alpha of the numeric cross-check")
     parser.add_argument("--threshold", type=float, default=0.99, help="'confident' limit threshold")
     parser.add_argument("--agree-tol", type=float, default=1e-3, help="|exact - numeric| counted as agreement")
@@ -132,6 +135,7 @@ def main(args: argparse.Namespace) -> None:
             stats = audit_directions(model, d, args)
             rows.append({"study": "audit", "dataset": args.dataset, "label": label, "run": str(run_dir),
                          "checkpoint": runs.file_hash(Path(run_dir) / "model.pt"), "source": source,
+                         **({"noise": data.set_name(args.noise)} if source == "noise" else {}),
                          "threshold": args.threshold, "alpha_check": args.alpha_check, "seed": args.seed, **stats,
                          "git_sha": runs.git_sha(), "date": runs.now(), **getattr(args, "row_tags", {})})
             agreement = "n/a" if stats["method"] != "exact" else f"{100 * stats['agreement']:.1f}%"

@@ -132,8 +132,11 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ccu-run", default=None, metavar="DIR",
                         help="CCU run whose certified radii bound the attack (default: the entry labelled CCU "
                              "in model_paths.MODEL_PATHS[dataset])")
-    parser.add_argument("--seeds", default="uniform",
-                        help="'uniform' (U[0,1]^D, the paper's default) or any data.DATASETS key (test split)")
+    import data
+
+    parser.add_argument("--seeds", default="uniform", type=data.dataset_arg,
+                        help="'uniform' (U[0,1]^D, the paper's default), any data.DATASETS key (test split) or "
+                             "NAME=PATH (image folder or .npz)")
     parser.add_argument("--n-seeds", type=int, default=200, help="paper: 2 x 100")
     parser.add_argument("--restarts", type=int, default=50)
     parser.add_argument("--steps", type=int, default=500)
@@ -249,11 +252,11 @@ def main(args: argparse.Namespace) -> None:
     seeds = _seeds(args, shape, data_root).to(args.device)
     radius = certified_radius(ccu_model, seeds, f=args.f).float()
     radius_median = float(np.median(radius.cpu().numpy()))
-    print(f"{args.n_seeds} {args.seeds} seeds: median certified radius {radius_median:.4g}, "
+    print(f"{args.n_seeds} {data.set_name(args.seeds)} seeds: median certified radius {radius_median:.4g}, "
           f"{100 * float((radius > 0).double().mean()):.0f}% certified (CCU run {ccu_dir})")
     test_set = data.get_dataset(args.dataset, "test", root=data_root, n=args.n_test)
     loader = DataLoader(test_set, batch_size=args.test_batch_size)
-    common = {"study": STUDY, "dataset": args.dataset, "ccu_run": str(ccu_dir), "seeds": args.seeds,
+    common = {"study": STUDY, "dataset": args.dataset, "ccu_run": str(ccu_dir), "seeds": data.set_name(args.seeds),
               "n_seeds": int(seeds.shape[0]), "restarts": args.restarts, "steps": args.steps,
               "step_size": args.step_size, "f": args.f, "seed": args.seed,
               "radius_median": radius_median, "certified_pct": 100 * float((radius > 0).double().mean()),
