@@ -70,9 +70,10 @@ def _spawn(argv):
                             stderr=subprocess.STDOUT, text=True)
 
 
-def train_full_and_killed(common: list[str], run_root: Path, epochs: int) -> str:
+def train_full_and_killed(common: list[str], run_root: Path, epochs: int) -> tuple[dict, dict]:
     """Train run "full" uninterrupted and run "killed" killed by SIGKILL after its first epoch, then resumed;
-    returns the resumed process's output (the two checkpoints are then compared by the caller)."""
+    checks that both trained `epochs` epochs to bit-identical model weights and returns the two checkpoints (for
+    the caller's checks of anything else they hold)."""
     full = _spawn([*common, "--name", "full"])
     assert full.wait(timeout=300) == 0, full.stdout.read()
     victim = _spawn([*common, "--name", "killed"])
@@ -88,18 +89,18 @@ def train_full_and_killed(common: list[str], run_root: Path, epochs: int) -> str
     output = resumed.communicate(timeout=300)[0]
     assert resumed.returncode == 0, output
     assert f"after epoch {done}" in output
-    return output
+    a = torch.load(run_root / "full" / "model.pt", weights_only=True)
+    b = torch.load(run_root / "killed" / "model.pt", weights_only=True)
+    assert a["epoch"] == b["epoch"] == epochs
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    return a, b
 
 
 def test_kill_and_resume_gives_bit_identical_weights(tmp_path):
     common = ["--dataset", "digits", "--epochs", "4", "--max-batches", "12", "--runs-root", str(tmp_path),
               "--no-progress", "--out-data", "acet_noise"]
     train_full_and_killed(common, tmp_path / "digits", epochs=4)
-    a = torch.load(tmp_path / "digits" / "full" / "model.pt", weights_only=True)
-    b = torch.load(tmp_path / "digits" / "killed" / "model.pt", weights_only=True)
-    assert a["epoch"] == b["epoch"] == 4
-    for key in a["model"]:
-        assert torch.equal(a["model"][key], b["model"][key]), key
 
 
 def test_torchrun_two_processes_on_cpu(tmp_path):

@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from utils.attacks import eval_mode
 from utils.cli import AT_LEAST_ONE, UNIT_OPEN, Range
+from utils.studies import add_common_args
 
 RANGES = {"n": AT_LEAST_ONE, "target": UNIT_OPEN, "alpha_max": Range(1.0),
           "grid_factor": Range(1.0, low_inclusive=False), "overconf": UNIT_OPEN, "batch_size": AT_LEAST_ONE}
@@ -111,9 +112,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--float64", action=argparse.BooleanOptionalAction, default=False,
                         help="run the models in float64 (precision at very large alpha)")
     parser.add_argument("--batch-size", type=int, default=1000)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--results-root", default="results", help="root of results/attacks and results/tables")
+    add_common_args(parser, data_root=False)
 
 
 def _run_list(args: argparse.Namespace) -> list[tuple[str, Path]]:

@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from utils.cli import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, UNIT_OPEN
 from utils.limits import limit_analysis, numeric_confidence
+from utils.studies import add_common_args
 AUDIT_SOURCES = ("gaussian", "test", "noise")
 RANGES = {"n_directions": AT_LEAST_ONE, "alpha_check": POSITIVE, "threshold": UNIT_OPEN, "agree_tol": NON_NEGATIVE,
           "batch_size": AT_LEAST_ONE}
@@ -19,14 +20,13 @@ RANGES = {"n_directions": AT_LEAST_ONE, "alpha_check": POSITIVE, "threshold": UN
 
 def add_args(parser: argparse.ArgumentParser) -> None:
     """Flags of `gen_attack_stats.py --study audit`."""
+    import data
     import model_paths
 
     model_paths.add_run_args(parser, "audit")
     parser.add_argument("--n-directions", type=int, default=1000, help="directions d per source")
     parser.add_argument("--sources", nargs="+", default=list(AUDIT_SOURCES), choices=AUDIT_SOURCES,
                         help="gaussian: d ~ N(0, I); test: test images; noise: --noise images")
-    import data
-
     parser.add_argument("--noise", default="uniform", type=data.dataset_arg,
                         help="the 'noise' directions: a data.DATASETS key or NAME=PATH (image folder or .npz)")
     parser.add_argument("--alpha-check", type=float, default=1e6, help="alpha of the numeric cross-check")
@@ -34,10 +34,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--agree-tol", type=float, default=1e-3, help="|exact - numeric| counted as agreement")
     parser.add_argument("--float64", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--data-root", default=None)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--results-root", default="results", help="root of results/attacks and results/tables")
+    add_common_args(parser)
 
 
 def _audit_runs(args: argparse.Namespace) -> list[tuple[str, "object"]]:

@@ -35,6 +35,7 @@ from utils.amp import attack_autocast
 from utils.attacks import eval_mode
 from utils.cli import AT_LEAST_ONE, NON_NEGATIVE_INT, POSITIVE, Range
 from utils.detectors.bayes import load_network
+from utils.studies import add_common_args
 from utils.studies.ccu_targets import entry_model
 
 STUDY = "ccu_attack"
@@ -145,10 +146,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n-test", type=int, default=None, help="in-distribution test samples (default: all)")
     parser.add_argument("--batch-size", type=int, default=200, help="seeds attacked at once")
     parser.add_argument("--test-batch-size", type=int, default=500)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--data-root", default=None, help="datasets folder (default: $DATA_ROOT or ./datasets)")
-    parser.add_argument("--results-root", default="results", help="root of results/attacks, tables and scores")
+    add_common_args(parser)
 
 
 def _ccu_run(args: argparse.Namespace) -> Path:

@@ -35,6 +35,7 @@ from torch import nn
 from tqdm import tqdm
 
 from utils.cli import AT_LEAST_ONE, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE
+from utils.studies import add_common_args
 
 STUDY = "gauc"
 CONVENTIONS = {"conservative": "conservative AUROC (ties count against the model, as GOOD / ProoD)",
@@ -82,10 +83,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pgd-steps", type=int, default=200, help="steps of each of the three momentum PGD runs")
     parser.add_argument("--pgd-step-size", type=float, default=0.1, help="initial step, as a fraction of eps")
     parser.add_argument("--batch-size", type=int, default=500)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--data-root", default=None, help="datasets folder (default: $DATA_ROOT or ./datasets)")
-    parser.add_argument("--results-root", default="results", help="root of results/attacks and results/tables")
+    add_common_args(parser)
 
 
 @torch.no_grad()
