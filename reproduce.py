@@ -27,6 +27,7 @@ import torch
 import data
 import model_params
 import model_paths
+from utils.runs import resolve_data_root
 
 STUDY_RESULTS_FLAG = "--results-root"  # the studies' results-root flag
 
@@ -219,14 +220,11 @@ def _evaluate(argv: list[str], budget: str) -> None:
 
 
 def _study(argv: list[str], budget: str) -> None:
-    import importlib
-
     import gen_attack_stats
 
     args = gen_attack_stats.get_args_parser(argv[1]).parse_args(argv)
     args.row_tags = {"budget": budget}
-    torch.set_flush_denormal(True)  # as gen_attack_stats.main does
-    importlib.import_module(gen_attack_stats.STUDIES[args.study]).main(args)
+    gen_attack_stats.run_study(args)  # its number checks and attack precision, as on the command line
 
 
 def _duration(seconds: float) -> str:
@@ -298,7 +296,7 @@ def main(args: Namespace) -> Path | None:
     data.dataset_info(args.dataset)  # unknown names fail before anything runs
     table_runs(table, args.dataset)  # a table not defined for this dataset: one line listing those that are
     for key in args.ood:  # unreadable NAME=PATH files fail before anything is trained or written
-        data.check_dataset(key, like=args.dataset, root=args.data_root or "datasets")
+        data.check_dataset(key, like=args.dataset, root=resolve_data_root(args.data_root))
     if args.ood and table.evaluate is None:
         print(f"note: {args.table} evaluates no OOD sets; --ood is not used")
     label = f"{args.table} {args.dataset} budget={args.budget}"
@@ -314,7 +312,6 @@ def main(args: Namespace) -> Path | None:
 
 
 if __name__ == "__main__":
-    try:
-        main(get_args_parser().parse_args())
-    except (ValueError, FileNotFoundError, FileExistsError) as error:  # bad input: one line, no traceback
-        raise SystemExit(f"reproduce.py: error: {error}") from None
+    from utils import cli
+
+    cli.run(main, get_args_parser())
