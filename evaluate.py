@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import re
-import sys
 from argparse import Namespace
 from pathlib import Path
 
@@ -33,7 +32,6 @@ from utils.amp import AMP_DTYPES, check_amp, default_amp, set_attack_amp
 from utils.detectors import DETECTORS
 from utils.metrics import FPR_CONVENTIONS
 from utils.runs import resolve_data_root
-from utils.store import UnreadableRowError
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -153,11 +151,7 @@ def main(args: Namespace) -> None:
     check_amp(args.amp, args.device)
     set_attack_amp(args.amp)
     adv_sets = [name for name in args.adv_sets.split(",") if name]
-    if adv_sets:
-        from utils.attacks import ADV_SETS  # noqa: PLC0415 (optional piece, imported only when asked for)
-        unknown = [name for name in adv_sets if name not in ADV_SETS]
-        if unknown:
-            raise ValueError(f"unknown adversarial set(s) {unknown}; valid: {', '.join(ADV_SETS)}")
+    evaluation.check_adv_sets(adv_sets)
     entries = checked_entries(args)
     ood_sets = args.ood.split(",") if args.ood else list(data.OOD_TEST[args.dataset])
     for name in ood_sets + ([args.tune_ood] if args.tune_ood else []):  # unknown names and unreadable NAME=PATH

@@ -182,9 +182,7 @@ def build(opts: Namespace, device: torch.device):
         optimizer = torch.optim.Adam(groups, lr=opts.lr)
     else:
         optimizer = torch.optim.SGD(groups, lr=opts.lr, momentum=opts.momentum)
-    milestones = sorted({max(1, round(f * opts.epochs)) for f in opts.milestones})
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=opts.gamma)
-    return method, model, optimizer, scheduler
+    return method, model, optimizer, training.multistep_scheduler(optimizer, opts)
 
 
 def main(args: Namespace) -> Path:

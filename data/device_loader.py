@@ -147,7 +147,9 @@ def load_train_set(name: str, root: str, augment: bool | str | None, device: tor
     """The training set of `name` on the device path when it is held in memory (on_device None: wherever it
     applies; True: required), else the per-sample dataset with its torchvision augmentation for a DataLoader.
     `kwargs` go to data.get_dataset (download, val_fraction, seed)."""
+    from data.base import with_transform
     from data.registry import dataset_info, default_augment, get_dataset  # the registry imports this package
+    from data.transforms import build_augment
 
     plain = get_dataset(name, "train", root=root, augment=False, **kwargs)
     if on_device is not False and isinstance(plain, TensorImageDataset):
@@ -157,4 +159,4 @@ def load_train_set(name: str, root: str, augment: bool | str | None, device: tor
     if on_device:
         raise ValueError(f"--device-data needs a set held in memory; {name} is read from files: "
                          "pass --no-device-data")
-    return get_dataset(name, "train", root=root, augment=augment, **kwargs)
+    return with_transform(plain, build_augment(augment, name, dataset_info(name)[1], default_augment(name)))

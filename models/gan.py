@@ -66,8 +66,12 @@ class Generator(nn.Module):
         self.net = nn.Sequential(*layers)
         _dcgan_init(self)
 
-    def sample_latent(self, n: int, device: torch.device | str) -> torch.Tensor:
-        return torch.randn(n, self.latent_dim, 1, 1, device=device)
+    def sample_latent(self, n: int, device: torch.device | str,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+        """n latent codes z ~ N(0, I) on `device`; drawn from `generator` (a seeded CPU one) when given."""
+        if generator is None:
+            return torch.randn(n, self.latent_dim, 1, 1, device=device)
+        return torch.randn(n, self.latent_dim, 1, 1, generator=generator).to(device)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.net(z)

@@ -14,6 +14,7 @@ import models
 from model_paths import TableEntry
 from utils import metrics
 from utils.detectors import get_detector_class
+from utils.detectors.bayes import as_one_network  # the network itself, or an ensemble's averaged probabilities
 from utils.detectors.base import Detector
 from utils.runs import file_hash, git_sha, now
 from utils.store import KEYS, upsert_rows
@@ -78,14 +79,22 @@ def load_sets(args: Namespace, ood_sets: list[str]) -> dict[str, Dataset]:
     return sets
 
 
-def adversarial_sets(model, sets: dict[str, Dataset], adv_sets: list[str], args: Namespace) -> dict[str, Dataset]:
-    """Attack-made OOD sets (ACET paper: adversarial noise, adversarial samples), seeded by test images."""
+def check_adv_sets(adv_sets: list[str]) -> None:
+    """Unknown names of attack-made sets fail with the valid ones listed."""
     if not adv_sets:
-        return {}
+        return
     from utils.attacks import ADV_SETS  # noqa: PLC0415 (optional piece, imported only when asked for)
     unknown = [name for name in adv_sets if name not in ADV_SETS]
     if unknown:
         raise ValueError(f"unknown adversarial set(s) {unknown}; valid: {', '.join(ADV_SETS)}")
+
+
+def adversarial_sets(model, sets: dict[str, Dataset], adv_sets: list[str], args: Namespace) -> dict[str, Dataset]:
+    """Attack-made OOD sets (ACET paper: adversarial noise, adversarial samples), seeded by test images."""
+    if not adv_sets:
+        return {}
+    check_adv_sets(adv_sets)
+    from utils.attacks import ADV_SETS  # noqa: PLC0415 (optional piece, imported only when asked for)
     x_in, y_in = next(iter(DataLoader(sets["in"], batch_size=args.n_adv)))
     device = next(model.parameters()).device
     x_in, y_in = x_in.to(device), y_in.to(device)
@@ -137,12 +146,6 @@ def member_temperatures(members: list, args: Namespace) -> list[float] | None:
     temperatures = [fit_run_temperature(member, run_splits(getattr(member, "run_config", {}), args)[1], args)
                     for member in members]
     return None if any(t is None for t in temperatures) else temperatures
-
-
-def attacked_model(loaded: list):
-    """What the adversarial OOD sets attack: the network itself, or an ensemble's averaged probabilities."""
-    from utils.detectors.bayes import as_one_network  # noqa: PLC0415
-    return as_one_network(loaded)
 
 
 def _ensemble_classification(test: SetScores) -> dict:
@@ -227,7 +230,7 @@ def evaluate_group(runs: tuple, group_entries: list[TableEntry], sets: dict, tun
     else:
         temperature = member_temperatures(loaded, args)
         temperatures = {key: temperature for key in detectors} if temperature else {}
-    all_sets = {**sets, **adversarial_sets(attacked_model(loaded), sets, adv_sets, args)}
+    all_sets = {**sets, **adversarial_sets(as_one_network(loaded), sets, adv_sets, args)}
     scores = {name: score_dataset(model, detectors, dataset, args.batch_size, device, progress=args.progress,
                                   amp=getattr(args, "amp", "off") if getattr(args, "amp_scores", False) else "off",
                                   desc=f"{Path(runs[0]).name} {name}", temperatures=temperatures)

@@ -106,15 +106,12 @@ def _dropout(module: nn.Module, lower: torch.Tensor, upper: torch.Tensor):
     return lower, upper
 
 
-def _avg_pool(module: nn.Module, lower: torch.Tensor, upper: torch.Tensor):
-    """Average pooling has non-negative weights: it maps lower to lower and upper to upper exactly."""
-    return module(lower), module(upper)
-
 
 # module type -> bound function (lower, upper) -> (lower, upper); exact types, checked in this order
 LAYER_BOUNDS: list[tuple[type, Callable]] = [
     (nn.Linear, _linear), (nn.Conv2d, _conv), (nn.ReLU, _monotone), (nn.LeakyReLU, _leaky_relu),
-    (nn.AvgPool2d, _avg_pool), (nn.AdaptiveAvgPool2d, _avg_pool), (nn.MaxPool2d, _monotone),
+    # average pooling has non-negative weights: it maps lower to lower and upper to upper exactly
+    (nn.AvgPool2d, _monotone), (nn.AdaptiveAvgPool2d, _monotone), (nn.MaxPool2d, _monotone),
     (nn.Flatten, _monotone), (Normalize, _normalize), (nn.BatchNorm1d, _batch_norm), (nn.BatchNorm2d, _batch_norm),
     (nn.Identity, _monotone), (nn.Dropout, _dropout),
     (NegativeLinear, _linear),  # ProoD's discriminator head, W = -exp(V): an affine layer

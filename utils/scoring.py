@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from utils.amp import autocast
-from utils.detectors.base import Detector, model_outputs  # noqa: F401  (model_outputs: re-exported)
+from utils.detectors.base import Detector, model_outputs
 from utils.detectors.bayes import predictive_confidence, tempered_probs
 
 

@@ -77,6 +77,13 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(list(state["cuda"]))
 
 
+def multistep_scheduler(optimizer: torch.optim.Optimizer, opts) -> torch.optim.lr_scheduler.MultiStepLR:
+    """x`opts.gamma` at the epochs `opts.milestones` name as fractions of `opts.epochs` (1-indexed: the lr drops
+    before that epoch trains); train.py's classifier and a method's auxiliary networks share it."""
+    milestones = sorted({max(1, round(f * opts.epochs)) for f in opts.milestones})
+    return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=opts.gamma)
+
+
 def default_workers(dataset: Dataset) -> int:
     """`--num-workers` None: no workers for in-memory sets (nothing to decode), up to 4 for file-based sets."""
     return 0 if isinstance(dataset, (TensorImageDataset, _Indices)) else min(4, os.cpu_count() or 1)

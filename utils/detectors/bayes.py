@@ -132,9 +132,9 @@ class Ensemble(Detector):
         """(M, N, K) logits of the members."""
         return torch.stack([member(x) for member in self.models])
 
-    def member_probs(self, x: torch.Tensor, temperatures: Optional[Sequence[float]] = None) -> torch.Tensor:
-        """(M, N, K) softmax outputs of the members; with `temperatures`, see `tempered_probs`."""
-        return tempered_probs(self.member_logits(x), temperatures)
+    def member_probs(self, x: torch.Tensor) -> torch.Tensor:
+        """(M, N, K) softmax outputs of the members."""
+        return tempered_probs(self.member_logits(x))
 
     def confidence(self, x: torch.Tensor) -> torch.Tensor:
         return predictive_confidence(self.member_probs(x), self.score)

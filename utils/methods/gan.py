@@ -67,9 +67,9 @@ def build_gan(model: nn.Module, opts: Namespace) -> Auxiliary:
     nets = {"generator": generator, "discriminator": discriminator}
     optimizers = {name: torch.optim.Adam(net.parameters(), lr=opts.gan_lr, betas=tuple(opts.gan_betas))
                   for name, net in nets.items()}
-    milestones = sorted({max(1, round(f * opts.epochs)) for f in opts.milestones})
-    schedulers = {name: torch.optim.lr_scheduler.MultiStepLR(opt, milestones, gamma=opts.gamma)
-                  for name, opt in optimizers.items()}
+    from utils.training import multistep_scheduler
+
+    schedulers = {name: multistep_scheduler(opt, opts) for name, opt in optimizers.items()}
     return Auxiliary(nets, optimizers, schedulers)
 
 

@@ -74,16 +74,6 @@ def plot_confidence_grids(planes: Mapping[str, np.ndarray], x, y, path: Optional
     return fig
 
 
-def plot_confidence_planes(models: Mapping[str, nn.Module], x: torch.Tensor, y: torch.Tensor,
-                           windows: Sequence[tuple[float, float]] = ((0.0, 1.0), (-10.0, 10.0)),
-                           resolution: int = 200, path: Optional[str] = None):
-    """One column per model, one row per window: max-confidence heat map with the training points (x, y).
-
-    Returns the matplotlib Figure; saves it to `path` when given.
-    """
-    return plot_confidence_grids(confidence_planes(models, windows, resolution), x, y, path)
-
-
 def save_figure(fig, path, dpi: int = 120) -> Path:
     """Lay out, save (creating the folder) and close a figure; returns the path written."""
     import matplotlib.pyplot as plt  # noqa: PLC0415

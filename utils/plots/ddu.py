@@ -49,7 +49,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 def outputs(model: nn.Module, dataset: Dataset, batch_size: int, device: torch.device
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(features float64, logits, labels) of a dataset, one forward pass per batch."""
-    from utils.scoring import model_outputs
+    from utils.detectors.base import model_outputs
     model.eval()
     features, logits, labels = [], [], []
     for x, y in DataLoader(dataset, batch_size=batch_size):

@@ -47,8 +47,7 @@ def samples(run_dir: Path, n: int = 64, seed: int = 0, device: str = "cpu",
     dataset = data.get_dataset(model.run_config["dataset"], "test", root=resolve_data_root(data_root))
     real = next(iter(DataLoader(dataset, batch_size=n)))[0].to(device)
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    z = torch.randn(n, generator.latent_dim, 1, 1, generator=gen).to(device)
-    generated = generator(z)
+    generated = generator(generator.sample_latent(n, device, gen))
     out = {"real": real, "generated": generated}
     for name, images in list(out.items()):
         out[f"conf_{name}"] = model(images).softmax(dim=1).max(dim=1).values

@@ -11,3 +11,12 @@ def add_common_args(parser, data_root: bool = True) -> None:
     if data_root:
         parser.add_argument("--data-root", default=None, help="datasets folder (default: $DATA_ROOT or ./datasets)")
     parser.add_argument("--results-root", default="results", help="root of results/attacks, tables and scores")
+
+
+def dataset_of_runs(runs) -> "str | None":
+    """The dataset in the config.json of the first of `runs` (run folders), None when there is none."""
+    import json
+    from pathlib import Path
+
+    config = Path(runs[0]) / "config.json" if runs else None
+    return json.loads(config.read_text()).get("dataset") if config is not None and config.exists() else None

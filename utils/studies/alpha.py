@@ -18,10 +18,8 @@ the grid sees, exact to `rel_tol`. Samples never reaching the target get alpha =
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from pathlib import Path
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +28,7 @@ from tqdm import tqdm
 
 from utils.attacks import eval_mode
 from utils.cli import AT_LEAST_ONE, UNIT_OPEN, Range
-from utils.studies import add_common_args
+from utils.studies import add_common_args, dataset_of_runs
 
 RANGES = {"n": AT_LEAST_ONE, "target": UNIT_OPEN, "alpha_max": Range(1.0),
           "grid_factor": Range(1.0, low_inclusive=False), "overconf": UNIT_OPEN, "batch_size": AT_LEAST_ONE}
@@ -122,11 +120,6 @@ def _run_list(args: argparse.Namespace) -> list[tuple[str, Path]]:
     return model_paths.distinct_runs(args.dataset, args.runs_root, args.runs, include_ensembles=False)
 
 
-def _dataset_of(run_dir: Path) -> Optional[str]:
-    config = run_dir / "config.json"
-    return json.loads(config.read_text()).get("dataset") if config.exists() else None
-
-
 def study_run(model: nn.Module, x: torch.Tensor, args: argparse.Namespace) -> dict:
     alpha = min_alpha(model, x, args.target, args.alpha_max, args.grid_factor, batch_size=args.batch_size)
     median = median_of(alpha)
@@ -164,7 +157,7 @@ def main(args: argparse.Namespace) -> None:
     from utils import runs
 
     if args.dataset is None:
-        args.dataset = _dataset_of(Path(args.runs[0])) if args.runs else None
+        args.dataset = dataset_of_runs(args.runs)
         if args.dataset is None:
             raise ValueError("pass --dataset (it names the result files and the noise shape)")
     _, shape = data.dataset_info(args.dataset)

@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from utils.cli import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, UNIT_OPEN
 from utils.limits import limit_analysis, numeric_confidence
-from utils.studies import add_common_args
+from utils.studies import add_common_args, dataset_of_runs
 AUDIT_SOURCES = ("gaussian", "test", "noise")
 RANGES = {"n_directions": AT_LEAST_ONE, "alpha_check": POSITIVE, "threshold": UNIT_OPEN, "agree_tol": NON_NEGATIVE,
           "batch_size": AT_LEAST_ONE}
@@ -110,7 +110,6 @@ def audit_table(rows: list[dict]) -> str:
 
 
 def main(args: argparse.Namespace) -> None:
-    import json
     from pathlib import Path
 
     import data
@@ -118,9 +117,8 @@ def main(args: argparse.Namespace) -> None:
     from utils import runs
 
     run_list = _audit_runs(args)
-    if args.dataset is None and args.runs:
-        config = Path(args.runs[0]) / "config.json"
-        args.dataset = json.loads(config.read_text()).get("dataset") if config.exists() else None
+    if args.dataset is None:
+        args.dataset = dataset_of_runs(args.runs)
     if args.dataset is None:
         raise ValueError("pass --dataset (it names the result files and the shape of the directions)")
     _, shape = data.dataset_info(args.dataset)

@@ -24,9 +24,7 @@ AUC / AAUC / GAUC per OOD set, one table per convention.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
@@ -35,7 +33,7 @@ from torch import nn
 from tqdm import tqdm
 
 from utils.cli import AT_LEAST_ONE, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE
-from utils.studies import add_common_args
+from utils.studies import add_common_args, dataset_of_runs
 
 STUDY = "gauc"
 CONVENTIONS = {"conservative": "conservative AUROC (ties count against the model, as GOOD / ProoD)",
@@ -208,11 +206,6 @@ def study_model(label: str, run_dirs: list[Path], x_in: torch.Tensor, y_in: torc
     return rows
 
 
-def _dataset_of(run_dir: Path) -> Optional[str]:
-    config = run_dir / "config.json"
-    return json.loads(config.read_text()).get("dataset") if config.exists() else None
-
-
 def main(args: argparse.Namespace) -> None:
     import data
     import model_paths
@@ -220,7 +213,7 @@ def main(args: argparse.Namespace) -> None:
     from utils.methods.certified import CERTIFIED_EPS
 
     if args.dataset is None:
-        args.dataset = _dataset_of(Path(args.runs[0])) if args.runs else None
+        args.dataset = dataset_of_runs(args.runs)
         if args.dataset is None:
             raise ValueError("pass --dataset (it names the result files and the default OOD sets)")
     eps = args.eps if args.eps is not None else CERTIFIED_EPS.get(args.dataset)
