@@ -135,3 +135,18 @@ def test_appending_to_a_log_with_a_torn_last_line_never_glues_onto_it(tmp_path):
     assert lines[1] == '{"epoch": 2, "lo' and json.loads(lines[2]) == {"epoch": 2, "loss": 0.4}
     with pytest.raises(ValueError, match=rf"{log}:2: unreadable row"):
         runs.read_jsonl(log)
+
+
+def test_a_retuned_evaluation_row_replaces_the_old_one(tmp_path):
+    """The row key held "options", which carries the tuning result: a re-run whose tuning chose another
+    temperature added a second row for the same measurement."""
+    settings = {"detector_options": {"tune_ood": "uniform"}, "n_ood": 100, "ood_seed": 0, "fpr_convention": "id",
+                "tune_n": 50, "tune_criterion": "fpr95"}
+    row = {"dataset": "digits", "label": "ODIN", "run": "plain-s0", "checkpoint": "abc", "detector": "odin",
+           "ood": "natural_patches", "settings": settings, "auroc": 0.9,
+           "options": {"tune_ood": "uniform", "tuned": {"temperature": 10.0}}}
+    path = tmp_path / "ood" / "digits.jsonl"
+    store.upsert_rows(path, [row], store.KEYS["ood"])
+    retuned = {**row, "auroc": 0.95, "options": {"tune_ood": "uniform", "tuned": {"temperature": 1000.0}}}
+    assert store.upsert_rows(path, [retuned], store.KEYS["ood"]) == 1
+    assert [json.loads(line)["auroc"] for line in path.read_text().splitlines()] == [0.95]

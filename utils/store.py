@@ -37,9 +37,10 @@ from typing import Callable, Iterable, Iterator
 # The key of each kind of row. Fields absent from a row count as None.
 KEYS: dict[str, tuple[str, ...]] = {
     # evaluate.py, results/ood/<DATASET>[_adhoc_<name>].jsonl: one row per (model, detector, OOD set).
-    # "options" are the detector's options as given (tuned values are results, not settings); "settings" holds
-    # what else changes the numbers: n_ood, the OOD sampling seed, the FPR convention, tuning and attack settings.
-    "ood": ("dataset", "label", "run", "checkpoint", "detector", "options", "ood", "settings"),
+    # "settings" holds what changes the numbers: the detector's options as given (tuned values are results, not
+    # settings: the row's "options" carry them too, so they are no part of the key), n_ood, the OOD sampling seed,
+    # the FPR convention, tuning and attack settings.
+    "ood": ("dataset", "label", "run", "checkpoint", "detector", "ood", "settings"),
     # gen_attack_stats.py --study ccu, results/attacks/<DATASET>.jsonl
     "ccu_attack": ("study", "dataset", "label", "runs", "checkpoints", "detector", "options", "ccu_run", "seeds",
                    "n_seeds", "n_test", "restarts", "steps", "step_size", "f", "seed"),
