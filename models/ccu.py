@@ -108,6 +108,14 @@ class CCUModel(nn.Module):
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.base.features(x)
 
+    @torch.no_grad()
+    def confidence_upper_bound(self, x: torch.Tensor, eps: float) -> torch.Tensor:
+        """(N,) float64 bound of the confidence over the clipped L-inf eps-ball around each x: CCU's certificate
+        on the PCA-metric ball that contains the box (utils.certify.ccu_confidence_upper_bound)."""
+        from utils.certify import ccu_confidence_upper_bound  # utils.certify imports this module
+
+        return ccu_confidence_upper_bound(self, x, eps)
+
     def head(self, features: torch.Tensor) -> torch.Tensor:
         return self.base.head(features)
 

@@ -214,21 +214,15 @@ def _check_sequence(model: nn.Module, x: torch.Tensor) -> None:
 def confidence_upper_bound(model: nn.Module, x: torch.Tensor, eps: float) -> torch.Tensor:
     """(N,) upper bound of max_y softmax(model(z))_y over the clipped eps-ball around each x, float64.
 
-    Models with their own certificate (`model.confidence_upper_bound(x, eps)`: ProoD; CCU through
-    `utils.certify`) use it; other models are bounded by IBP with the elided last layer; a model IBP cannot
+    Models with their own certificate (`model.confidence_upper_bound(x, eps)`: ProoD, CCU) use it; other models are bounded by IBP with the elided last layer; a model IBP cannot
     follow gets the trivial bound 1.0. The model is bounded in eval mode (as it is evaluated).
     """
-    from models.ccu import CCUModel
     from utils.attacks import eval_mode
 
     core = getattr(model, "module", model)
     with eval_mode(core):
         if hasattr(core, "confidence_upper_bound"):
             return core.confidence_upper_bound(x, eps).double()
-        if isinstance(core, CCUModel):
-            from utils.certify import ccu_confidence_upper_bound
-
-            return ccu_confidence_upper_bound(core, x, eps)
         try:
             _check_sequence(core, x)
             ud = logit_difference_bounds(core, *input_box(x, eps, torch.float64))
