@@ -27,6 +27,7 @@ import torch
 import data
 import model_params
 import model_paths
+from utils.resume import run_state
 from utils.runs import resolve_data_root
 
 STUDY_RESULTS_FLAG = "--results-root"  # the studies' results-root flag
@@ -133,15 +134,6 @@ def table_runs(table: Table, dataset: str) -> list[str]:
     """The run folder names the table's entries need, in table order."""
     entries = model_paths.table_entries(dataset, table.paths.format(dataset=dataset))
     return list(dict.fromkeys(run for entry in entries for run in entry.runs))
-
-
-def run_state(run_dir: Path) -> str:
-    """"finished", "interrupted" (a checkpoint of an unfinished run), "stale" (no checkpoint yet) or "missing"."""
-    checkpoint = run_dir / "model.pt"
-    if checkpoint.exists():
-        saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        return "finished" if saved["epoch"] >= saved["config"]["epochs"] else "interrupted"
-    return "stale" if run_dir.exists() and any(run_dir.iterdir()) else "missing"
 
 
 @dataclass

@@ -10,7 +10,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -18,6 +17,7 @@ import evaluate  # noqa: E402
 import gen_attack_stats  # noqa: E402
 import gen_gmm  # noqa: E402
 import train  # noqa: E402
+from utils.resume import run_state  # noqa: E402
 
 # (run name, train.py flags) in training order; model_paths.MODEL_PATHS["digits"] names them in the table.
 # Attacks are shortened (10 PGD steps instead of 40 in training) so the whole demo stays within minutes on a laptop CPU.
@@ -59,11 +59,11 @@ def train_once(name: str, flags: list[str], runs_root: str) -> None:
     """Train a demo run unless it is complete; resume it if it was interrupted."""
     run_dir = Path(runs_root) / "digits" / name
     argv = ["--dataset", "digits", "--seed", "0", "--name", name, "--runs-root", runs_root, "--no-progress", *flags]
-    if (run_dir / "model.pt").exists():
-        checkpoint = torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True)
-        if checkpoint["epoch"] >= checkpoint["config"]["epochs"]:
-            print(f"{run_dir}: finished earlier, reused")
-            return
+    state = run_state(run_dir)
+    if state == "finished":
+        print(f"{run_dir}: finished earlier, reused")
+        return
+    if state == "interrupted":
         argv.append("--resume")
     start = time.perf_counter()
     train.main(train.get_args_parser().parse_args(argv))

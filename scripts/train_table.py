@@ -15,12 +15,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from model_paths import run_flags, table_entries  # noqa: E402
+from utils.resume import run_state  # noqa: E402
 
 
 def commands(args: argparse.Namespace) -> list[list[str]]:
@@ -33,13 +33,10 @@ def commands(args: argparse.Namespace) -> list[list[str]]:
         todo.append([sys.executable, "gen_gmm.py", *common, "--name", "gmm-s0"])
     for run in runs:
         flags, seed = run_flags(run)
-        checkpoint = Path(args.runs_root) / args.dataset / run / "model.pt"
-        resume = []
-        if checkpoint.exists():
-            saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
-            if saved["epoch"] >= saved["config"]["epochs"]:
-                continue
-            resume = ["--resume"]
+        state = run_state(Path(args.runs_root) / args.dataset / run)
+        if state == "finished":
+            continue
+        resume = ["--resume"] if state == "interrupted" else []
         download = ["--download"] if args.download else []
         todo.append([sys.executable, "train.py", *common, *download, "--seed", str(seed), "--name", run, *flags,
                      *resume, *args.train_flags])

@@ -115,3 +115,15 @@ def resume_record(after_epoch: int, changes: dict) -> dict:
 
     return {"after_epoch": after_epoch, "changes": changes, "argv": list(sys.argv), "git_sha": git_sha(),
             "date": now()}
+
+
+def run_state(run_dir: Path) -> str:
+    """"finished", "interrupted" (a checkpoint of an unfinished run), "stale" (files but no checkpoint yet) or
+    "missing": what reproduce.py, scripts/train_table.py and scripts/demo.py decide to train, resume or keep by."""
+    import torch
+
+    checkpoint = Path(run_dir) / "model.pt"
+    if checkpoint.exists():
+        saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        return "finished" if saved["epoch"] >= saved["config"]["epochs"] else "interrupted"
+    return "stale" if Path(run_dir).exists() and any(Path(run_dir).iterdir()) else "missing"
