@@ -61,7 +61,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data-root", default=None, help="datasets folder (default: $DATA_ROOT or ./datasets)")
     parser.add_argument("--download", action=argparse.BooleanOptionalAction, default=False)
     parser.add_argument("--runs-root", default="runs")
-    parser.add_argument("--name", default=None, help="run folder name (default: gmm-s<seed>)")
+    parser.add_argument("--name", default=None, help="run folder name, one folder under <runs-root>/<dataset>/ (default: gmm-s<seed>)")
     parser.add_argument("--batch-size", type=int, default=1000, help="loader batch while collecting samples")
     cli.add_debug_flag(parser)
     return parser
@@ -117,7 +117,7 @@ def main(args: argparse.Namespace) -> None:
     torch.manual_seed(args.seed)  # the augmentation draws
     args.name = args.name or f"gmm-s{args.seed}"
     data_root = runs.resolve_data_root(args.data_root)
-    run_dir = Path(args.runs_root) / args.dataset / args.name
+    run_dir = runs.run_folder(args.runs_root, args.dataset, args.name)  # one folder name under the runs root
     if run_dir.exists() and any(run_dir.iterdir()):
         raise FileExistsError(f"{run_dir} already exists; choose another --name (GMM runs are never overwritten)")
     data.check_dataset(args.out_data, like=args.dataset, root=data_root)  # unreadable files: fail before any file

@@ -7,7 +7,9 @@ config.json (written before training), model.pt (atomic, every epoch), log.jsonl
 Under `torchrun --nproc_per_node N train.py ...` it trains data-parallel; only rank 0 writes.
 
 `--resume` continues the run in the folder the command names with the configuration saved in its config.json;
-only the length of the run and how this process runs it may change (see `utils/resume.py`). Numbers are
+only the length of the run and how this process runs it may change (see `utils/resume.py`); a run without a
+checkpoint yet (not started, or stopped in its first epoch) is started from scratch with this command's flags.
+`--name` is one folder name. Numbers (a batch no larger than the training set included) are
 checked before any folder is made; a NaN or infinite loss stops the run (exit 3) and keeps the last good
 checkpoint; a user error prints one line and exits 2 (`--debug` shows the traceback).
 """
@@ -17,6 +19,7 @@ import argparse
 import dataclasses
 import json
 import math
+import secrets
 from argparse import Namespace
 from dataclasses import asdict
 from pathlib import Path
@@ -32,9 +35,10 @@ from utils import amp, cli, training
 from utils.cli import AT_LEAST_ONE, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, UNIT, UNIT_OPEN_HIGH, Range
 from utils.distributed import wrap_ddp
 from utils.methods import METHODS, get_method
-from utils.resume import resume_config, resume_record
+from utils.resume import has_checkpoint, resume_config, resume_record
 from utils.methods import certified as certified_methods
-from utils.runs import append_jsonl, prepare_run_dir, provenance, resolve_data_root, trim_log, write_json
+from utils.runs import (append_jsonl, prepare_run_dir, provenance, resolve_data_root, run_folder, trim_log,
+                        write_json)
 
 # Flags whose None default means "take model_params.PARAMS[dataset]" (argparse dest -> Params field).
 DATASET_DEFAULTS = ("arch", "optimizer", "lr", "epochs", "batch_size", "test_batch_size", "momentum",
@@ -42,7 +46,8 @@ DATASET_DEFAULTS = ("arch", "optimizer", "lr", "epochs", "batch_size", "test_bat
                     "spectral_norm_coeff", "mod", "dropout", "normalize", "arch_kwargs")
 
 # Allowed values of the numeric flags, checked before any folder is made (None = unset, allowed).
-TRAIN_RANGES = {"epochs": AT_LEAST_ONE, "batch_size": AT_LEAST_ONE, "test_batch_size": AT_LEAST_ONE,
+SEED_RANGE = Range(0, 2**32 - 1, integer=True)  # what numpy's seed takes (torch's and Python's take more)
+TRAIN_RANGES = {"seed": SEED_RANGE, "epochs": AT_LEAST_ONE, "batch_size": AT_LEAST_ONE, "test_batch_size": AT_LEAST_ONE,
                 "max_batches": AT_LEAST_ONE, "num_workers": NON_NEGATIVE_INT, "lr": POSITIVE, "momentum": UNIT,
                 "weight_decay": NON_NEGATIVE, "milestones": UNIT, "gamma": POSITIVE, "val_fraction": UNIT_OPEN_HIGH,
                 "dropout": UNIT_OPEN_HIGH, "spectral_norm_coeff": POSITIVE, "out_frac": POSITIVE,
@@ -58,16 +63,17 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="plain", choices=sorted(METHODS))
     p.add_argument("--arch", default=None, choices=sorted(models.MODELS))
     p.add_argument("--recipe", default=None, choices=sorted(model_params.RECIPES), help="named alternative defaults")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help=f"random seed, {SEED_RANGE}")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--data-root", default=None, help="dataset folder (default: $DATA_ROOT or ./datasets)")
     p.add_argument("--download", action=argparse.BooleanOptionalAction, default=False)
     p.add_argument("--runs-root", default="runs")
-    p.add_argument("--name", default=None, help="run folder name (default: <method>-s<seed>)")
+    p.add_argument("--name", default=None,
+                   help="run folder name, one folder under <runs-root>/<dataset>/ (default: <method>-s<seed>)")
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=False,
                    help="continue the run in <runs-root>/<dataset>/<name> with its saved configuration; only "
                         "--epochs, --max-batches, --test-batch-size, --data-root, --device, --num-workers, "
-                        "--progress may change")
+                        "--progress may change. A run without a checkpoint yet starts from scratch")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--max-batches", type=int, default=None, help="stop each epoch after this many batches")
     p.add_argument("--batch-size", type=int, default=None)
@@ -163,6 +169,8 @@ def resolve(args: Namespace) -> Namespace:
                          f"{shape[0]}; pick a normalisation for {shape[0]}-channel inputs or 'none'")
     opts.data_shape = list(shape)
     opts.name = args.name or f"{args.method}-s{args.seed}"
+    run_folder(opts.runs_root, opts.dataset, opts.name)  # one folder name, a runs root that is a folder
+    opts.run_id = secrets.token_hex(8)  # names this run in its config.json and every checkpoint (models.io)
     opts.data_root = resolve_data_root(args.data_root)
     get_method(opts.method)  # a clear error before anything is written
     return opts
@@ -186,8 +194,13 @@ def build(opts: Namespace, device: torch.device):
 
 
 def main(args: Namespace) -> Path:
+    cli.check_ranges(args, {"seed": SEED_RANGE})  # the default name is made of it
+    if args.resume and not has_checkpoint(args):
+        print(f"--resume: {args.name or f'{args.method}-s{args.seed}'} has no checkpoint yet (not started, or "
+              "stopped in its first epoch): starting it from scratch with this command's flags", flush=True)
+        args = Namespace(**{**vars(args), "resume": False})
     if args.resume:
-        opts, changes, saved_extras = resume_config(args, parser_defaults())
+        opts, changes, saved_extras = resume_config(args, parser_defaults(), get_args_parser())
     else:
         opts, changes, saved_extras = resolve(args), {}, {}
     cli.check_ranges(opts, TRAIN_RANGES)
@@ -206,6 +219,7 @@ def main(args: Namespace) -> Path:
     precision = amp.Precision(device, getattr(opts, "amp", "off"), getattr(opts, "channels_last", False))
     train_set = load_train_set(opts.dataset, opts.data_root, opts.augment, device, getattr(opts, "device_data", None),
                                download=opts.download, val_fraction=opts.val_fraction, seed=opts.seed)
+    check_batch_size(opts.batch_size, len(train_set), opts)
     test_loader = _test_batches(opts, device)
     # built before the run folder: an unreadable NAME=PATH set or one smaller than a batch fails with nothing written
     out_source = training.OutSource(opts, opts.data_root, opts.num_workers, device) if method.uses_out_data else None
@@ -233,6 +247,10 @@ def main(args: Namespace) -> Path:
     method = dataclasses.replace(method, loss=guard)
     for epoch in range(start_epoch, opts.epochs):
         loader = training.epoch_batches(train_set, opts.batch_size, opts.seed, epoch, opts.num_workers)
+        if len(loader) == 0:  # a batch larger than this process's share under torchrun: no step, so no save
+            raise cli.UserError(f"batch size {opts.batch_size} exceeds each process's share of the {len(train_set)} "
+                                f"training samples ({training.world()[1]} processes): nothing would train; use "
+                                "a smaller --batch-size (a new run) or fewer processes")
         make_out = out_source.for_epoch(epoch) if out_source is not None else None
         lr = optimizer.param_groups[0]["lr"]  # the lr this epoch trains at (the scheduler steps after it)
         guard.reset()
@@ -258,6 +276,16 @@ def main(args: Namespace) -> Path:
     if writer is not None:
         writer.close()
     return run_dir
+
+
+def check_batch_size(batch_size: int, n_train: int, opts: Namespace) -> None:
+    """Refuse a batch larger than the training set: incomplete batches are dropped, so it would train nothing."""
+    if batch_size > n_train:
+        where = (f"run {opts.name}'s config.json has batch_size {batch_size}" if opts.resume
+                 else f"--batch-size {batch_size}")
+        raise cli.UserError(f"{where} but {opts.dataset} has {n_train} training samples (after the validation "
+                            f"split): no batch is complete, so nothing would train; use a batch of "
+                            f"at most {n_train}" + (" (start a new run with it)" if opts.resume else ""))
 
 
 def _test_batches(opts: Namespace, device: torch.device):
@@ -345,10 +373,10 @@ def _save(run_dir: Path, model, optimizer, scheduler, config: dict, epoch: int, 
 
 def _restore(run_dir: Path, model, optimizer, scheduler, epochs: int, aux=None, scaler=None) -> int:
     """Load the checkpoint of run_dir into model, optimizer, scheduler and the random states; its epoch."""
-    from models.io import CheckpointError, read_checkpoint
+    from models.io import CheckpointError, read_run_checkpoint
 
     path = run_dir / "model.pt"
-    checkpoint = read_checkpoint(path)
+    checkpoint = read_run_checkpoint(run_dir)  # refuses a checkpoint of another run (method, arch, dataset, id)
     missing = [key for key in ("optimizer", "scheduler", "rng", "epoch") if key not in checkpoint]
     if missing:
         raise CheckpointError(f"{path} lacks {missing}: it is not a train.py checkpoint that can be resumed")

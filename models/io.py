@@ -2,11 +2,18 @@
 
 A checkpoint `run_dir/model.pt` is `{"model": state_dict, "config": dict, "epoch": int, ...}` and is only ever
 read with `torch.load(..., weights_only=True)`: a file that would need code to unpickle is refused, never run.
+
+The checkpoint's config names the run it belongs to (`IDENTITY_KEYS`: the run id train.py draws at the first
+start, method, arch, dataset, seed). Every reader of a run folder (`read_run_checkpoint`: load_run, resume,
+utils.resume.run_state) compares them with the folder's config.json and refuses a checkpoint of another run,
+naming what differs. Checkpoints and configs written before the run id existed are compared on the keys both
+have (method, arch, dataset, seed); a folder without config.json is read from model.pt alone.
 """
 from __future__ import annotations
 
 import argparse
 import io
+import json
 import os
 import pickle
 import warnings
@@ -115,6 +122,44 @@ def read_checkpoint(path: Union[str, Path], device: Union[str, torch.device] = "
     return payload
 
 
+IDENTITY_KEYS = ("run_id", "method", "arch", "dataset", "seed")
+
+
+def identity_mismatch(checkpoint_config: dict, run_config: dict) -> list[str]:
+    """`key 'saved' in the checkpoint, 'other' in config.json` for each IDENTITY_KEYS entry both carry and that
+    differs (a key only one of them has, as in runs saved before the run id existed, is not compared)."""
+    return [f"{key} {checkpoint_config[key]!r} in the checkpoint, {run_config[key]!r} in config.json"
+            for key in IDENTITY_KEYS
+            if key in checkpoint_config and key in run_config and checkpoint_config[key] != run_config[key]]
+
+
+def read_run_config(run_dir: Union[str, Path]) -> Union[dict, None]:
+    """The run folder's config.json as a dict, None when there is none; unreadable: CheckpointError."""
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path} is unreadable ({type(err).__name__}: {_first_line(err)}); restore it from "
+                              "a copy of the run, or retrain the run") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path} is not a run configuration (a JSON object); restore it or retrain the run")
+    return config
+
+
+def read_run_checkpoint(run_dir: Union[str, Path], device: Union[str, torch.device] = "cpu") -> dict:
+    """`read_checkpoint(run_dir/model.pt)`, refused when it belongs to another run than run_dir's config.json."""
+    path = Path(run_dir) / "model.pt"
+    payload = read_checkpoint(path, device)
+    run_config = read_run_config(run_dir)
+    differences = identity_mismatch(payload["config"], run_config) if run_config is not None else []
+    if differences:
+        raise CheckpointError(f"{path} belongs to another run ({'; '.join(differences)}); put back this run's "
+                              "own model.pt, or move the folder aside and retrain it")
+    return payload
+
+
 def _check_state_dict(path: Path, arch: str, model: nn.Module, state: dict) -> None:
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
@@ -132,10 +177,11 @@ def load_run(run_dir: Union[str, Path], device: Union[str, torch.device] = "cpu"
 
     When config["method"] names a method of `utils.methods.METHODS` with a `wrap_model` (CCU), the backbone is
     wrapped with `wrap_model(model, Namespace(**config), init=False)` before the weights are loaded. The
-    config is attached as `model.run_config`.
+    config is attached as `model.run_config`. A checkpoint of another run than the folder's config.json is
+    refused (`read_run_checkpoint`).
     """
     path = Path(run_dir) / "model.pt"
-    payload = read_checkpoint(path, device)
+    payload = read_run_checkpoint(run_dir, device)
     config = payload["config"]
     try:
         model = build_model(config)

@@ -139,6 +139,8 @@ class Range:
     def __str__(self) -> str:
         if self.integer and self.high is None:
             return f"an integer >= {self.low}"
+        if self.integer and self.low is not None and self.low_inclusive and self.high_inclusive:
+            return f"an integer in [{self.low}, {self.high}]"
         if self.high is None:
             return f"{'>=' if self.low_inclusive else '>'} {self.low:g}"
         left = "[" if self.low_inclusive else "("

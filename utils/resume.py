@@ -9,9 +9,15 @@ config.json; the command line may change only what cannot change the experiment.
   the length of the run and how this process runs it. Any other difference from the saved value (method,
   arch, dataset, seed, lr, ...) is refused, naming the flag. Changes are recorded in config.json ("resumes")
   and in the first log.jsonl row after the resume ("resumed").
+* The saved configuration is checked like the command line (types, choices, ranges) before anything is
+  written, so a hand-edited config.json fails with one line and leaves the run as it was.
+* A run without a checkpoint (never started, or stopped before its first epoch ended) has nothing to continue:
+  `--resume` then starts it from scratch with this command's flags (`has_checkpoint`), so a preemptible job can
+  pass --resume every time.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from argparse import Namespace
@@ -34,7 +40,10 @@ UNRECORDED = ("progress", "download")
 
 def locate_run(args: Namespace) -> Path:
     """The folder named on the command line: <runs_root>/<dataset>/<name>."""
-    name = args.name or f"{args.method}-s{args.seed}"
+    from utils.runs import check_run_name, check_runs_root
+
+    name = check_run_name(args.name or f"{args.method}-s{args.seed}")
+    check_runs_root(args.runs_root)
     root = Path(args.runs_root)
     if args.dataset is not None:
         return root / args.dataset / name
@@ -64,6 +73,77 @@ def read_saved_config(run_dir: Path) -> dict:
     return saved
 
 
+def has_checkpoint(args: Namespace) -> bool:
+    """Whether the run `--resume` names has a model.pt to continue; False (nothing to resume) for a run not
+    yet started or stopped before its first checkpoint. Several datasets holding the name: UserError."""
+    try:
+        run_dir = locate_run(args)
+    except UserError as err:
+        if "no run named" in str(err):
+            return False
+        raise
+    return (run_dir / "model.pt").is_file()
+
+
+# Flags whose saved value is the resolved form, not what the flag takes (--normalize: the numbers of the name).
+RESOLVED_FORM = ("normalize",)
+# Always set in a train.py configuration (resolved from the dataset's defaults): a saved null is refused too.
+NEVER_NULL = ("seed", "epochs", "batch_size", "test_batch_size", "optimizer", "lr", "momentum", "weight_decay",
+              "milestones", "gamma", "arch")
+_TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", dict: "a JSON object", str: "a string"}
+
+
+def _expected_type(action: argparse.Action) -> type | None:
+    """The JSON type of a saved value of this flag; None for a flag with its own parser (checked by calling it)."""
+    if isinstance(action, argparse.BooleanOptionalAction):
+        return bool
+    if action.type is None or action.type is str:
+        return str
+    return {int: int, float: float, json.loads: dict}.get(action.type)
+
+
+def _refusal(dest: str, value: Any, action: argparse.Action) -> str | None:
+    """What the flag takes, when a saved value could not have come from it; None when it could."""
+    expected = _expected_type(action)
+    what = _TYPE_WORDS.get(expected, f"what {action.option_strings[0]} reads")
+    many = action.nargs not in (None, "?", 0)  # 0: an on/off flag
+    if many and value is not None and not isinstance(value, list):
+        return f"a list of {what.removeprefix('an ').removeprefix('a ')}s" if expected else "a list"
+    for item in (value if many and value is not None else [value]):
+        if item is None:
+            if dest in NEVER_NULL:
+                return what
+            continue
+        if expected is None:  # e.g. data.dataset_arg, a fraction: the flag's own parser judges the text
+            try:
+                if isinstance(item, (list, dict, bool)):
+                    raise TypeError(f"not {type(item).__name__}")
+                action.type(str(item))
+            except (argparse.ArgumentTypeError, ValueError, TypeError) as err:
+                return f"{what} ({err})"
+            continue
+        fits = isinstance(item, (int, float) if expected is float else expected)
+        if not fits or (isinstance(item, bool) and expected is not bool):
+            return what
+        if action.choices is not None and item not in action.choices:
+            return f"one of {', '.join(map(str, action.choices))}"
+    return None
+
+
+def check_saved_config(saved: dict, parser: argparse.ArgumentParser, path: Path) -> None:
+    """Refuse a saved value of a flag that its command-line flag would refuse (type or choice), naming the key,
+    the file and what it takes. Ranges are checked afterwards with the command line's rules (train.py)."""
+    for action in parser._actions:
+        dest = action.dest
+        if dest not in saved or dest in LOCATION_FLAGS or dest in RESOLVED_FORM or not action.option_strings:
+            continue
+        why = _refusal(dest, saved[dest], action)
+        if why:
+            raise UserError(f"--resume: {path} has \"{dest}\": {json.dumps(saved[dest], default=str)}, which "
+                            f"{action.option_strings[0]} refuses: it takes {why}; correct the file (or restore "
+                            "it from a copy of the run)")
+
+
 def _same(a: Any, b: Any) -> bool:
     """Equal after a JSON round trip (tuples vs lists, ints vs floats)."""
     return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str) or a == b
@@ -73,14 +153,18 @@ def _flag(dest: str) -> str:
     return "--" + dest.replace("_", "-")
 
 
-def resume_config(args: Namespace, defaults: dict[str, Any]) -> tuple[Namespace, dict, dict]:
+def resume_config(args: Namespace, defaults: dict[str, Any],
+                  parser: argparse.ArgumentParser | None = None) -> tuple[Namespace, dict, dict]:
     """(configuration to continue, changes {dest: [saved, new]}, saved extras {provenance, resumes}).
 
-    `defaults` are the parser's defaults: a flag counts as given when its value differs from them."""
+    `defaults` are the parser's defaults: a flag counts as given when its value differs from them. With
+    `parser`, the saved values are checked against its flags' types and choices first."""
     from utils.runs import resolve_data_root
 
     run_dir = locate_run(args)
     saved = read_saved_config(run_dir)
+    if parser is not None:
+        check_saved_config(saved, parser, run_dir / "config.json")
     extras = {key: saved.pop(key) for key in ("provenance", "resumes") if key in saved}
     given = {dest: value for dest, value in vars(args).items()
              if dest in defaults and not _same(value, defaults[dest]) and dest not in LOCATION_FLAGS}
@@ -119,11 +203,18 @@ def resume_record(after_epoch: int, changes: dict) -> dict:
 
 def run_state(run_dir: Path) -> str:
     """"finished", "interrupted" (a checkpoint of an unfinished run), "stale" (files but no checkpoint yet) or
-    "missing": what reproduce.py, scripts/train_table.py and scripts/demo.py decide to train, resume or keep by."""
-    import torch
+    "missing": what reproduce.py, scripts/train_table.py and scripts/demo.py decide to train, resume or keep by.
+
+    The checkpoint is read like every other (models.io.read_run_checkpoint: weights only, of this run); a
+    truncated or foreign file, or one without its epoch count, is a models.io.CheckpointError (one line)."""
+    from models.io import CheckpointError, read_run_checkpoint
 
     checkpoint = Path(run_dir) / "model.pt"
     if checkpoint.exists():
-        saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        return "finished" if saved["epoch"] >= saved["config"]["epochs"] else "interrupted"
+        saved = read_run_checkpoint(run_dir)
+        epoch, epochs = saved.get("epoch"), saved["config"].get("epochs")
+        if not all(isinstance(n, int) and not isinstance(n, bool) for n in (epoch, epochs)):
+            raise CheckpointError(f"{checkpoint} lacks its epoch count ('epoch' {epoch!r}, config 'epochs' "
+                                  f"{epochs!r}): not a train.py checkpoint; move the folder aside to retrain it")
+        return "finished" if epoch >= epochs else "interrupted"
     return "stale" if Path(run_dir).exists() and any(Path(run_dir).iterdir()) else "missing"

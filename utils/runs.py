@@ -176,8 +176,39 @@ def file_hash(path: str | Path, length: int = 12) -> str:
 
 
 # What a training start leaves before its first checkpoint: a folder holding only these never finished an
-# epoch (a failed or killed start) and is replaced by the next start of the same run.
-UNFINISHED_START_FILES = ("config.json", "tb")
+# epoch (a failed or killed start; log.jsonl when the kill fell between an epoch's row and its checkpoint) and
+# is replaced by the next start of the same run.
+UNFINISHED_START_FILES = ("config.json", "tb", "log.jsonl")
+NAME_MAX_BYTES = 255  # the longest file name ext4, APFS, NTFS and most others accept
+
+
+def check_run_name(name: str, flag: str = "--name") -> str:
+    """Refuse a run name that is not exactly one folder name: it must stay inside <runs-root>/<dataset>/."""
+    bad = None
+    separators = [sep for sep in ("/", "\\", os.sep, os.altsep) if sep]
+    if not name or name in (".", ".."):
+        bad = "is empty or a relative folder"
+    elif any(sep in name for sep in separators) or Path(name).is_absolute() or Path(name).drive:
+        bad = "contains a path separator"
+    elif "\0" in name:
+        bad = "contains a NUL character"
+    elif len(name.encode("utf-8", "surrogateescape")) > NAME_MAX_BYTES:
+        bad = f"is {len(name.encode('utf-8', 'surrogateescape'))} bytes long (at most {NAME_MAX_BYTES})"
+    if bad:
+        raise UserError(f"{flag} {name[:60]!r}{'...' if len(name) > 60 else ''} {bad}; a run name is one folder "
+                        "name under <runs-root>/<dataset>/ (letters, digits, '-', '_', '.'), e.g. plain-s0")
+    return name
+
+
+def check_runs_root(runs_root: str | Path, flag: str = "--runs-root") -> None:
+    """Refuse a runs root that is, or lies under, something other than a folder (checked before any work)."""
+    path = Path(runs_root)
+    for part in (path, *path.parents):
+        if part.exists() or part.is_symlink():
+            if not part.is_dir():
+                where = "is" if part == path else f"lies under {part}, which is"
+                raise UserError(f"{flag} {runs_root} {where} not a folder; pass a folder (it is made if missing)")
+            return
 
 
 def _is_unfinished_start(run_dir: Path) -> bool:
@@ -185,12 +216,20 @@ def _is_unfinished_start(run_dir: Path) -> bool:
     return all(name in UNFINISHED_START_FILES for name in names)
 
 
+def run_folder(runs_root: str | Path, dataset: str, name: str) -> Path:
+    """`<runs_root>/<dataset>/<name>`, after checking that the name is one folder name and the root a folder."""
+    check_run_name(name)
+    check_runs_root(runs_root)
+    return Path(runs_root) / dataset / name
+
+
 def prepare_run_dir(runs_root: str | Path, dataset: str, name: str, resume: bool) -> Path:
     """`<runs_root>/<dataset>/<name>/`, refusing to reuse an existing run unless resuming it.
 
-    A folder left by a start that never finished an epoch (only config.json and tb/, no model.pt) holds no
-    trained work: a new start replaces it, so a failed start never blocks the corrected command."""
-    run_dir = Path(runs_root) / dataset / name
+    A folder left by a start that never finished an epoch (only config.json, tb/ and log.jsonl, no model.pt)
+    holds no trained work: a new start replaces it, so a failed start never blocks the corrected command. The
+    name must be one folder name, so nothing outside <runs_root>/<dataset>/ is ever made or removed."""
+    run_dir = run_folder(runs_root, dataset, name)
     if resume:
         if not (run_dir / "model.pt").exists():
             hint = ("it stopped before its first epoch ended; start it again without --resume"
@@ -201,6 +240,9 @@ def prepare_run_dir(runs_root: str | Path, dataset: str, name: str, resume: bool
         if not _is_unfinished_start(run_dir):
             raise FileExistsError(f"run folder {run_dir} already exists; pass --resume to continue it or choose "
                                   "another --name (runs are never overwritten)")
+        if run_dir.is_symlink() or run_dir.resolve().parent != (Path(runs_root) / dataset).resolve():
+            raise UserError(f"{run_dir} is a link out of {Path(runs_root) / dataset}; it is left as it is: "
+                            "choose another --name")
         print(f"{run_dir}: replacing a start that never finished an epoch (no model.pt)", flush=True)
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)

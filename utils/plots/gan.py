@@ -11,7 +11,6 @@ The figure is <out>/<DATASET>_<run>.png.
 from __future__ import annotations
 
 import argparse
-import json
 from argparse import Namespace
 from pathlib import Path
 
@@ -80,9 +79,15 @@ def samples_figure(images: dict[str, torch.Tensor], title: str = ""):
 
 
 def main(args: Namespace) -> Path:
+    from models.io import read_run_config
+    from utils.cli import UserError
+
     run_dir = Path(args.run) if args.run else Path(args.runs_root) / "digits" / "gan-s0"
+    config = read_run_config(run_dir)
+    if config is None or config.get("method") != "gan":
+        found = "no config.json" if config is None else f"a --method {config.get('method')} run"
+        raise UserError(f"{run_dir}: {found}; pass --run with a train.py --method gan run folder")
     images = samples(run_dir, args.n, args.seed, args.device, args.data_root)
-    config = json.loads((run_dir / "config.json").read_text())
     title = (f"{config['dataset']} {run_dir.name}: real test images vs G(z); numbers = max softmax of the "
              f"classifier (1/K = {1 / config['num_classes']:.2f})")
     path = save_figure(samples_figure(images, title), Path(args.out) / f"{config['dataset']}_{run_dir.name}.png")
@@ -91,4 +96,6 @@ def main(args: Namespace) -> Path:
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    from utils import cli
+
+    cli.run(main, get_args_parser())  # a refused or missing checkpoint: one line, exit 2
