@@ -38,7 +38,8 @@ from utils import cli, runs
 from utils.cli import AT_LEAST_ONE, POSITIVE, Range
 
 GMM_RANGES = {"n_components": AT_LEAST_ONE, "n_in": AT_LEAST_ONE, "n_out": AT_LEAST_ONE, "min_sv_factor": Range(1.0),
-              "max_iter": AT_LEAST_ONE, "tol": POSITIVE, "batch_size": AT_LEAST_ONE}
+              "max_iter": AT_LEAST_ONE, "tol": POSITIVE, "batch_size": AT_LEAST_ONE,
+              "seed": Range(0, 2**32 - 1, integer=True)}  # what scikit-learn's random_state takes
 
 
 def get_args_parser() -> argparse.ArgumentParser:

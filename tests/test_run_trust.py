@@ -114,6 +114,12 @@ def test_bad_seed_and_runs_root_are_one_line(tmp_path, capsys, argv, expected):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["FILE"]
 
 
+def test_gen_gmm_refuses_a_seed_scikit_learn_cannot_take(tmp_path, capsys):
+    err = one_line_error(capsys, gen_gmm, ["--dataset", "digits", "--seed", str(2**32), "--runs-root", str(tmp_path)])
+    assert "--seed must be an integer in [0, 4294967295], got 4294967296" in err
+    assert list(tmp_path.iterdir()) == []
+
+
 # --- 2. a batch that trains nothing ------------------------------------------------------------------------------
 
 def test_a_batch_larger_than_the_training_set_is_refused_before_any_folder(tmp_path, capsys):
