@@ -38,6 +38,10 @@ LOCATION_FLAGS = ("resume", "name", "runs_root", "dataset", "debug")
 UNRECORDED = ("progress", "download")
 
 
+class RunNotFound(UserError):
+    """No run of that name under the runs root (without --dataset): nothing to resume."""
+
+
 def locate_run(args: Namespace) -> Path:
     """The folder named on the command line: <runs_root>/<dataset>/<name>."""
     from utils.runs import check_run_name, check_runs_root
@@ -51,7 +55,7 @@ def locate_run(args: Namespace) -> Path:
     if len(found) == 1:
         return found[0]
     if not found:
-        raise UserError(f"--resume: no run named {name!r} in {root}/<dataset>/; pass the --dataset and --name "
+        raise RunNotFound(f"--resume: no run named {name!r} in {root}/<dataset>/; pass the --dataset and --name "
                         "of the run to continue (or start it without --resume)")
     raise UserError(f"--resume: runs named {name!r} exist for several datasets "
                     f"({', '.join(p.parent.name for p in found)}); pass --dataset")
@@ -78,10 +82,8 @@ def has_checkpoint(args: Namespace) -> bool:
     yet started or stopped before its first checkpoint. Several datasets holding the name: UserError."""
     try:
         run_dir = locate_run(args)
-    except UserError as err:
-        if "no run named" in str(err):
-            return False
-        raise
+    except RunNotFound:
+        return False
     return (run_dir / "model.pt").is_file()
 
 
