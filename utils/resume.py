@@ -50,7 +50,7 @@ def locate_run(args: Namespace) -> Path:
     check_runs_root(args.runs_root)
     root = Path(args.runs_root)
     if args.dataset is not None:
-        return root / args.dataset / name
+        return root / check_run_name(args.dataset, "--dataset") / name
     found = sorted(path.parent for path in root.glob(f"*/{name}/config.json"))
     if len(found) == 1:
         return found[0]

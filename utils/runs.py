@@ -195,8 +195,9 @@ def check_run_name(name: str, flag: str = "--name") -> str:
     elif len(name.encode("utf-8", "surrogateescape")) > NAME_MAX_BYTES:
         bad = f"is {len(name.encode('utf-8', 'surrogateescape'))} bytes long (at most {NAME_MAX_BYTES})"
     if bad:
-        raise UserError(f"{flag} {name[:60]!r}{'...' if len(name) > 60 else ''} {bad}; a run name is one folder "
-                        "name under <runs-root>/<dataset>/ (letters, digits, '-', '_', '.'), e.g. plain-s0")
+        what = ("a run name is one folder name under <runs-root>/<dataset>/ (letters, digits, '-', '_', '.'), "
+                "e.g. plain-s0") if flag == "--name" else "it names one folder under <runs-root>/"
+        raise UserError(f"{flag} {name[:60]!r}{'...' if len(name) > 60 else ''} {bad}; {what}")
     return name
 
 
