@@ -90,7 +90,7 @@ class ASH(HeadDetector):
 
 
 class Scale(HeadDetector):
-    """SCALE (Xu, Lian, Jiang, Lin, Li; ICLR 2024, arXiv 2310.00227): energy of the features scaled, not pruned,
+    """SCALE (Xu, Chen, Franchi, Yao; ICLR 2024, arXiv 2310.00227): energy of the features scaled, not pruned,
 
         confidence(x) = logsumexp_k (W (r(z) z) + b)_k,  r(z) = exp(s1 / s2),  s1 = sum_i z_i,
         s2 = sum of the top (100 - p)% entries of z; default p = 85.
