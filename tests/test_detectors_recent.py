@@ -251,3 +251,23 @@ def test_evaluate_runs_every_new_detector_and_auroc_equals_sklearn(tmp_path):
         labels = np.r_[np.ones(len(cache["in"])), np.zeros(len(cache["uniform"]))]
         assert row["auroc"] == pytest.approx(roc_auc_score(labels, np.r_[cache["in"], cache["uniform"]]),
                                              abs=1e-12), row["detector"]
+
+
+def test_detectors_of_one_run_share_one_pass_over_the_training_set():
+    """evaluation fits each detector with its own DataLoader over the same training set: one pass in all."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    training_stats.clear_cache()
+    model = Affine(torch.randn(3, 4), torch.randn(3))
+    calls, features = [], model.features
+    model.features = lambda x: calls.append(1) or features(x)  # counts the passes over data
+    dataset = TensorDataset(torch.rand(12, 4), torch.arange(12) % 3)
+    for name in ("react", "knn", "vim", "fdbd", "rmds"):
+        DETECTORS[name](model, **({"k": 3} if name == "knn" else {})).fit(DataLoader(dataset, batch_size=5))
+    assert len(calls) == 3  # three batches, once
+    with torch.no_grad():
+        model.fc.weight.mul_(2.0)  # the model changed in place: its outputs are collected again
+    detector = DETECTORS["fdbd"](model).fit(DataLoader(dataset, batch_size=5))
+    assert len(calls) == 6 and torch.equal(detector.weight, model.fc.weight)
+    DETECTORS["react"](model).fit(DataLoader(TensorDataset(*dataset.tensors), batch_size=5))  # other data
+    assert len(calls) == 9

@@ -6,6 +6,7 @@ that supplies z and (W, b) for any network needs no change here.
 """
 from __future__ import annotations
 
+import weakref
 from typing import Iterable
 
 import torch
@@ -24,7 +25,16 @@ def model_device(model: nn.Module) -> torch.device:
 
 @torch.no_grad()
 def collect_outputs(model: nn.Module, loader: Iterable) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(features (N, F), logits (N, K), labels (N,)) of a loader of (x, y) batches, from one forward pass each."""
+    """(features (N, F), logits (N, K), labels (N,)) of a loader of (x, y) batches, from one forward pass each.
+
+    The last result is kept (`_LAST`) and returned again while the model (same object, same parameter
+    versions, same train/eval mode) and the data (the loader's dataset, or the loader itself) are the same: so
+    the detectors of one run, each fitted by evaluation with its own DataLoader over the same training set,
+    share ONE pass over it. Every fit here is invariant to the order of the samples.
+    """
+    key = _cache_key(model, loader)
+    if _LAST and _LAST[0] == key and _LAST[1]() is model and _LAST[2] is _source(loader):
+        return _LAST[3]
     device = model_device(model)
     features, logits, labels = [], [], []
     for batch in loader:
@@ -34,7 +44,29 @@ def collect_outputs(model: nn.Module, loader: Iterable) -> tuple[torch.Tensor, t
         labels.append(torch.as_tensor(batch[1]).to(device).long())
     if not features:
         raise ValueError("the training loader is empty: detectors need training features to fit")
-    return torch.cat(features), torch.cat(logits), torch.cat(labels)
+    outputs = torch.cat(features), torch.cat(logits), torch.cat(labels)
+    _LAST[:] = [key, weakref.ref(model), _source(loader), outputs]
+    return outputs
+
+
+_LAST: list = []  # [key, weak reference to the model, data source, outputs] of the last collect_outputs
+
+
+def _source(loader: Iterable) -> object:
+    return getattr(loader, "dataset", loader)
+
+
+def _cache_key(model: nn.Module, loader: Iterable) -> tuple:
+    """What must not have changed for the cached training outputs to be valid (besides object identity):
+    parameter versions (bumped by every in-place update, so a model trained further misses), mode, size."""
+    source = _source(loader)
+    size = len(source) if hasattr(source, "__len__") else None
+    return (id(model), model.training, tuple(p._version for p in model.parameters()), id(source), size)
+
+
+def clear_cache() -> None:
+    """Forget the cached training outputs (frees their memory)."""
+    _LAST.clear()
 
 
 @torch.no_grad()
