@@ -9,7 +9,8 @@ from utils.detectors import DETECTORS, get_detector_class
 from utils.scoring import score_dataset
 
 STOCHASTIC = {"mcdropout"}
-OPTIONS = {"mcdropout": {"samples": 3}, "odin": {"temperature": 10.0, "eps": 0.002}}
+OPTIONS = {"mcdropout": {"samples": 3}, "odin": {"temperature": 10.0, "eps": 0.002},
+           "knn": {"k": 5}, "nnguide": {"k": 5}}  # 40 training points: fewer than the default k
 
 
 @pytest.fixture

@@ -5,6 +5,7 @@ from utils.detectors.base import Detector
 from utils.detectors.logit import MSP, Energy, Entropy, MaxLogit
 from utils.detectors.ddu import DDU_DETECTORS
 from utils.detectors.posthoc import POSTHOC_DETECTORS
+from utils.detectors.recent import RECENT_DETECTORS
 
 DETECTORS: dict[str, type[Detector]] = {
     "msp": MSP,
@@ -13,6 +14,7 @@ DETECTORS: dict[str, type[Detector]] = {
     "entropy": Entropy,
     **POSTHOC_DETECTORS,
     **DDU_DETECTORS,
+    **RECENT_DETECTORS,
 }
 
 
