@@ -27,11 +27,18 @@ import torch
 
 import data
 from model_paths import TableEntry, table_entries
-from utils import evaluation, preflight, tables
+from utils import cli, evaluation, preflight, tables
+from utils.cli import AT_LEAST_ONE, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE
 from utils.amp import AMP_DTYPES, check_amp, default_amp, set_attack_amp
 from utils.detectors import DETECTORS
 from utils.metrics import FPR_CONVENTIONS
 from utils.runs import resolve_data_root
+from utils.store import check_results_root
+
+# Allowed values of the numeric flags, checked before anything is loaded (None = unset, allowed).
+EVAL_RANGES = {"n_ood": AT_LEAST_ONE, "n_adv": AT_LEAST_ONE, "attack_eps": NON_NEGATIVE,
+               "attack_steps": NON_NEGATIVE_INT, "attack_step_size": POSITIVE, "tune_n": AT_LEAST_ONE,
+               "batch_size": AT_LEAST_ONE}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -96,19 +103,47 @@ def entries_from_args(args: Namespace) -> list[TableEntry]:
             raise ValueError(f"unknown detector {name!r}; valid: {', '.join(sorted(DETECTORS))}")
     if args.runs:
         detectors = extra or ["msp"]  # one label rule whatever their number: "<run folder name>:<detector>"
-        return [TableEntry(label=f"{Path(run).name}:{det}", runs=(str(Path(run).resolve()),), detector=det)
-                for run in args.runs for det in detectors]
+        return [TableEntry(label=f"{Path(run).name}:{det}", runs=(run,), detector=det)
+                for run in distinct_runs(args.runs) for det in detectors]
     entries = list(table_entries(args.dataset, args.paths))
     singles = [e for e in entries if not e.is_ensemble]
     return entries + [TableEntry(f"{e.label}:{det}", e.runs, det) for e in singles for det in extra
                       if det != e.detector]
 
 
+def distinct_runs(runs: list[str]) -> list[str]:
+    """The --runs folders, resolved, a folder given twice kept once; two folders with the same name are refused,
+    since rows, tables and DDU summaries label a run by its folder name and would merge the two."""
+    by_name: dict[str, str] = {}
+    for run in runs:
+        path = str(Path(run).resolve())
+        name = Path(path).name
+        if by_name.setdefault(name, path) != path:
+            raise cli.UserError(f"--runs: two run folders are named {name!r} ({by_name[name]} and {path}); rows "
+                                "are labelled by folder name, so copy or move one to a folder of another name")
+    return list(by_name.values())
+
+
+def ood_set_keys(args: Namespace, adv_sets: list[str]) -> list[str]:
+    """The OOD sets to score (--ood, default data.OOD_TEST[dataset]): every NAME once, none taken by an
+    attack-made set of --adv-sets; a set that cannot be read fails here, before anything is loaded or written."""
+    given = [key for key in args.ood.split(",") if key] if args.ood else list(data.OOD_TEST[args.dataset])
+    ood_sets = data.unique_sets(given)
+    data.unique_sets(ood_sets + ([args.tune_ood] if args.tune_ood else []))  # --tune-ood NAME=PATH vs --ood
+    taken = sorted({data.set_name(key) for key in ood_sets} & set(adv_sets))
+    if taken:
+        raise cli.UserError(f"--ood: the NAME {taken[0]!r} is the name of an attack-made set of --adv-sets; "
+                            "give the set another NAME")
+    for name in ood_sets + ([args.tune_ood] if args.tune_ood else []):  # unknown names, unreadable NAME=PATH
+        data.check_dataset(name, like=args.dataset, root=args.data_root)
+    return ood_sets
+
+
 def rows_name(args: Namespace) -> str:
     """<DATASET> for the paper table; <DATASET>_adhoc_<NAME> for --runs (or --table --table-name NAME)."""
     if not args.runs and not args.table_name:
         return args.dataset
-    name = args.table_name or hashlib.sha256("\n".join(sorted(str(Path(run).resolve()) for run in args.runs))
+    name = args.table_name or hashlib.sha256("\n".join(sorted(distinct_runs(args.runs)))
                                             .encode()).hexdigest()[:8]
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
         raise ValueError(f"--table-name {name!r}: use letters, digits, '_', '-' and '.' only")
@@ -135,6 +170,8 @@ def checked_entries(args: Namespace) -> list[TableEntry]:
 
 
 def main(args: Namespace) -> None:
+    cli.check_ranges(args, EVAL_RANGES)  # before any model or set is loaded
+    check_results_root(args.results_root)
     if args.dataset is None:
         args.dataset = preflight.runs_dataset(args.runs) if args.runs else "digits"
     data.dataset_info(args.dataset)  # unknown names fail before anything runs
@@ -152,11 +189,8 @@ def main(args: Namespace) -> None:
     set_attack_amp(args.amp)
     adv_sets = [name for name in args.adv_sets.split(",") if name]
     evaluation.check_adv_sets(adv_sets)
+    ood_sets = ood_set_keys(args, adv_sets)
     entries = checked_entries(args)
-    ood_sets = args.ood.split(",") if args.ood else list(data.OOD_TEST[args.dataset])
-    for name in ood_sets + ([args.tune_ood] if args.tune_ood else []):  # unknown names and unreadable NAME=PATH
-        # files fail before anything is written
-        data.check_dataset(name, like=args.dataset, root=args.data_root)
     rows = evaluation.evaluate_entries(entries, args, ood_sets, adv_sets)
     print(f"wrote {len(rows)} rows to {evaluation.rows_path(args)}")
     labels = _labels(args) or list(dict.fromkeys(entry.label for entry in entries))
@@ -171,6 +205,4 @@ def _labels(args: Namespace) -> list[str] | None:
 
 
 if __name__ == "__main__":
-    from utils import cli
-
     cli.run(main, get_args_parser())

@@ -27,6 +27,7 @@ import torch
 import data
 import model_params
 import model_paths
+from utils import cli
 from utils.resume import run_state
 from utils.runs import resolve_data_root
 
@@ -283,7 +284,8 @@ def main(args: Namespace) -> Path | None:
         print(list_tables())
         return None
     if args.table is None:
-        raise SystemExit("name a table (reproduce.py --list shows them)")
+        raise cli.UserError(f"name a table: one of {', '.join(sorted(TABLES))} (reproduce.py --list shows the "
+                            "runs each trains)")
     table, budget = TABLES[args.table], BUDGETS[args.budget]
     data.dataset_info(args.dataset)  # unknown names fail before anything runs
     table_runs(table, args.dataset)  # a table not defined for this dataset: one line listing those that are
@@ -304,6 +306,4 @@ def main(args: Namespace) -> Path | None:
 
 
 if __name__ == "__main__":
-    from utils import cli
-
     cli.run(main, get_args_parser())

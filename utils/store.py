@@ -34,6 +34,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
+from utils.cli import UserError
+
 # The key of each kind of row. Fields absent from a row count as None.
 KEYS: dict[str, tuple[str, ...]] = {
     # evaluate.py, results/ood/<DATASET>[_adhoc_<name>].jsonl: one row per (model, detector, OOD set).
@@ -56,6 +58,25 @@ KEYS: dict[str, tuple[str, ...]] = {
     # active_learning.py, results/active_learning/<DATASET>_<acquisition>.jsonl: one row per round
     "active_learning": ("dataset", "acquisition", "seed", "round"),
 }
+
+
+RESULT_FOLDERS = ("ood", "scores", "tables", "ddu", "attacks")  # what the scripts write under a results root
+
+
+def check_results_root(root: str | Path, flag: str = "--results-root") -> None:
+    """Refuse, before any work, a results root that is a file or a folder this user cannot write in (the root,
+    its result folders that exist, or the nearest existing folder above a root still to be made)."""
+    root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise UserError(f"{flag} {root} is a file; give a folder (it is made if missing)")
+    existing = next(p for p in [root, *root.absolute().parents] if p.exists())
+    if not existing.is_dir():
+        raise UserError(f"{flag} {root}: {existing} is a file, so no folder can be made there; give another path")
+    folders = [existing, *(root / name for name in RESULT_FOLDERS if (root / name).is_dir())]
+    for folder in folders:
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise UserError(f"{flag} {root}: no permission to write in {folder}; fix its permissions or give "
+                            "another folder")
 
 
 class UnreadableRowError(ValueError):
