@@ -289,7 +289,8 @@ def main(args: Namespace) -> Path | None:
     table, budget = TABLES[args.table], BUDGETS[args.budget]
     data.dataset_info(args.dataset)  # unknown names fail before anything runs
     table_runs(table, args.dataset)  # a table not defined for this dataset: one line listing those that are
-    for key in args.ood:  # unreadable NAME=PATH files fail before anything is trained or written
+    for key in data.unique_sets(args.ood):  # one NAME for two sets, unreadable NAME=PATH files: fail before
+        # anything is trained or written
         data.check_dataset(key, like=args.dataset, root=resolve_data_root(args.data_root))
     if args.ood and table.evaluate is None:
         print(f"note: {args.table} evaluates no OOD sets; --ood is not used")
