@@ -6,14 +6,15 @@
 
 Every (model, detector, OOD set) gives one long-format row in results/ood/<DATASET>.jsonl with every metric of
 utils/metrics.py; per-sample confidences are cached in results/scores/<DATASET>/ (keyed by the checkpoint's
-hash, so a table never recomputes a network). Confidences follow one sign: higher = more in-distribution.
+hash and the sets and settings scored; a table is rebuilt from rows and never recomputes a network). Confidences follow one sign: higher = more in-distribution.
 Rows are keyed (utils.store.KEYS["ood"]): evaluating the same thing again replaces its rows.
 
 Before scoring anything it checks that every run folder exists, loads and was trained on --dataset, and that
 every OOD set is available; a paper table with untrained runs lists them with the train.py commands that make
 them (exit status 2; --skip-missing-runs scores the rest). `--runs DIR ...` is an ad-hoc evaluation: its rows
 and tables go to <DATASET>_adhoc_<NAME> (--table-name, default a hash of the run folders), never to the paper
-table, and its labels are always "<run folder name>:<detector>".
+table, and its labels are always "<run folder name>:<detector>" (so two run folders of one name are refused).
+Several evaluations may run at once on the same files: none loses another's rows, caches or summaries.
 """
 from __future__ import annotations
 
