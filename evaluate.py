@@ -6,7 +6,8 @@
 
 Every (model, detector, OOD set) gives one long-format row in results/ood/<DATASET>.jsonl with every metric of
 utils/metrics.py; per-sample confidences are cached in results/scores/<DATASET>/ (keyed by the checkpoint's
-hash and the sets and settings scored; a table is rebuilt from rows and never recomputes a network). Confidences follow one sign: higher = more in-distribution.
+hash and the sets and settings scored; a table is rebuilt from rows and never recomputes a network).
+Confidences follow one sign: higher = more in-distribution.
 Rows are keyed (utils.store.KEYS["ood"]): evaluating the same thing again replaces its rows.
 
 Before scoring anything it checks that every run folder exists, loads and was trained on --dataset, and that

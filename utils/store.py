@@ -27,6 +27,7 @@ reason; they are never silently dropped or glued onto.
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -143,8 +144,11 @@ def _replace_file(path: Path, text: str) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         tmp.unlink(missing_ok=True)
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+            # name the results file (a failed write names none) in the one-line message of utils.cli
+            raise OSError(errno.ENOSPC, f"{error.strerror}; the rows in {path} are intact", str(path)) from error
         raise
     folder = os.open(path.parent, os.O_RDONLY)
     try:
