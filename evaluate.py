@@ -41,6 +41,17 @@ from utils.store import check_results_root
 EVAL_RANGES = {"n_ood": AT_LEAST_ONE, "n_adv": AT_LEAST_ONE, "attack_eps": NON_NEGATIVE,
                "attack_steps": NON_NEGATIVE_INT, "attack_step_size": POSITIVE, "tune_n": AT_LEAST_ONE,
                "batch_size": AT_LEAST_ONE}
+MAX_N_OOD = 1_000_000  # noise sets are generated in full: far more would exhaust memory (the papers use 10000)
+MAX_SEED = 2**63 - 1   # torch.manual_seed's largest
+
+
+def check_numbers(args: Namespace) -> None:
+    """Every numeric flag in its range, before anything is loaded (as train.py checks its own)."""
+    cli.check_ranges(args, EVAL_RANGES)
+    if args.n_ood > MAX_N_OOD:
+        raise cli.UserError(f"--n-ood must be at most {MAX_N_OOD}, got {args.n_ood}")
+    if not 0 <= args.seed <= MAX_SEED:
+        raise cli.UserError(f"--seed must be an integer in [0, 2**63 - 1], got {args.seed}")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -130,6 +141,8 @@ def ood_set_keys(args: Namespace, adv_sets: list[str]) -> list[str]:
     """The OOD sets to score (--ood, default data.OOD_TEST[dataset]): every NAME once, none taken by an
     attack-made set of --adv-sets; a set that cannot be read fails here, before anything is loaded or written."""
     given = [key for key in args.ood.split(",") if key] if args.ood else list(data.OOD_TEST[args.dataset])
+    if not given:
+        raise cli.UserError(f"--ood {args.ood!r} names no set; give data keys or NAME=PATH, comma-separated")
     ood_sets = data.unique_sets(given)
     data.unique_sets(ood_sets + ([args.tune_ood] if args.tune_ood else []))  # --tune-ood NAME=PATH vs --ood
     taken = sorted({data.set_name(key) for key in ood_sets} & set(adv_sets))
@@ -172,7 +185,7 @@ def checked_entries(args: Namespace) -> list[TableEntry]:
 
 
 def main(args: Namespace) -> None:
-    cli.check_ranges(args, EVAL_RANGES)  # before any model or set is loaded
+    check_numbers(args)  # before any model or set is loaded
     check_results_root(args.results_root)
     if args.dataset is None:
         args.dataset = preflight.runs_dataset(args.runs) if args.runs else "digits"

@@ -180,6 +180,9 @@ def test_one_ood_name_for_two_sets_is_refused(run_dir, tmp_path, capsys):
     (["--batch-size", "0"], "--batch-size must be an integer >= 1, got 0"),
     (["--attack-eps", "-0.1", "--adv-sets", "adv_noise"], "--attack-eps must be >= 0, got -0.1"),
     (["--tune-n", "0"], "--tune-n must be an integer >= 1, got 0"),
+    (["--n-ood", str(10**20)], f"--n-ood must be at most 1000000, got {10**20}"),
+    (["--seed", str(2**64)], f"--seed must be an integer in [0, 2**63 - 1], got {2**64}"),
+    (["--ood", ","], "--ood ',' names no set; give data keys or NAME=PATH, comma-separated"),
 ])
 def test_numbers_are_checked_before_any_model_is_loaded(run_dir, tmp_path, monkeypatch, capsys, flags, message):
     monkeypatch.setattr(models, "load_run", lambda *a, **k: pytest.fail("a model was loaded"))
