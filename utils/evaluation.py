@@ -301,6 +301,8 @@ def write_ddu_summaries(path: Path, labels: set[str], out_dir: Path) -> None:
     """The DDU summaries of `labels`, from the stored rows (the newest of each run, detector and OOD set) and
     under the store's lock: of two evaluations of one label finishing together, the later summary holds both's
     runs, as the tables do. Rows of older versions without the DDU fields are left out."""
+    if not labels:
+        return
     with locked(path):
         stored = [row for row in latest_rows(read_rows(path)) if row.get("label") in labels
                   and all(key in row for key in ROW_KEYS)]
