@@ -6,14 +6,16 @@
 
 Every (model, detector, OOD set) gives one long-format row in results/ood/<DATASET>.jsonl with every metric of
 utils/metrics.py; per-sample confidences are cached in results/scores/<DATASET>/ (keyed by the checkpoint's
-hash, so a table never recomputes a network). Confidences follow one sign: higher = more in-distribution.
+hash and the sets and settings scored; a table is rebuilt from rows and never recomputes a network).
+Confidences follow one sign: higher = more in-distribution.
 Rows are keyed (utils.store.KEYS["ood"]): evaluating the same thing again replaces its rows.
 
 Before scoring anything it checks that every run folder exists, loads and was trained on --dataset, and that
 every OOD set is available; a paper table with untrained runs lists them with the train.py commands that make
 them (exit status 2; --skip-missing-runs scores the rest). `--runs DIR ...` is an ad-hoc evaluation: its rows
 and tables go to <DATASET>_adhoc_<NAME> (--table-name, default a hash of the run folders), never to the paper
-table, and its labels are always "<run folder name>:<detector>".
+table, and its labels are always "<run folder name>:<detector>" (so two run folders of one name are refused).
+Several evaluations may run at once on the same files: none loses another's rows, caches or summaries.
 """
 from __future__ import annotations
 
@@ -27,11 +29,29 @@ import torch
 
 import data
 from model_paths import TableEntry, table_entries
-from utils import evaluation, preflight, tables
+from utils import cli, evaluation, preflight, tables
+from utils.cli import AT_LEAST_ONE, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE
 from utils.amp import AMP_DTYPES, check_amp, default_amp, set_attack_amp
 from utils.detectors import DETECTORS
 from utils.metrics import FPR_CONVENTIONS
 from utils.runs import resolve_data_root
+from utils.store import check_results_root
+
+# Allowed values of the numeric flags, checked before anything is loaded (None = unset, allowed).
+EVAL_RANGES = {"n_ood": AT_LEAST_ONE, "n_adv": AT_LEAST_ONE, "attack_eps": NON_NEGATIVE,
+               "attack_steps": NON_NEGATIVE_INT, "attack_step_size": POSITIVE, "tune_n": AT_LEAST_ONE,
+               "batch_size": AT_LEAST_ONE}
+MAX_N_OOD = 1_000_000  # noise sets are generated in full: far more would exhaust memory (the papers use 10000)
+MAX_SEED = 2**63 - 1   # torch.manual_seed's largest
+
+
+def check_numbers(args: Namespace) -> None:
+    """Every numeric flag in its range, before anything is loaded (as train.py checks its own)."""
+    cli.check_ranges(args, EVAL_RANGES)
+    if args.n_ood > MAX_N_OOD:
+        raise cli.UserError(f"--n-ood must be at most {MAX_N_OOD}, got {args.n_ood}")
+    if not 0 <= args.seed <= MAX_SEED:
+        raise cli.UserError(f"--seed must be an integer in [0, 2**63 - 1], got {args.seed}")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -96,19 +116,49 @@ def entries_from_args(args: Namespace) -> list[TableEntry]:
             raise ValueError(f"unknown detector {name!r}; valid: {', '.join(sorted(DETECTORS))}")
     if args.runs:
         detectors = extra or ["msp"]  # one label rule whatever their number: "<run folder name>:<detector>"
-        return [TableEntry(label=f"{Path(run).name}:{det}", runs=(str(Path(run).resolve()),), detector=det)
-                for run in args.runs for det in detectors]
+        return [TableEntry(label=f"{Path(run).name}:{det}", runs=(run,), detector=det)
+                for run in distinct_runs(args.runs) for det in detectors]
     entries = list(table_entries(args.dataset, args.paths))
     singles = [e for e in entries if not e.is_ensemble]
     return entries + [TableEntry(f"{e.label}:{det}", e.runs, det) for e in singles for det in extra
                       if det != e.detector]
 
 
+def distinct_runs(runs: list[str]) -> list[str]:
+    """The --runs folders, resolved, a folder given twice kept once; two folders with the same name are refused,
+    since rows, tables and DDU summaries label a run by its folder name and would merge the two."""
+    by_name: dict[str, str] = {}
+    for run in runs:
+        path = str(Path(run).resolve())
+        name = Path(path).name
+        if by_name.setdefault(name, path) != path:
+            raise cli.UserError(f"--runs: two run folders are named {name!r} ({by_name[name]} and {path}); rows "
+                                "are labelled by folder name, so copy or move one to a folder of another name")
+    return list(by_name.values())
+
+
+def ood_set_keys(args: Namespace, adv_sets: list[str]) -> list[str]:
+    """The OOD sets to score (--ood, default data.OOD_TEST[dataset]): every NAME once, none taken by an
+    attack-made set of --adv-sets; a set that cannot be read fails here, before anything is loaded or written."""
+    given = [key for key in args.ood.split(",") if key] if args.ood else list(data.OOD_TEST[args.dataset])
+    if not given:
+        raise cli.UserError(f"--ood {args.ood!r} names no set; give data keys or NAME=PATH, comma-separated")
+    ood_sets = data.unique_sets(given)
+    data.unique_sets(ood_sets + ([args.tune_ood] if args.tune_ood else []))  # --tune-ood NAME=PATH vs --ood
+    taken = sorted({data.set_name(key) for key in ood_sets} & set(adv_sets))
+    if taken:
+        raise cli.UserError(f"--ood: the NAME {taken[0]!r} is the name of an attack-made set of --adv-sets; "
+                            "give the set another NAME")
+    for name in ood_sets + ([args.tune_ood] if args.tune_ood else []):  # unknown names, unreadable NAME=PATH
+        data.check_dataset(name, like=args.dataset, root=args.data_root)
+    return ood_sets
+
+
 def rows_name(args: Namespace) -> str:
     """<DATASET> for the paper table; <DATASET>_adhoc_<NAME> for --runs (or --table --table-name NAME)."""
     if not args.runs and not args.table_name:
         return args.dataset
-    name = args.table_name or hashlib.sha256("\n".join(sorted(str(Path(run).resolve()) for run in args.runs))
+    name = args.table_name or hashlib.sha256("\n".join(sorted(distinct_runs(args.runs)))
                                             .encode()).hexdigest()[:8]
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
         raise ValueError(f"--table-name {name!r}: use letters, digits, '_', '-' and '.' only")
@@ -135,6 +185,8 @@ def checked_entries(args: Namespace) -> list[TableEntry]:
 
 
 def main(args: Namespace) -> None:
+    check_numbers(args)  # before any model or set is loaded
+    check_results_root(args.results_root)
     if args.dataset is None:
         args.dataset = preflight.runs_dataset(args.runs) if args.runs else "digits"
     data.dataset_info(args.dataset)  # unknown names fail before anything runs
@@ -152,11 +204,8 @@ def main(args: Namespace) -> None:
     set_attack_amp(args.amp)
     adv_sets = [name for name in args.adv_sets.split(",") if name]
     evaluation.check_adv_sets(adv_sets)
+    ood_sets = ood_set_keys(args, adv_sets)
     entries = checked_entries(args)
-    ood_sets = args.ood.split(",") if args.ood else list(data.OOD_TEST[args.dataset])
-    for name in ood_sets + ([args.tune_ood] if args.tune_ood else []):  # unknown names and unreadable NAME=PATH
-        # files fail before anything is written
-        data.check_dataset(name, like=args.dataset, root=args.data_root)
     rows = evaluation.evaluate_entries(entries, args, ood_sets, adv_sets)
     print(f"wrote {len(rows)} rows to {evaluation.rows_path(args)}")
     labels = _labels(args) or list(dict.fromkeys(entry.label for entry in entries))
@@ -171,6 +220,4 @@ def _labels(args: Namespace) -> list[str] | None:
 
 
 if __name__ == "__main__":
-    from utils import cli
-
     cli.run(main, get_args_parser())

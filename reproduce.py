@@ -27,6 +27,7 @@ import torch
 import data
 import model_params
 import model_paths
+from utils import cli
 from utils.resume import run_state
 from utils.runs import resolve_data_root
 
@@ -283,11 +284,13 @@ def main(args: Namespace) -> Path | None:
         print(list_tables())
         return None
     if args.table is None:
-        raise SystemExit("name a table (reproduce.py --list shows them)")
+        raise cli.UserError(f"name a table: one of {', '.join(sorted(TABLES))} (reproduce.py --list shows the "
+                            "runs each trains)")
     table, budget = TABLES[args.table], BUDGETS[args.budget]
     data.dataset_info(args.dataset)  # unknown names fail before anything runs
     table_runs(table, args.dataset)  # a table not defined for this dataset: one line listing those that are
-    for key in args.ood:  # unreadable NAME=PATH files fail before anything is trained or written
+    for key in data.unique_sets(args.ood):  # one NAME for two sets, unreadable NAME=PATH files: fail before
+        # anything is trained or written
         data.check_dataset(key, like=args.dataset, root=resolve_data_root(args.data_root))
     if args.ood and table.evaluate is None:
         print(f"note: {args.table} evaluates no OOD sets; --ood is not used")
@@ -304,6 +307,4 @@ def main(args: Namespace) -> Path | None:
 
 
 if __name__ == "__main__":
-    from utils import cli
-
     cli.run(main, get_args_parser())

@@ -25,6 +25,8 @@ from PIL import Image
 from data.base import DatasetNotFoundError, TensorImageDataset
 
 MAX_LISTED = 10  # unreadable files named in the error message
+# names the evaluation uses for sets of its own ("in": the in-distribution test set); a user's set may not take them
+RESERVED_NAMES = ("in",)
 
 
 class PathSetError(ValueError):
@@ -43,12 +45,29 @@ def split_key(key: str) -> tuple[str, str]:
     if not name or not path or any(c in name for c in ",/\\") or any(c.isspace() for c in name):
         raise PathSetError(f"{key!r}: expected NAME=PATH with a short NAME (no spaces, ',' or '/') and a PATH to an "
                            "image folder or a .npz file")
+    if name in RESERVED_NAMES:
+        raise PathSetError(f"{key!r}: the NAME {name!r} is reserved (the in-distribution test set); give the set "
+                           "another NAME")
     return name, os.path.expanduser(path)
 
 
 def set_name(key: str) -> str:
     """The name rows and tables show for a dataset key: NAME for ``NAME=PATH``, the key itself otherwise."""
     return split_key(key)[0] if is_path_set(key) else key
+
+
+def unique_sets(keys: list[str]) -> list[str]:
+    """``keys`` with exact repeats dropped (first kept); two different sets under one NAME (``a=x.npz,a=y.npz``)
+    raise PathSetError, since rows and tables would show only one of them under that name. Every script that
+    takes a list of sets passes it through here."""
+    kept: dict[str, str] = {}
+    for key in keys:
+        name = set_name(key)
+        if name in kept and kept[name] != key:
+            raise PathSetError(f"two OOD sets are named {name!r} ({kept[name]!r} and {key!r}); rows and tables "
+                               "keep one set per NAME, so give each its own NAME")
+        kept.setdefault(name, key)
+    return list(kept.values())
 
 
 def _to_shape(image: Image.Image, shape: tuple[int, ...]) -> np.ndarray:
@@ -94,13 +113,27 @@ def _read_npz(path: Path, shape: tuple[int, ...]) -> np.ndarray:
     except PathSetError:
         raise
     except Exception as error:  # noqa: BLE001 (zip/pickle/format errors: the file is unreadable)
-        raise PathSetError(f"{path}: not a readable .npz file ({type(error).__name__}: {error})") from None
+        raise PathSetError(f"{path}: not a readable .npz file ({_npz_reason(error)}); save the images with "
+                           "np.savez(path, x=images)") from None
+    if not isinstance(x, np.ndarray):  # numpy hands back the raw bytes of a member that is not a .npy file
+        raise PathSetError(f"{path}: its member x.npy is not a .npy array file; save the images with "
+                           "np.savez(path, x=images)")
     if x.dtype != np.uint8 or x.ndim not in (3, 4) or (x.ndim == 4 and x.shape[3] not in (1, 3, 4)) or not len(x):
         raise PathSetError(f"{path}: 'x' must be uint8 images of shape (N, H, W) or (N, H, W, C) with C in 1, 3, 4; "
                            f"got {x.dtype} {tuple(x.shape)}")
     if x.ndim == 4 and x.shape[3] == 1:
         x = x[:, :, :, 0]  # PIL reads (H, W) arrays as grey
     return np.stack([_to_shape(Image.fromarray(image), shape) for image in x])
+
+
+def _npz_reason(error: Exception) -> str:
+    """Why numpy could not read the file, in our words: numpy's own message for a file that is neither a zip
+    archive nor a .npy array advises loading it with pickle, which this project never does."""
+    text = str(error)
+    if "pickle" in text:
+        return "it is neither a zip archive of .npy arrays nor a .npy array"
+    first = text.splitlines()[0] if text.strip() else ""
+    return f"{type(error).__name__}: {first}" if first else type(error).__name__
 
 
 @functools.lru_cache(maxsize=4)

@@ -150,3 +150,16 @@ def test_a_retuned_evaluation_row_replaces_the_old_one(tmp_path):
     retuned = {**row, "auroc": 0.95, "options": {"tune_ood": "uniform", "tuned": {"temperature": 1000.0}}}
     assert store.upsert_rows(path, [retuned], store.KEYS["ood"]) == 1
     assert [json.loads(line)["auroc"] for line in path.read_text().splitlines()] == [0.95]
+
+
+def test_full_disk_names_the_results_file(tmp_path, monkeypatch):
+    """The one-line message of a full disk names the rows file (a failed write itself names no file)."""
+    from utils import cli
+
+    path = tmp_path / "rows.jsonl"
+    store.upsert_rows(path, [{"name": "r0", "value": 0}], KEY)
+    monkeypatch.setattr(store.os, "fsync", lambda *a: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left")))
+    with pytest.raises(OSError) as error:
+        store.upsert_rows(path, [{"name": "r1", "value": 1}], KEY)
+    assert error.value.errno == errno.ENOSPC and error.value.filename == str(path)
+    assert cli.user_message(error.value) == f"No space left on {path}; free some space and run the command again"

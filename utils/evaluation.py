@@ -1,6 +1,9 @@
 """Evaluation of table entries: load each run once, score every set once, write rows and cached scores."""
 from __future__ import annotations
 
+import hashlib
+import io
+import json
 from argparse import Namespace
 from collections import defaultdict
 from pathlib import Path
@@ -13,14 +16,16 @@ import data
 import models
 from model_paths import TableEntry
 from utils import metrics
+from utils.cli import UserError
 from utils.detectors import get_detector_class
 from utils.detectors.bayes import as_one_network  # the network itself, or an ensemble's averaged probabilities
 from utils.detectors.base import Detector
-from utils.runs import file_hash, git_sha, now
-from utils.store import KEYS, upsert_rows
+from utils.runs import file_hash, git_sha, now, write_atomically
+from utils.store import KEYS, locked, read_rows, upsert_rows
 from utils.calibration import collect_logits, fit_temperature
-from utils.ddu_summary import classification_metrics, score_names, write_summaries
+from utils.ddu_summary import ROW_KEYS, classification_metrics, score_names, write_summaries
 from utils.scoring import SetScores, score_dataset
+from utils.tables import latest_rows
 
 
 def build_detector(entry: TableEntry, loaded: list, train_set: Dataset, tune_sets: dict, args: Namespace):
@@ -192,12 +197,30 @@ def set_rows(entry: TableEntry, run: str, checkpoint: str, scores: dict[str, Set
 
 
 def cache_scores(path: Path, scores: dict[str, SetScores], key: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write the per-sample confidences (and max-probabilities) of every set to the .npz `path` atomically.
+
+    The temporary file has a name of its own (utils.runs.write_atomically), so evaluations of the same run in
+    several processes never rename each other's file; a full disk raises DiskFullError naming `path` and
+    leaves no temporary file behind."""
     arrays = {name: s.confidences[key].numpy() for name, s in scores.items()}
     arrays.update({f"{name}__maxprob": s.probs.max(dim=1).values.numpy() for name, s in scores.items()})
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez_compressed(tmp, **arrays)
-    tmp.replace(path)
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)
+    write_atomically(path, buffer.getvalue(), what="score cache")
+
+
+def cache_path(run_name: str, entry: TableEntry, checkpoint: str, scores: dict, options: dict,
+               args: Namespace) -> Path:
+    """results/scores/<DATASET>/<run>__<label>__<detector>__<checkpoint>__<sets>.npz. <sets> hashes the sets
+    scored and the settings that change their numbers, so one file always holds one content: evaluations with
+    other OOD sets or sample sizes get files of their own instead of replacing each other's."""
+    attack = [getattr(args, name, None) for name in ("adv_sets", "n_adv", "attack_eps", "attack_steps",
+                                                     "attack_step_size", "attack_norm")]
+    what = {"sets": sorted(scores), "attack": attack,
+            "settings": row_settings(options, "", bool(getattr(args, "tuning", False)), args)}
+    tag = hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    safe = f"{run_name}__{entry.label}__{entry.detector}__{checkpoint}__{tag}".replace("/", "_").replace(" ", "_")
+    return Path(args.results_root) / "scores" / args.dataset / f"{safe}.npz"
 
 
 def group_by_runs(entries: list[TableEntry], args: Namespace) -> dict[tuple, list[TableEntry]]:
@@ -241,8 +264,7 @@ def evaluate_group(runs: tuple, group_entries: list[TableEntry], sets: dict, tun
         key = f"{entry.label}|{entry.detector}"
         rows += set_rows(entry, run_name, checkpoint, scores, key, built[key][1], temperature,
                          config.get("seed"), args)
-        safe = f"{run_name}__{entry.label}__{entry.detector}__{checkpoint}".replace("/", "_").replace(" ", "_")
-        cache_scores(Path(args.results_root) / "scores" / args.dataset / f"{safe}.npz", scores, key)
+        cache_scores(cache_path(run_name, entry, checkpoint, scores, built[key][1], args), scores, key)
     return rows
 
 
@@ -271,13 +293,28 @@ def evaluate_entries(entries: list[TableEntry], args: Namespace, ood_sets: list[
             raise naming_run(error, runs) from error
         upsert_rows(rows_path(args), group_rows, KEYS["ood"])
         rows += group_rows
-    write_summaries(rows, Path(args.results_root) / "ddu")
+    write_ddu_summaries(rows_path(args), {row["label"] for row in rows}, Path(args.results_root) / "ddu")
     return rows
+
+
+def write_ddu_summaries(path: Path, labels: set[str], out_dir: Path) -> None:
+    """The DDU summaries of `labels`, from the stored rows (the newest of each run, detector and OOD set) and
+    under the store's lock: of two evaluations of one label finishing together, the later summary holds both's
+    runs, as the tables do. Rows of older versions without the DDU fields are left out."""
+    if not labels:
+        return
+    with locked(path):
+        stored = [row for row in latest_rows(read_rows(path)) if row.get("label") in labels
+                  and all(key in row for key in ROW_KEYS)]
+        write_summaries(stored, out_dir)
 
 
 def naming_run(error: Exception, runs: tuple) -> Exception:
     """`error` with "run <dir>: " in front of its message, of the same type when that type takes a message."""
     message = f"run {' + '.join(map(str, runs))}: {error}"
+    if isinstance(error, OSError) and error.errno is not None and not isinstance(error, UserError):
+        # keep errno and file name: the one-line message of a full disk (utils.cli) is built from them
+        return type(error)(error.errno, f"run {' + '.join(map(str, runs))}: {error.strerror}", error.filename)
     try:
         named = type(error)(message)
     except Exception:  # noqa: BLE001 (an exception type with another signature)

@@ -27,12 +27,15 @@ reason; they are never silently dropped or glued onto.
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
+
+from utils.cli import UserError
 
 # The key of each kind of row. Fields absent from a row count as None.
 KEYS: dict[str, tuple[str, ...]] = {
@@ -56,6 +59,25 @@ KEYS: dict[str, tuple[str, ...]] = {
     # active_learning.py, results/active_learning/<DATASET>_<acquisition>.jsonl: one row per round
     "active_learning": ("dataset", "acquisition", "seed", "round"),
 }
+
+
+RESULT_FOLDERS = ("ood", "scores", "tables", "ddu", "attacks")  # what the scripts write under a results root
+
+
+def check_results_root(root: str | Path, flag: str = "--results-root") -> None:
+    """Refuse, before any work, a results root that is a file or a folder this user cannot write in (the root,
+    its result folders that exist, or the nearest existing folder above a root still to be made)."""
+    root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise UserError(f"{flag} {root} is a file; give a folder (it is made if missing)")
+    existing = next(p for p in [root, *root.absolute().parents] if p.exists())
+    if not existing.is_dir():
+        raise UserError(f"{flag} {root}: {existing} is a file, so no folder can be made there; give another path")
+    folders = [existing, *(root / name for name in RESULT_FOLDERS if (root / name).is_dir())]
+    for folder in folders:
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise UserError(f"{flag} {root}: no permission to write in {folder}; fix its permissions or give "
+                            "another folder")
 
 
 class UnreadableRowError(ValueError):
@@ -122,8 +144,11 @@ def _replace_file(path: Path, text: str) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         tmp.unlink(missing_ok=True)
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+            # name the results file (a failed write names none) in the one-line message of utils.cli
+            raise OSError(errno.ENOSPC, f"{error.strerror}; the rows in {path} are intact", str(path)) from error
         raise
     folder = os.open(path.parent, os.O_RDONLY)
     try:

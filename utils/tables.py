@@ -127,6 +127,11 @@ def _write_tables(dataset: str, results_root: str | Path, layout: str, cell_metr
                   labels: list[str] | None, name: str, all_rows: list[dict]) -> str:
     rows_path = Path(results_root) / "ood" / f"{name}.jsonl"
     rows = latest_rows(all_rows)
+    known = list(dict.fromkeys(row["label"] for row in rows))
+    unknown = [label for label in labels or [] if label not in known]
+    if unknown and known:
+        raise ValueError(f"unknown label(s) {', '.join(map(repr, unknown))} in {rows_path}; known: "
+                         f"{', '.join(known)}")
     if labels:
         rows = sorted((r for r in rows if r["label"] in labels), key=lambda r: labels.index(r["label"]))
     if not rows:
