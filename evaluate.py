@@ -31,6 +31,7 @@ from utils import evaluation, preflight, tables
 from utils.amp import AMP_DTYPES, check_amp, default_amp, set_attack_amp
 from utils.detectors import DETECTORS
 from utils.metrics import FPR_CONVENTIONS
+from utils.progress import add_progress_flag
 from utils.runs import resolve_data_root
 
 
@@ -51,8 +52,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--detectors", default=None,
                    help=f"comma list from {sorted(DETECTORS)}; with --runs the detectors to use (default msp), "
                         "otherwise extra detectors added to every single-model table entry")
-    p.add_argument("--ood", default=None, help="comma list of OOD sets (default: data.OOD_TEST[dataset]): data keys "
-                                              "or NAME=PATH (an image folder or a .npz of uint8 images)")
+    p.add_argument("--ood", nargs="+", action=data.DatasetListAction, default=None, metavar="SET",
+                   help="OOD sets (default: data.OOD_TEST[dataset]): data keys or NAME=PATH (an image folder or a .npz "
+                        f"of uint8 images); {data.SET_LIST_FORMS}")
     p.add_argument("--adv-sets", default="", help="comma list of attack-made OOD sets, e.g. adv_noise,adv_samples")
     p.add_argument("--n-ood", type=int, default=10000, help="samples per OOD set (at most)")
     p.add_argument("--n-adv", type=int, default=1000, help="test images used to seed each adversarial set")
@@ -78,7 +80,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", default=None, help="dataset folder (default: $DATA_ROOT or ./datasets)")
     p.add_argument("--download", action=argparse.BooleanOptionalAction, default=False)
     p.add_argument("--results-root", default="results")
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    add_progress_flag(p)
     t = p.add_argument_group("tables (--table reads result rows only; no model is loaded)")
     t.add_argument("--table", action=argparse.BooleanOptionalAction, default=False)
     t.add_argument("--layout", default="ccu", choices=sorted(tables.LAYOUTS))
@@ -153,7 +155,7 @@ def main(args: Namespace) -> None:
     adv_sets = [name for name in args.adv_sets.split(",") if name]
     evaluation.check_adv_sets(adv_sets)
     entries = checked_entries(args)
-    ood_sets = args.ood.split(",") if args.ood else list(data.OOD_TEST[args.dataset])
+    ood_sets = list(args.ood or data.OOD_TEST[args.dataset])
     for name in ood_sets + ([args.tune_ood] if args.tune_ood else []):  # unknown names and unreadable NAME=PATH
         # files fail before anything is written
         data.check_dataset(name, like=args.dataset, root=args.data_root)

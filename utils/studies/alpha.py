@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
+from utils.progress import bar
 
 from utils.attacks import eval_mode
 from utils.cli import AT_LEAST_ONE, UNIT_OPEN, Range
@@ -165,7 +165,7 @@ def main(args: argparse.Namespace) -> None:
     generator = torch.Generator().manual_seed(args.seed)
     x = torch.rand((args.n, *shape), generator=generator, dtype=torch.float64).to(args.device, dtype)
     rows = []
-    for label, run_dir in tqdm(_run_list(args), desc="models", disable=not getattr(args, "progress", False)):
+    for label, run_dir in bar(_run_list(args), getattr(args, "progress", None), desc="models"):
         model = models.load_run(run_dir, device=args.device).to(dtype)
         row = {"study": "alpha", "dataset": args.dataset, "label": label, "run": str(run_dir),
                "checkpoint": runs.file_hash(run_dir / "model.pt"), "n": args.n, "target": args.target,
