@@ -26,6 +26,7 @@ import torch
 
 import data
 import model_paths
+from utils.cli import UserError
 from utils.eta import Eta, duration
 from utils.resume import run_state
 from utils.runs import resolve_data_root
@@ -42,13 +43,14 @@ class Table:
     evaluate: tuple[str, ...] | None = None  # evaluate.py flags, None = no evaluation
     study: str | None = None                 # a gen_attack_stats.py study
     output: str = "{dataset}_ood.md"         # the table file the step writes under <results>/tables/
+    needs_label: str | None = None           # an entry the step cannot do without (the ccu study: "CCU")
 
 
 TABLES: dict[str, Table] = {
     "ccu-table2": Table("CCU Table 2: MMC and AUROC of every method of the CCU paper on the OOD sets", "{dataset}",
                         evaluate=("--layout", "ccu", "--metrics", "auroc,mmc")),
     "ccu-table1": Table("CCU Table 1: adversarial noise inside CCU's certified balls (TE/MMC/SR/AUC)", "{dataset}",
-                        study="ccu", output="{dataset}_ccu_attack.md"),
+                        study="ccu", output="{dataset}_ccu_attack.md", needs_label="CCU"),
     "acet-table1": Table("ACET Table 1: Plain/CEDA/ACET on OOD sets, adversarial noise and adversarial samples",
                          "{dataset}/acet", evaluate=("--layout", "ccu", "--metrics", "mmc,auroc,fpr95",
                                                      "--adv-sets", "adv_noise,adv_samples")),
@@ -285,9 +287,10 @@ def write_table(args: Namespace, table_name: str, table: Table, budget: Budget) 
 
 
 def table_datasets(table: Table) -> list[str]:
-    """The datasets model_paths.MODEL_PATHS defines the table for (what --list offers)."""
-    return sorted({key.split("/")[0] for key in model_paths.MODEL_PATHS
-                   if table.paths.format(dataset=key.split("/")[0]) == key})
+    """The datasets model_paths.MODEL_PATHS defines the table for, with the entry it needs (what --list offers)."""
+    return sorted({key.split("/")[0] for key, entries in model_paths.MODEL_PATHS.items()
+                   if table.paths.format(dataset=key.split("/")[0]) == key
+                   and (table.needs_label is None or any(entry.label == table.needs_label for entry in entries))})
 
 
 def _trains(table: Table, dataset: str) -> str:
@@ -321,6 +324,9 @@ def main(args: Namespace) -> Path | None:
     table, budget = TABLES[args.table], BUDGETS[args.budget]
     data.dataset_info(args.dataset)  # unknown names fail before anything runs
     table_runs(table, args.dataset)  # a table not defined for this dataset: one line listing those that are
+    if args.dataset not in table_datasets(table):  # defined, but without the entry its step needs (moons: no CCU)
+        raise UserError(f"{args.table} needs a {table.needs_label} entry, which model_paths.MODEL_PATHS has not for "
+                        f"{args.dataset}; datasets it runs on: {', '.join(table_datasets(table))}")
     for key in args.ood:  # unreadable NAME=PATH files fail before anything is trained or written
         data.check_dataset(key, like=args.dataset, root=resolve_data_root(args.data_root))
     if args.ood and table.evaluate is None:
