@@ -106,13 +106,23 @@ BUDGETS: dict[str, Budget] = {
 }
 
 
+class _OodAction(data.DatasetListAction):
+    """--ood's list, which would swallow a table named after it: say so instead of "unknown dataset"."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        tables = [value for value in values if value in TABLES]
+        if tables:
+            parser.error(f"argument --ood: {tables[0]!r} is a table, not an OOD set; name the table before --ood")
+        super().__call__(parser, namespace, values, option_string)
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("table", nargs="?", choices=sorted(TABLES), help="the paper table to reproduce")
     p.add_argument("--list", action="store_true", help="print the tables and the runs each trains")
     p.add_argument("--dataset", default="MNIST", help="in-distribution: a key of data.DATASETS")
     p.add_argument("--budget", default="paper", choices=list(BUDGETS))
-    p.add_argument("--ood", nargs="+", action=data.DatasetListAction, default=[], metavar="SET",
+    p.add_argument("--ood", nargs="+", action=_OodAction, default=[], metavar="SET",
                    help="extra OOD sets for evaluated tables, added to data.OOD_TEST[dataset]: data keys or NAME=PATH "
                         f"(image folder or .npz); {data.SET_LIST_FORMS}")
     p.add_argument("--data-root", default=None, help="dataset folder (default: $DATA_ROOT or ./datasets)")
@@ -337,8 +347,10 @@ def main(args: Namespace) -> Path | None:
         print("\n".join(f"{i}. {step.title}" for i, step in enumerate(steps, 1)) or "nothing to train")
         return None
     eta = Eta()  # runs finished earlier under this budget time their kind before anything runs
-    eta.record_finished_runs(roots(args)[0] / args.dataset, {name: f"train {name.rpartition('-s')[0]}" for what, name, _
-                                                             in table_needs(table, args.dataset) if what == "run"})
+    dataset_dir = roots(args)[0] / args.dataset
+    eta.record_finished_runs(dataset_dir, {name: f"train {name.rpartition('-s')[0]}" for what, name, _
+                                           in table_needs(table, args.dataset)
+                                           if what == "run" and run_state(dataset_dir / name) == "finished"})
     run_steps(steps, label, eta)
     out = write_table(args, args.table, table, budget)
     print(out.read_text())

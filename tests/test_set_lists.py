@@ -85,3 +85,10 @@ def test_reproduce_hands_evaluate_every_set(tmp_path):
     argv = steps[-1].argv
     parsed = evaluate.get_args_parser().parse_args(argv)
     assert parsed.ood == [*dict.fromkeys([*data.OOD_TEST["digits"], "a=x.npz", "uniform", "b=y.npz"])]
+
+
+def test_reproduce_names_a_table_swallowed_by_ood(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        reproduce.get_args_parser().parse_args(["--dataset", "digits", "--ood", "uniform", "odin-table2"])
+    assert exit_info.value.code == 2
+    assert "'odin-table2' is a table, not an OOD set; name the table before --ood" in capsys.readouterr().err
