@@ -10,7 +10,8 @@ import pytest
 from utils import progress
 
 ROOT = Path(__file__).resolve().parent.parent
-TRAIN = ["train.py", "--dataset", "digits", "--method", "plain", "--epochs", "2", "--max-batches", "5", "--device", "cpu"]
+TRAIN = ["train.py", "--dataset", "digits", "--method", "plain", "--epochs", "2", "--max-batches", "5",
+         "--device", "cpu"]
 
 
 class _Terminal(io.StringIO):
@@ -41,9 +42,14 @@ def test_redirected_training_log_has_no_bar_fragments(tmp_path):
     assert sum(line.startswith("epoch ") for line in stdout.splitlines()) == 2, stdout  # the per-epoch lines stay
 
 
-def test_progress_flag_forces_bars_into_a_file(tmp_path):
-    _, stderr = _train_with_stderr_in_a_file(tmp_path, "--progress")
-    assert stderr.count("\r") >= 2  # at least one bar per epoch
+def test_progress_flag_forces_bars_where_stderr_is_not_a_terminal(tmp_path, capsys):
+    import train
+
+    argv = [*TRAIN[1:], "--runs-root", str(tmp_path / "runs")]
+    train.main(train.get_args_parser().parse_args([*argv, "--name", "quiet"]))
+    assert "\r" not in capsys.readouterr().err  # capsys's stderr is no terminal: no bars by default
+    train.main(train.get_args_parser().parse_args([*argv, "--name", "forced", "--progress"]))
+    assert capsys.readouterr().err.count("\r") >= 2  # at least one bar per epoch
 
 
 @pytest.mark.parametrize("module", ["utils.training", "utils.scoring", "utils.studies.ccu", "utils.studies.alpha",

@@ -1,8 +1,4 @@
 """--ood: one syntax everywhere (comma-separated, space-separated, repeated), parsed once by data.dataset_list."""
-import subprocess
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
@@ -11,8 +7,6 @@ import evaluate
 import gen_attack_stats
 import reproduce
 from utils.plots import ddu
-
-ROOT = Path(__file__).resolve().parent.parent
 
 PARSERS = {
     "evaluate.py": lambda: evaluate.get_args_parser(),
@@ -62,18 +56,19 @@ def test_deprecated_alias_reads_the_list_like_the_flag(capsys):
     assert "--ood-sets is deprecated" in capsys.readouterr().err
 
 
-def test_reproduce_refuses_a_comma_path_before_any_training(tmp_path):
+def test_reproduce_refuses_a_comma_path_before_any_training(tmp_path, capsys):
     """Issue 18.9: the file exists (so a per-item check passed), but the list handed to evaluate.py split it in two
     after every run had trained; now the command line is refused before any work."""
+    from utils import cli
+
     npz = tmp_path / "a,b.npz"
     np.savez(npz, x=np.zeros((4, 8, 8), dtype=np.uint8))
-    result = subprocess.run([sys.executable, "reproduce.py", "odin-table2", "--dataset", "digits", "--budget", "tiny",
-                             "--runs-root", str(tmp_path / "runs"), "--results-root", str(tmp_path / "results"),
-                             "--device", "cpu", "--ood", f"mine={npz}"], cwd=ROOT, capture_output=True, text=True,
-                            timeout=120)
-    assert result.returncode == 2
-    assert f"mine={tmp_path}/a: ',' separates sets" not in result.stderr  # the whole item is named, not half of it
-    assert f"mine={npz}: ',' separates sets, so a PATH cannot contain one" in result.stderr
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run(reproduce.main, reproduce.get_args_parser(),
+                ["odin-table2", "--dataset", "digits", "--budget", "tiny", "--runs-root", str(tmp_path / "runs"),
+                 "--results-root", str(tmp_path / "results"), "--device", "cpu", "--ood", f"mine={npz}"])
+    assert exit_info.value.code == 2
+    assert f"mine={npz}: ',' separates sets, so a PATH cannot contain one" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists() and not (tmp_path / "results").exists()
 
 

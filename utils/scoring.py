@@ -7,11 +7,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-from utils.progress import bar
 
 from utils.amp import autocast
 from utils.detectors.base import Detector, model_outputs
 from utils.detectors.bayes import predictive_confidence, tempered_probs
+from utils.progress import bar
 
 
 @dataclass

@@ -23,13 +23,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
-from utils.progress import bar
 
 import data
 from data.base import TensorImageDataset
 from data.device_loader import DeviceDataset, EpochBatches
 from utils.amp import Precision
 from utils.distributed import unwrap
+from utils.progress import bar
 
 
 def world() -> tuple[int, int]:

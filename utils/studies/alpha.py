@@ -24,10 +24,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from utils.progress import bar
 
 from utils.attacks import eval_mode
 from utils.cli import AT_LEAST_ONE, UNIT_OPEN, Range
+from utils.progress import bar
 from utils.studies import add_common_args, dataset_of_runs
 
 RANGES = {"n": AT_LEAST_ONE, "target": UNIT_OPEN, "alpha_max": Range(1.0),

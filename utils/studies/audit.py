@@ -8,10 +8,10 @@ import warnings
 
 import torch
 from torch import nn
-from utils.progress import bar
 
 from utils.cli import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, UNIT_OPEN
 from utils.limits import limit_analysis, numeric_confidence
+from utils.progress import bar
 from utils.studies import add_common_args, dataset_of_runs
 AUDIT_SOURCES = ("gaussian", "test", "noise")
 RANGES = {"n_directions": AT_LEAST_ONE, "alpha_check": POSITIVE, "threshold": UNIT_OPEN, "agree_tol": NON_NEGATIVE,

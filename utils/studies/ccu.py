@@ -27,7 +27,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from utils.progress import bar
 
 import model_paths
 from models.gmm import PCAMetric
@@ -35,6 +34,7 @@ from utils.amp import attack_autocast
 from utils.attacks import eval_mode
 from utils.cli import AT_LEAST_ONE, NON_NEGATIVE_INT, POSITIVE, Range
 from utils.detectors.bayes import load_network
+from utils.progress import bar
 from utils.studies import add_common_args
 from utils.studies.ccu_targets import entry_model
 

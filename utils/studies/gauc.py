@@ -30,9 +30,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from utils.progress import bar
 
 from utils.cli import AT_LEAST_ONE, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE
+from utils.progress import bar
 from utils.studies import add_common_args, dataset_of_runs
 
 STUDY = "gauc"
@@ -72,8 +72,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     from utils.cli import add_alias
 
     parser.add_argument("--ood", nargs="+", action=data.DatasetListAction, default=None, metavar="SET",
-                        help="OOD sets: data keys or NAME=PATH (image folder or .npz); default: data.OOD_TEST[dataset]; "
-                             + data.SET_LIST_FORMS)
+                        help="OOD sets: data keys or NAME=PATH (image folder or .npz); default: "
+                             f"data.OOD_TEST[dataset]; {data.SET_LIST_FORMS}")
     add_alias(parser, "--ood-sets", "--ood", dest="ood")
     parser.add_argument("--n-ood", type=int, default=1000, help="points per OOD set (seeded subset)")
     parser.add_argument("--n-test", type=int, default=None, help="in-distribution test points (default: all)")
