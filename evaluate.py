@@ -34,6 +34,7 @@ from utils.cli import AT_LEAST_ONE, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE
 from utils.amp import AMP_DTYPES, check_amp, default_amp, set_attack_amp
 from utils.detectors import DETECTORS
 from utils.metrics import FPR_CONVENTIONS
+from utils.progress import add_progress_flag
 from utils.runs import resolve_data_root
 from utils.store import check_results_root
 
@@ -71,8 +72,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--detectors", default=None,
                    help=f"comma list from {sorted(DETECTORS)}; with --runs the detectors to use (default msp), "
                         "otherwise extra detectors added to every single-model table entry")
-    p.add_argument("--ood", default=None, help="comma list of OOD sets (default: data.OOD_TEST[dataset]): data keys "
-                                              "or NAME=PATH (an image folder or a .npz of uint8 images)")
+    p.add_argument("--ood", nargs="+", action=data.DatasetListAction, default=None, metavar="SET",
+                   help="OOD sets (default: data.OOD_TEST[dataset]): data keys or NAME=PATH (an image folder or a .npz "
+                        f"of uint8 images); {data.SET_LIST_FORMS}")
     p.add_argument("--adv-sets", default="", help="comma list of attack-made OOD sets, e.g. adv_noise,adv_samples")
     p.add_argument("--n-ood", type=int, default=10000, help="samples per OOD set (at most)")
     p.add_argument("--n-adv", type=int, default=1000, help="test images used to seed each adversarial set")
@@ -98,7 +100,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", default=None, help="dataset folder (default: $DATA_ROOT or ./datasets)")
     p.add_argument("--download", action=argparse.BooleanOptionalAction, default=False)
     p.add_argument("--results-root", default="results")
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    add_progress_flag(p)
     t = p.add_argument_group("tables (--table reads result rows only; no model is loaded)")
     t.add_argument("--table", action=argparse.BooleanOptionalAction, default=False)
     t.add_argument("--layout", default="ccu", choices=sorted(tables.LAYOUTS))
@@ -140,9 +142,9 @@ def distinct_runs(runs: list[str]) -> list[str]:
 def ood_set_keys(args: Namespace, adv_sets: list[str]) -> list[str]:
     """The OOD sets to score (--ood, default data.OOD_TEST[dataset]): every NAME once, none taken by an
     attack-made set of --adv-sets; a set that cannot be read fails here, before anything is loaded or written."""
-    given = [key for key in args.ood.split(",") if key] if args.ood else list(data.OOD_TEST[args.dataset])
+    given = list(args.ood) if args.ood is not None else list(data.OOD_TEST[args.dataset])
     if not given:
-        raise cli.UserError(f"--ood {args.ood!r} names no set; give data keys or NAME=PATH, comma-separated")
+        raise cli.UserError("--ood names no set; give data keys or NAME=PATH (comma-separated or repeated)")
     ood_sets = data.unique_sets(given)
     data.unique_sets(ood_sets + ([args.tune_ood] if args.tune_ood else []))  # --tune-ood NAME=PATH vs --ood
     taken = sorted({data.set_name(key) for key in ood_sets} & set(adv_sets))

@@ -23,6 +23,7 @@ import torch
 
 from utils import cli
 from utils.amp import AMP_DTYPES, check_amp, default_amp, set_attack_amp
+from utils.progress import add_progress_flag
 
 # study name -> module that provides add_args(parser) and main(args)
 STUDIES = {"ccu": "utils.studies.ccu", "alpha": "utils.studies.alpha", "audit": "utils.studies.audit",
@@ -36,7 +37,7 @@ def get_args_parser(study: str) -> argparse.ArgumentParser:
                         help="precision of the attack steps (default: bf16 on CUDA where supported, else off); "
                              "certificates, limits and reported confidences stay float32/float64")
     importlib.import_module(STUDIES[study]).add_args(parser)
-    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm bars")
+    add_progress_flag(parser)
     cli.add_alias(parser, "--results", "--results-root", dest="results_root")
     cli.add_debug_flag(parser)
     return parser

@@ -131,6 +131,39 @@ def run_flags(run: str) -> tuple[list[str], int]:
     return RUN_FLAGS[kind], int(seed)
 
 
+# train.py flags whose value names something of the same dataset that must exist before the run trains: another
+# run ("run", e.g. ProoD's finished classifier) or a mixture fit of gen_gmm.py ("gmm", CCU's).
+NEEDS_FLAGS: dict[str, str] = {"--classifier": "run", "--gmm": "gmm"}
+
+
+def run_needs(run: str) -> list[tuple[str, str]]:
+    """(what, name) of everything run "<kind>-s<seed>" needs first, read from its RUN_FLAGS, so a table never lists
+    a run without what trains it (the digits table names prood-s0 but not the oe-s0 it trains beside)."""
+    flags, _ = run_flags(run)
+    return [(NEEDS_FLAGS[flag], value) for flag, value in zip(flags, flags[1:]) if flag in NEEDS_FLAGS]
+
+
+def training_order(runs: list[str]) -> list[tuple[str, str, tuple[str, ...]]]:
+    """(what, name, needed_by) of the runs and all they need, each once, everything before what needs it: what is
+    "run" (train.py) or "gmm" (gen_gmm.py); needed_by names the runs that pulled in a dependency (empty for the
+    runs asked for). Runs keep their order otherwise."""
+    order: dict[tuple[str, str], list[str]] = {}
+
+    def visit(what: str, name: str, needed_by: tuple[str, ...]) -> None:
+        if name in needed_by:
+            raise ValueError(f"run {name!r} needs itself: {' -> '.join((*needed_by, name))}; fix RUN_FLAGS")
+        if what == "run":
+            for dependency in run_needs(name):
+                visit(*dependency, (*needed_by, name))
+        users = order.setdefault((what, name), [])
+        if needed_by and needed_by[-1] not in users:
+            users.append(needed_by[-1])
+
+    for run in runs:
+        visit("run", run, ())
+    return [(what, name, tuple(users)) for (what, name), users in order.items()]
+
+
 def add_run_args(parser, what: str = "study") -> None:
     """The run-selection flags shared by the studies of gen_attack_stats.py."""
     parser.add_argument("--dataset", default=None, help="in-distribution dataset (default: the runs' config)")

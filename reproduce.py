@@ -25,9 +25,10 @@ from typing import Callable
 import torch
 
 import data
-import model_params
 import model_paths
 from utils import cli
+from utils.cli import UserError
+from utils.eta import Eta, duration
 from utils.resume import run_state
 from utils.runs import resolve_data_root
 
@@ -43,13 +44,14 @@ class Table:
     evaluate: tuple[str, ...] | None = None  # evaluate.py flags, None = no evaluation
     study: str | None = None                 # a gen_attack_stats.py study
     output: str = "{dataset}_ood.md"         # the table file the step writes under <results>/tables/
+    needs_label: str | None = None           # an entry the step cannot do without (the ccu study: "CCU")
 
 
 TABLES: dict[str, Table] = {
     "ccu-table2": Table("CCU Table 2: MMC and AUROC of every method of the CCU paper on the OOD sets", "{dataset}",
                         evaluate=("--layout", "ccu", "--metrics", "auroc,mmc")),
     "ccu-table1": Table("CCU Table 1: adversarial noise inside CCU's certified balls (TE/MMC/SR/AUC)", "{dataset}",
-                        study="ccu", output="{dataset}_ccu_attack.md"),
+                        study="ccu", output="{dataset}_ccu_attack.md", needs_label="CCU"),
     "acet-table1": Table("ACET Table 1: Plain/CEDA/ACET on OOD sets, adversarial noise and adversarial samples",
                          "{dataset}/acet", evaluate=("--layout", "ccu", "--metrics", "mmc,auroc,fpr95",
                                                      "--adv-sets", "adv_noise,adv_samples")),
@@ -103,7 +105,16 @@ BUDGETS: dict[str, Budget] = {
                    studies={"ccu": ("--n-seeds", "10", "--restarts", "1", "--steps", "3", "--n-test", "200"),
                             "alpha": ("--n", "100"), "audit": ("--n-directions", "20")}),
 }
-KIND_COST = {"acet": 6.0, "ceda": 2.0, "oe": 2.0, "ccu": 2.5, "ccus": 2.5, "ddu": 1.5}  # rough, for the ETA only
+
+
+class _OodAction(data.DatasetListAction):
+    """--ood's list, which would swallow a table named after it: say so instead of "unknown dataset"."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        tables = [value for value in values if value in TABLES]
+        if tables:
+            parser.error(f"argument --ood: {tables[0]!r} is a table, not an OOD set; name the table before --ood")
+        super().__call__(parser, namespace, values, option_string)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -112,8 +123,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--list", action="store_true", help="print the tables and the runs each trains")
     p.add_argument("--dataset", default="MNIST", help="in-distribution: a key of data.DATASETS")
     p.add_argument("--budget", default="paper", choices=list(BUDGETS))
-    p.add_argument("--ood", nargs="*", default=[], type=data.dataset_arg, metavar="NAME=PATH",
-                   help="extra OOD sets for evaluated tables: data keys or NAME=PATH (image folder or .npz)")
+    p.add_argument("--ood", nargs="+", action=_OodAction, default=[], metavar="SET",
+                   help="extra OOD sets for evaluated tables, added to data.OOD_TEST[dataset]: data keys or NAME=PATH "
+                        f"(image folder or .npz); {data.SET_LIST_FORMS}")
     p.add_argument("--data-root", default=None, help="dataset folder (default: $DATA_ROOT or ./datasets)")
     p.add_argument("--download", action=argparse.BooleanOptionalAction, default=False)
     p.add_argument("--runs-root", default="runs")
@@ -132,55 +144,75 @@ def roots(args: Namespace) -> tuple[Path, Path]:
 
 
 def table_runs(table: Table, dataset: str) -> list[str]:
-    """The run folder names the table's entries need, in table order."""
+    """The run folder names the table's entries name, in table order."""
     entries = model_paths.table_entries(dataset, table.paths.format(dataset=dataset))
     return list(dict.fromkeys(run for entry in entries for run in entry.runs))
+
+
+def table_needs(table: Table, dataset: str) -> list[tuple[str, str, tuple[str, ...]]]:
+    """(what, name, needed_by) of everything the table's runs need, dependencies first (model_paths.training_order):
+    the runs, the runs they train beside (ProoD's classifier) and the mixtures (CCU's)."""
+    return model_paths.training_order(table_runs(table, dataset))
 
 
 @dataclass
 class Step:
     title: str
-    cost: float
+    kind: str                    # what its time depends on (eta.Eta times each kind): "train acet", "evaluate.py"
     action: Callable[[], None]
+    argv: list[str] = field(default_factory=list)
+
+
+def _train_step(run: str, users: tuple[str, ...], base: list[str], budget: Budget, run_dir: Path) -> Step | None:
+    """The step that trains (or resumes) one run, or None (with a note) when it finished earlier."""
+    state = run_state(run_dir)
+    if state == "finished":
+        print(f"{run_dir}: finished earlier, kept")
+        return None
+    flags, seed = model_paths.run_flags(run)
+    kind = run.rpartition("-s")[0]
+    argv = [*base, "--seed", str(seed), "--name", run, *flags, *budget.train, *budget.per_kind.get(kind, ()),
+            "--no-progress"] + (["--resume"] if state == "interrupted" else [])
+    why = f"; needed by {', '.join(users)}" if users else ""
+    return Step(f"train {run} ({state}{why})", f"train {kind}", lambda: _train(argv, run_dir), argv)
+
+
+def _training_steps(args: Namespace, table: Table, budget: Budget, base: list[str]) -> list[Step]:
+    """Each mixture fit and run the table needs and that is not finished, dependencies first."""
+    steps = []
+    for what, name, users in table_needs(table, args.dataset):
+        folder = roots(args)[0] / args.dataset / name
+        if what == "gmm":
+            if not (folder / "gmm.pt").exists():
+                argv = [*base, "--name", name, *budget.gmm]
+                steps.append(Step(f"gen_gmm {name} (needed by {', '.join(users)})", "gen_gmm",
+                                  lambda argv=argv, folder=folder: _gen_gmm(argv, folder), argv))
+        elif (step := _train_step(name, users, base, budget, folder)) is not None:
+            steps.append(step)
+    return steps
 
 
 def plan(args: Namespace, table: Table, budget: Budget) -> list[Step]:
-    """Every step still to do, in order: the mixtures, each unfinished run, then evaluation and/or the study."""
+    """Every step still to do, in order: each unfinished run and what it needs, then evaluation and/or the study."""
     runs_root, results_root = roots(args)
     common = ["--dataset", args.dataset, "--runs-root", str(runs_root), "--device", args.device]
     data_flags = (["--data-root", args.data_root] if args.data_root else []) + (["--download"] if args.download else [])
-    runs, steps = table_runs(table, args.dataset), []
-    gmm_dir = runs_root / args.dataset / "gmm-s0"
-    if any(run.rpartition("-s")[0] in ("ccu", "ccus") for run in runs) and not (gmm_dir / "gmm.pt").exists():
-        argv = [*common, *data_flags, "--name", "gmm-s0", *budget.gmm]
-        steps.append(Step("gen_gmm gmm-s0", 3.0, lambda argv=argv: _gen_gmm(argv, gmm_dir)))
-    epochs = model_params.get_params(args.dataset).epochs
-    for run in runs:
-        flags, seed = model_paths.run_flags(run)
-        kind, run_dir = run.rpartition("-s")[0], runs_root / args.dataset / run
-        state = run_state(run_dir)
-        if state == "finished":
-            print(f"{run_dir}: finished earlier, kept")
-            continue
-        argv = [*common, *data_flags, "--seed", str(seed), "--name", run, *flags, *budget.train,
-                *budget.per_kind.get(kind, ()), "--no-progress"] + (["--resume"] if state == "interrupted" else [])
-        cost = KIND_COST.get(kind, 1.0) * (1 if budget.train else epochs)
-        steps.append(Step(f"train {run} ({state})", cost, lambda argv=argv, run_dir=run_dir: _train(argv, run_dir)))
+    steps = _training_steps(args, table, budget, [*common, *data_flags])
     results = ["--results-root", str(results_root)]
     if table.evaluate is not None:
-        ood = ",".join([*data.OOD_TEST.get(args.dataset, []), *args.ood])
+        ood = list(dict.fromkeys([*data.OOD_TEST.get(args.dataset, []), *args.ood]))
         argv = [*common, *data_flags, *results, "--paths", table.paths.format(dataset=args.dataset),
                 "--skip-missing", "--no-progress", "--no-print", *table.evaluate, *budget.evaluate] + \
-            (["--ood", ood] if ood else [])
-        steps.append(Step("evaluate.py", 0.5 * len(runs), lambda argv=argv: _evaluate(argv, args.budget)))
+            (["--ood", *ood] if ood else [])
+        steps.append(Step("evaluate.py", "evaluate.py", lambda: _evaluate(argv, args.budget), argv))
     if table.study is not None:
         study_data = ["--data-root", args.data_root] if args.data_root and table.study != "alpha" else []
-        argv = ["--study", table.study, *common, *study_data, STUDY_RESULTS_FLAG, str(results_root),
-                *budget.studies.get(table.study, ())]
+        study = ["--study", table.study, *common, *study_data, STUDY_RESULTS_FLAG, str(results_root),
+                 *budget.studies.get(table.study, ())]
         if table.study != "ccu":  # the ccu study finds the table's runs (and its CCU run) itself
-            argv += ["--runs", *[str(runs_root / args.dataset / run) for run in runs]]
-        steps.append(Step(f"gen_attack_stats.py --study {table.study}", 1.0 * len(runs),
-                          lambda argv=argv: _study(argv, args.budget)))
+            study += ["--runs", *[str(runs_root / args.dataset / run) for run in table_runs(table, args.dataset)]]
+        title = f"gen_attack_stats.py --study {table.study}"
+        steps.append(Step(title, title, lambda: _study(study, args.budget), study))
     return steps
 
 
@@ -220,23 +252,20 @@ def _study(argv: list[str], budget: str) -> None:
     gen_attack_stats.run_study(args)  # its number checks and attack precision, as on the command line
 
 
-def _duration(seconds: float) -> str:
-    minutes, secs = divmod(int(seconds), 60)
-    return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m{secs:02d}s"
-
-
-def run_steps(steps: list[Step], label: str) -> None:
-    """Run the steps, printing one progress line per stage with an ETA from the cost of the steps done so far."""
-    start, done_cost, total_cost = time.perf_counter(), 0.0, sum(step.cost for step in steps)
+def run_steps(steps: list[Step], label: str, eta: Eta | None = None) -> None:
+    """Run the steps, printing one progress line per stage; its ETA counts only stages of kinds already timed
+    (utils.eta.Eta), and says which kinds it cannot count yet."""
+    eta = eta or Eta()
+    start = time.perf_counter()
     for index, step in enumerate(steps, 1):
         elapsed = time.perf_counter() - start
-        eta = _duration(elapsed / done_cost * (total_cost - done_cost)) if done_cost else "unknown"
-        print(f"[{label}] stage {index}/{len(steps)}: {step.title} | elapsed {_duration(elapsed)} | ETA {eta}",
-              flush=True)
+        print(f"[{label}] stage {index}/{len(steps)}: {step.title} | elapsed {duration(elapsed)} | "
+              f"{eta.describe([s.kind for s in steps[index - 1:]])}", flush=True)
+        began = time.perf_counter()
         step.action()
-        done_cost += step.cost
-    print(f"[{label}] all {len(steps)} stages done in {_duration(time.perf_counter() - start)} "
-          f"({_duration(time.process_time())} of CPU time in this process)", flush=True)
+        eta.record(step.kind, time.perf_counter() - began)
+    print(f"[{label}] all {len(steps)} stages done in {duration(time.perf_counter() - start)} "
+          f"({duration(time.process_time())} of CPU time in this process)", flush=True)
 
 
 def caption(args: Namespace, table: Table, budget: Budget) -> str:
@@ -244,10 +273,11 @@ def caption(args: Namespace, table: Table, budget: Budget) -> str:
     text = f"{table.what}. In-distribution {args.dataset}; budget `{args.budget}`"
     if args.budget == "paper":
         return text + " (the papers' settings).\n\n"
-    kinds = {run.rpartition("-s")[0] for run in table_runs(table, args.dataset)}
+    needs = table_needs(table, args.dataset)
+    kinds = {name.rpartition("-s")[0] for what, name, _ in needs if what == "run"}
     parts = [("train.py", budget.train), *[(f"train.py ({kind} runs)", flags) for kind, flags in budget.per_kind.items()
                                            if kind in kinds],
-             ("gen_gmm.py", budget.gmm if kinds & {"ccu", "ccus"} else ()),
+             ("gen_gmm.py", budget.gmm if any(what == "gmm" for what, _, _ in needs) else ()),
              ("evaluate.py", budget.evaluate if table.evaluate is not None else ()),
              (f"gen_attack_stats.py --study {table.study}", budget.studies.get(table.study, ()))]
     return text + " (shortened: " + "; ".join(f"{what} {shlex.join(flags)}" for what, flags in parts if flags) \
@@ -267,15 +297,32 @@ def write_table(args: Namespace, table_name: str, table: Table, budget: Budget) 
     return out
 
 
+def table_datasets(table: Table) -> list[str]:
+    """The datasets model_paths.MODEL_PATHS defines the table for, with the entry it needs (what --list offers)."""
+    return sorted({key.split("/")[0] for key, entries in model_paths.MODEL_PATHS.items()
+                   if table.paths.format(dataset=key.split("/")[0]) == key
+                   and (table.needs_label is None or any(entry.label == table.needs_label for entry in entries))})
+
+
+def _trains(table: Table, dataset: str) -> str:
+    """What the table trains on a dataset, dependencies included: "plain-s0, gmm-s0 (gen_gmm), oe-s0 (for prood-s0)"."""
+    parts = []
+    for what, name, users in table_needs(table, dataset):
+        note = "gen_gmm" if what == "gmm" else f"for {', '.join(users)}" if users else ""
+        parts.append(f"{name} ({note})" if note else name)
+    return ", ".join(parts)
+
+
 def list_tables() -> str:
     lines = []
     for name, table in TABLES.items():
-        datasets = sorted({key.split("/")[0] for key in model_paths.MODEL_PATHS
-                           if table.paths.format(dataset=key.split("/")[0]) == key})
-        runs = ", ".join(table_runs(table, datasets[0])) if datasets else "-"
         steps = " + ".join(s for s in ("evaluate.py" if table.evaluate else "",
                                        f"gen_attack_stats.py --study {table.study}" if table.study else "") if s)
-        lines.append(f"{name:13s} {table.what}\n{'':13s} datasets: {', '.join(datasets)}; trains: {runs}; then {steps}")
+        lines.append(f"{name:13s} {table.what}; then {steps}")
+        by_runs: dict[str, list[str]] = {}  # datasets that train the same runs share a line
+        for dataset in table_datasets(table):
+            by_runs.setdefault(_trains(table, dataset), []).append(dataset)
+        lines += [f"{'':13s} {', '.join(datasets)}: trains {runs}" for runs, datasets in by_runs.items()]
     return "\n".join(lines)
 
 
@@ -289,6 +336,9 @@ def main(args: Namespace) -> Path | None:
     table, budget = TABLES[args.table], BUDGETS[args.budget]
     data.dataset_info(args.dataset)  # unknown names fail before anything runs
     table_runs(table, args.dataset)  # a table not defined for this dataset: one line listing those that are
+    if args.dataset not in table_datasets(table):  # defined, but without the entry its step needs (moons: no CCU)
+        raise UserError(f"{args.table} needs a {table.needs_label} entry, which model_paths.MODEL_PATHS has not for "
+                        f"{args.dataset}; datasets it runs on: {', '.join(table_datasets(table))}")
     for key in data.unique_sets(args.ood):  # one NAME for two sets, unreadable NAME=PATH files: fail before
         # anything is trained or written
         data.check_dataset(key, like=args.dataset, root=resolve_data_root(args.data_root))
@@ -299,7 +349,12 @@ def main(args: Namespace) -> Path | None:
     if args.dry_run:
         print("\n".join(f"{i}. {step.title}" for i, step in enumerate(steps, 1)) or "nothing to train")
         return None
-    run_steps(steps, label)
+    eta = Eta()  # runs finished earlier under this budget time their kind before anything runs
+    dataset_dir = roots(args)[0] / args.dataset
+    eta.record_finished_runs(dataset_dir, {name: f"train {name.rpartition('-s')[0]}" for what, name, _
+                                           in table_needs(table, args.dataset)
+                                           if what == "run" and run_state(dataset_dir / name) == "finished"})
+    run_steps(steps, label, eta)
     out = write_table(args, args.table, table, budget)
     print(out.read_text())
     print(f"wrote {out}")

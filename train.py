@@ -37,6 +37,7 @@ from utils.distributed import wrap_ddp
 from utils.methods import METHODS, get_method
 from utils.resume import has_checkpoint, resume_config, resume_record
 from utils.methods import certified as certified_methods
+from utils.progress import add_progress_flag, wanted
 from utils.runs import (append_jsonl, prepare_run_dir, provenance, resolve_data_root, run_folder, trim_log,
                         write_json)
 
@@ -103,7 +104,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="torch.compile the model (falls back to eager with one line when it cannot)")
     speed.add_argument("--device-data", action=argparse.BooleanOptionalAction, default=None,
                    help="hold in-memory sets on --device and augment batches there (default: where it applies)")
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm bars")
+    add_progress_flag(p)
     g = p.add_argument_group("out-distribution and method options")
     g.add_argument("--out-data", default=None, type=data.dataset_arg,
                    help="training out-distribution: a data key, or NAME=PATH (an image folder or a .npz of uint8 images)")
@@ -257,7 +258,7 @@ def main(args: Namespace) -> Path:
         opts.epoch = epoch  # the schedules of good / prood (kappa and eps ramps) read it
         with training.EpochTimer() as timer:
             stats = training.train_epoch(train_model, loader, optimizer, method, opts, make_out, device,
-                                         opts.max_batches, opts.progress and rank == 0, precision,
+                                         opts.max_batches, wanted(opts.progress) and rank == 0, precision,
                                          aux=aux)
         guard.check(epoch + 1, run_dir, lr)
         scheduler.step()

@@ -7,12 +7,13 @@ Every dataset yields (x, y): x float32 in [0, 1] of shape (C, H, W) (or (D,) for
 from data.base import DatasetNotFoundError, TensorImageDataset
 from data.noise import acet_noise_batch, ccu_noise_batch, gaussian_batch, uniform_batch
 from data.path_sets import PathSetError, set_name, unique_sets
-from data.registry import (DATASETS, OOD_TEST, DatasetSpec, check_dataset, dataset_arg, dataset_info, default_augment,
-                           get_dataset)
+from data.registry import (DATASETS, OOD_TEST, SET_LIST_FORMS, DatasetListAction, DatasetSpec, check_dataset,
+                           dataset_arg, dataset_info, dataset_list, default_augment, get_dataset)
 from data.transforms import AUGMENTATIONS
 
 __all__ = [
-    "AUGMENTATIONS", "DATASETS", "OOD_TEST", "DatasetNotFoundError", "DatasetSpec", "PathSetError",
-    "TensorImageDataset", "acet_noise_batch", "ccu_noise_batch", "check_dataset", "dataset_arg", "dataset_info",
-    "default_augment", "gaussian_batch", "get_dataset", "set_name", "uniform_batch", "unique_sets",
+    "AUGMENTATIONS", "DATASETS", "OOD_TEST", "SET_LIST_FORMS", "DatasetListAction", "DatasetNotFoundError",
+    "DatasetSpec", "PathSetError", "TensorImageDataset", "acet_noise_batch", "ccu_noise_batch", "check_dataset",
+    "dataset_arg", "dataset_info", "dataset_list", "default_augment", "gaussian_batch", "get_dataset", "set_name",
+    "uniform_batch", "unique_sets",
 ]

@@ -1,9 +1,10 @@
 """The dataset registry: ``DATASETS``, ``OOD_TEST``, ``get_dataset``, ``dataset_info``, ``default_augment``."""
 from __future__ import annotations
 
+import argparse
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 from torch.utils.data import Dataset
@@ -147,13 +148,52 @@ def check_dataset(key: str, like: Optional[str] = None, root: str = "./datasets"
 def dataset_arg(key: str) -> str:
     """argparse ``type=`` for dataset keys: a registry key or ``NAME=PATH`` (checked for form here, for its files
     by ``check_dataset`` once the in-distribution shape is known)."""
-    import argparse
-
     try:
         _spec(key)
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
     return key
+
+
+SET_LIST_FORMS = ("several sets: comma-separated (a,b), space-separated (a b) or the flag repeated (--ood a --ood b); "
+                  "a PATH cannot contain ','")
+
+
+def dataset_list(values: Iterable[str]) -> list[str]:
+    """The dataset keys of a list flag such as ``--ood``, in order: every value is a registry key, ``NAME=PATH``, or
+    several of them separated by commas. This is the one parser of such lists (evaluate.py, reproduce.py, the
+    studies, the plots), so every script accepts the same forms (SET_LIST_FORMS) and refuses the same mistakes,
+    before any work. Commas always separate sets, so a PATH holding one is refused here by name: it would otherwise
+    be read as two sets, or pass a check that joins the list again and fail only when the list is split later."""
+    keys: list[str] = []
+    for value in values:
+        for item in (part.strip() for part in value.split(",")):
+            if not item:
+                continue  # "a,,b" or a trailing comma: nothing between the commas
+            if keys and path_sets.is_path_set(keys[-1]) and not path_sets.is_path_set(item) and item not in DATASETS:
+                raise path_sets.PathSetError(
+                    f"{keys[-1]},{item}: ',' separates sets, so a PATH cannot contain one; rename the file or folder, "
+                    "or pass a link to it without ','")
+            _spec(item)  # unknown names list the valid ones
+            keys.append(item)
+    return keys
+
+
+class DatasetListAction(argparse.Action):
+    """argparse action of a list of dataset keys (use with nargs="+"): ``--ood a,b``, ``--ood a b`` and
+    ``--ood a --ood b`` all give ["a", "b"]. The default must be None or []."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values,
+                 option_string: Optional[str] = None) -> None:
+        so_far = getattr(namespace, self.dest, None) or []
+        values = [values] if isinstance(values, str) else list(values)
+        try:  # the whole list so far, so a check across its items sees every one of them
+            keys = dataset_list([*so_far, *values])
+        except ValueError as error:
+            parser.error(f"argument {option_string}: {error}")
+        if len(keys) == len(so_far):  # "--ood ," or "--ood ''": an empty list is never what was meant
+            parser.error(f"argument {option_string}: {' '.join(values)!r} names no set; give data keys or NAME=PATH")
+        setattr(namespace, self.dest, keys)
 
 
 def dataset_info(name: str, like: Optional[str] = None) -> tuple[int, tuple[int, ...]]:

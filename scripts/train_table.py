@@ -4,8 +4,8 @@
     python scripts/train_table.py --dataset CIFAR10 --download -- --epochs 100               # extra train.py flags
     python scripts/train_table.py --dataset CIFAR10 --paths CIFAR10/ddu --download            # DDU's 5 seeds
 
-CCU runs need CCU's mixtures first; they are fitted once (gen_gmm.py, run gmm-s0). Finished runs are skipped;
-interrupted ones are resumed.
+What a run needs is made first: CCU's mixtures (gen_gmm.py, run gmm-s0), ProoD's classifier run (oe-s0).
+Finished runs are skipped; interrupted ones are resumed.
 """
 from __future__ import annotations
 
@@ -19,26 +19,31 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from model_paths import run_flags, table_entries  # noqa: E402
+from model_paths import run_flags, table_entries, training_order  # noqa: E402
 from utils.resume import run_state  # noqa: E402
 
 
 def commands(args: argparse.Namespace) -> list[list[str]]:
+    """The gen_gmm.py and train.py commands still to run, everything a run needs (model_paths.training_order: CCU's
+    mixtures, ProoD's classifier run) before the run."""
     common = ["--dataset", args.dataset, "--runs-root", args.runs_root]
     if args.data_root:
         common += ["--data-root", args.data_root]
+    download = ["--download"] if args.download else []
     runs = list(dict.fromkeys(run for entry in table_entries(args.dataset, args.paths) for run in entry.runs))
     todo = []
-    if any(run.startswith("ccu") for run in runs) and not (Path(args.runs_root) / args.dataset / "gmm-s0").exists():
-        todo.append([sys.executable, "gen_gmm.py", *common, "--name", "gmm-s0"])
-    for run in runs:
-        flags, seed = run_flags(run)
-        state = run_state(Path(args.runs_root) / args.dataset / run)
+    for what, name, _ in training_order(runs):
+        folder = Path(args.runs_root) / args.dataset / name
+        if what == "gmm":
+            if not folder.exists():
+                todo.append([sys.executable, "gen_gmm.py", *common, "--name", name])
+            continue
+        flags, seed = run_flags(name)
+        state = run_state(folder)
         if state == "finished":
             continue
         resume = ["--resume"] if state == "interrupted" else []
-        download = ["--download"] if args.download else []
-        todo.append([sys.executable, "train.py", *common, *download, "--seed", str(seed), "--name", run, *flags,
+        todo.append([sys.executable, "train.py", *common, *download, "--seed", str(seed), "--name", name, *flags,
                      *resume, *args.train_flags])
     return todo
 

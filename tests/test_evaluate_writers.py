@@ -182,7 +182,6 @@ def test_one_ood_name_for_two_sets_is_refused(run_dir, tmp_path, capsys):
     (["--tune-n", "0"], "--tune-n must be an integer >= 1, got 0"),
     (["--n-ood", str(10**20)], f"--n-ood must be at most 1000000, got {10**20}"),
     (["--seed", str(2**64)], f"--seed must be an integer in [0, 2**63 - 1], got {2**64}"),
-    (["--ood", ","], "--ood ',' names no set; give data keys or NAME=PATH, comma-separated"),
 ])
 def test_numbers_are_checked_before_any_model_is_loaded(run_dir, tmp_path, monkeypatch, capsys, flags, message):
     monkeypatch.setattr(models, "load_run", lambda *a, **k: pytest.fail("a model was loaded"))
@@ -253,3 +252,9 @@ def test_reproduce_refuses_one_ood_name_for_two_sets_before_training(tmp_path):
     with pytest.raises(data.PathSetError, match="two OOD sets are named 'm'"):
         reproduce.main(reproduce.get_args_parser().parse_args(argv))
     assert not (tmp_path / "runs").exists() and not (tmp_path / "results").exists()
+
+
+def test_an_empty_ood_list_is_refused_when_the_command_line_is_read(run_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(models, "load_run", lambda *a, **k: pytest.fail("a model was loaded"))
+    code, err = run_cli(["--runs", str(run_dir), "--results-root", str(tmp_path / "r"), "--ood", ","], capsys)
+    assert code == 2 and err.endswith(": error: argument --ood: ',' names no set; give data keys or NAME=PATH\n")

@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 import torch
 
+import data
+import model_paths
 import reproduce
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -86,7 +88,7 @@ def test_every_table_plans_its_runs(table, tmp_path, capsys):
     reproduce.main(args)
     printed = capsys.readouterr().out
     runs = reproduce.table_runs(reproduce.TABLES[table], dataset)
-    assert all(f"train {run} (missing)" in printed for run in runs)
+    assert all(f"train {run} (missing" in printed for run in runs)
     assert ("gen_gmm gmm-s0" in printed) == any(run.startswith("ccu") for run in runs)
     for budget, flags in reproduce.BUDGETS.items():  # every caption names its budget and the flags it shortened
         args.budget = budget
@@ -102,3 +104,90 @@ def test_unreadable_ood_path_fails_before_anything_runs(tmp_path):
     with pytest.raises(ValueError, match="a.png"):
         reproduce.main(reproduce.get_args_parser().parse_args(_argv(tmp_path, "--ood", f"mine={folder}")))
     assert not (tmp_path / "runs").exists()
+
+
+# --- every (table, dataset) pair --list offers finishes (issue 18.12) -----------------------------------------
+
+def _offered() -> list[tuple[str, str]]:
+    return [(name, dataset) for name, table in reproduce.TABLES.items() for dataset in reproduce.table_datasets(table)]
+
+
+def _walk_groups() -> list[tuple[str, tuple[str, ...]]]:
+    """(dataset, tables) of the offered pairs on built-in data, tables that train the same runs walked together on
+    one runs root (as a user reproducing several tables would), so each run trains once."""
+    groups: dict[tuple[str, str], list[str]] = {}
+    for name, dataset in _offered():
+        if data.DATASETS[dataset].kind == "builtin":
+            groups.setdefault((dataset, reproduce.TABLES[name].paths), []).append(name)
+    return [(dataset, tuple(names)) for (dataset, _), names in groups.items()]
+
+
+def test_the_walk_covers_every_offered_pair_on_builtin_data():
+    walked = {(name, dataset) for dataset, names in _walk_groups() for name in names}
+    assert walked == {(n, d) for n, d in _offered() if data.DATASETS[d].kind == "builtin"}
+    assert ("ccu-table2", "digits") in walked and ("ccu-table1", "digits") in walked and len(walked) == 7
+
+
+@pytest.mark.parametrize("dataset,tables", _walk_groups(), ids=lambda value: "+".join(value) if
+                         isinstance(value, tuple) else value)
+def test_every_offered_table_finishes_at_tiny_budget(dataset, tables, tmp_path, capsys):
+    for name in tables:
+        out = reproduce.main(reproduce.get_args_parser().parse_args(
+            [name, "--dataset", dataset, "--budget", "tiny", "--runs-root", str(tmp_path / "runs"), "--results-root",
+             str(tmp_path / "results"), "--device", "cpu"]))
+        table = out.read_text()
+        assert out.name == f"{dataset}_{name}.md" and "budget `tiny`" in table
+        labels = [entry.label for entry in model_paths.table_entries(dataset, reproduce.TABLES[name].paths.format(
+            dataset=dataset))]
+        if reproduce.TABLES[name].evaluate is not None:  # every column of the table was scored: a number per cell
+            header = next(line for line in table.splitlines() if line.startswith("| OOD set"))
+            assert all(f"| {label} (TE" in header or f"| {label} |" in header for label in labels), header
+            assert "| uniform |" in table and " - |" not in table.split(header)[1]
+    runs = tmp_path / "runs" / "budget-tiny" / dataset
+    for what, name, _ in {need for table in tables for need in reproduce.table_needs(reproduce.TABLES[table], dataset)}:
+        assert (runs / name / ("gmm.pt" if what == "gmm" else "model.pt")).exists()
+
+
+@pytest.mark.parametrize("name,dataset", _offered())
+def test_every_offered_plan_trains_what_its_runs_need_first(name, dataset, tmp_path, capsys):
+    args = reproduce.get_args_parser().parse_args([name, "--dataset", dataset, "--budget", "tiny", "--runs-root",
+                                                   str(tmp_path), "--dry-run"])
+    reproduce.main(args)
+    printed = capsys.readouterr().out.splitlines()
+    position = {line.split()[2]: i for i, line in enumerate(printed) if line.split()[1] in ("train", "gen_gmm")}
+    for run in reproduce.table_runs(reproduce.TABLES[name], dataset):
+        assert run in position, printed
+        for _, need in model_paths.run_needs(run):
+            assert position[need] < position[run], printed  # trained (or fitted) before the run that needs it
+            assert run in printed[position[need]].partition("needed by ")[2]
+
+
+def test_digits_prood_trains_its_oe_classifier_first_and_dry_run_says_so(tmp_path, capsys):
+    reproduce.main(reproduce.get_args_parser().parse_args(["ccu-table2", "--dataset", "digits", "--budget", "tiny",
+                                                           "--runs-root", str(tmp_path), "--dry-run"]))
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[-3:] == ["8. train oe-s0 (missing; needed by prood-s0)", "9. train prood-s0 (missing)",
+                            "10. evaluate.py"]
+    assert "6. gen_gmm gmm-s0 (needed by ccu-s0)" in printed
+
+
+def test_a_table_without_the_entry_its_study_needs_is_refused(tmp_path, capsys):
+    from utils import cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run(reproduce.main, reproduce.get_args_parser(), ["ccu-table1", "--dataset", "moons", "--budget", "tiny",
+                                                              "--runs-root", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().partition(": error: ")[2] == ("ccu-table1 needs a CCU entry, which "
+                                               "model_paths.MODEL_PATHS has not for moons; datasets it runs on: "
+                                               "CIFAR10, CIFAR100, FMNIST, MNIST, SVHN, digits")
+    assert not any(tmp_path.iterdir())
+
+
+def test_train_table_makes_what_each_run_needs_first(tmp_path):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import train_table
+
+    args = train_table.get_args_parser().parse_args(["--dataset", "digits", "--runs-root", str(tmp_path)])
+    names = [command[command.index("--name") + 1] for command in train_table.commands(args)]
+    assert names == ["plain-s0", "gan-s0", "ceda-s0", "acet-s0", "ddu-s0", "gmm-s0", "ccu-s0", "oe-s0", "prood-s0"]

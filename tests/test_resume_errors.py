@@ -330,7 +330,8 @@ def test_alpha_study_shows_progress_and_keeps_the_old_results_flag(tmp_path, cap
     models.save_checkpoint(run_dir / "model.pt", {"model": models.build_model(config).state_dict(),
                                                   "config": config, "epoch": 0})
     gen_attack_stats.main(["--study", "alpha", "--dataset", "digits", "--runs", str(run_dir), "--n", "20",
-                           "--alpha-max", "1e4", "--results", str(tmp_path / "results"), "--device", "cpu"])
+                           "--alpha-max", "1e4", "--results", str(tmp_path / "results"), "--device", "cpu",
+                           "--progress"])  # forced: bars are off by default where stderr is not a terminal
     err = capsys.readouterr().err
     assert "warning: --results is deprecated; use --results-root" in err
     assert "models: 100%" in err  # tqdm over the studied networks

@@ -42,14 +42,17 @@ def add_debug_flag(parser: argparse.ArgumentParser) -> None:
 
 
 def add_alias(parser: argparse.ArgumentParser, old: str, new: str, dest: str) -> None:
-    """Keep the old spelling `old` of the flag `new` working, hidden from --help, with a warning."""
+    """Keep the old spelling `old` of the flag `new` working, hidden from --help, with a warning; it takes its
+    values as `new` does (the same nargs, type and action: a list flag stays a list)."""
+    target = parser._option_string_actions[new]
 
     class _Deprecated(argparse.Action):
         def __call__(self, parser, namespace, values, option_string=None):
             print(f"warning: {old} is deprecated; use {new}", file=sys.stderr)
-            setattr(namespace, self.dest, values)
+            target(parser, namespace, values, new)
 
-    parser.add_argument(old, dest=dest, action=_Deprecated, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    parser.add_argument(old, dest=dest, action=_Deprecated, nargs=target.nargs, type=target.type,
+                        default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
 
 def _raised_in_repo(err: BaseException) -> bool:

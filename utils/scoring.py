@@ -7,11 +7,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
 from utils.amp import autocast
 from utils.detectors.base import Detector, model_outputs
 from utils.detectors.bayes import predictive_confidence, tempered_probs
+from utils.progress import bar
 
 
 @dataclass
@@ -57,7 +57,7 @@ def _batch_scores(model, detectors: dict[str, Detector], temperatures: dict[str,
 
 
 def score_dataset(model: nn.Module | None, detectors: dict[str, Detector], dataset: Dataset, batch_size: int,
-                  device: torch.device, desc: str = "", num_workers: int = 0, progress: bool = True,
+                  device: torch.device, desc: str = "", num_workers: int = 0, progress: bool | None = None,
                   temperatures: dict[str, float] | None = None, amp: str = "off") -> SetScores:
     """Run every detector on `dataset`; detectors without input gradients share one forward pass per batch.
 
@@ -71,7 +71,7 @@ def score_dataset(model: nn.Module | None, detectors: dict[str, Detector], datas
     temperatures = temperatures or {}
     out: dict[str, list] = defaultdict(list)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
-    for x, y in tqdm(loader, desc=desc, leave=False, disable=not progress):
+    for x, y in bar(loader, progress, desc=desc, leave=False):
         _batch_scores(model, detectors, temperatures, x.to(device, non_blocking=True), out, amp)
         out["__labels"].append(y)
     cat = lambda key: torch.cat(out[key]).double() if out[key] else None  # noqa: E731

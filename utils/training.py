@@ -23,13 +23,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
-from tqdm import tqdm
 
 import data
 from data.base import TensorImageDataset
 from data.device_loader import DeviceDataset, EpochBatches
 from utils.amp import Precision
 from utils.distributed import unwrap
+from utils.progress import bar
 
 
 def world() -> tuple[int, int]:
@@ -201,7 +201,7 @@ def train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Opt
     model.train()
     total_loss, correct, seen = torch.zeros((), device=device), torch.zeros((), device=device), 0
     n_batches = len(loader) if max_batches is None else min(max_batches, len(loader))
-    for step, (x, y) in enumerate(tqdm(loader, total=n_batches, disable=not show_progress, leave=False,
+    for step, (x, y) in enumerate(bar(loader, show_progress, total=n_batches, leave=False,
                                        desc="train")):
         if step == n_batches:
             break

@@ -29,11 +29,14 @@ SCORE_LABELS = {"softmax_entropy": "softmax entropy (aleatoric)",
 
 
 def get_args_parser() -> argparse.ArgumentParser:
+    import data
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", default=None, help="run folder (default: the demo's <runs-root>/digits/ddu-s0)")
     p.add_argument("--scores", default=None, help="plot cached scores (.npz) without loading a model")
-    p.add_argument("--ood", default=None, help="comma list of OOD sets (default: natural_patches,uniform on "
-                                               "digits, else data.OOD_TEST[dataset][:2])")
+    p.add_argument("--ood", nargs="+", action=data.DatasetListAction, default=None, metavar="SET",
+                   help="OOD sets (default: natural_patches,uniform on digits, else data.OOD_TEST[dataset][:2]); "
+                        + data.SET_LIST_FORMS)
     p.add_argument("--blends", type=int, default=500, help="ambiguous blends of test images (0: none)")
     p.add_argument("--ambiguous", default=None, help="a dataset to show as the ambiguous set instead of blends")
     p.add_argument("--n", type=int, default=2000, help="samples per OOD set")
@@ -171,7 +174,7 @@ def compute_for_run(run_dir: Path, args: Namespace) -> tuple[str, dict[str, np.n
     elif args.blends > 0:
         sets["blends"] = blend_pairs(sets["in"], args.blends)
     default_ood = ["natural_patches", "uniform"] if dataset == "digits" else data.OOD_TEST[dataset][:2]
-    for name in args.ood.split(",") if args.ood else default_ood:
+    for name in args.ood or default_ood:
         sets[name] = data.get_dataset(name, "test", root=root, like=dataset, n=args.n)
     return dataset, ddu_scores(model, train_set, sets, args.batch_size, device)
 

@@ -24,10 +24,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from utils.attacks import eval_mode
 from utils.cli import AT_LEAST_ONE, UNIT_OPEN, Range
+from utils.progress import bar
 from utils.studies import add_common_args, dataset_of_runs
 
 RANGES = {"n": AT_LEAST_ONE, "target": UNIT_OPEN, "alpha_max": Range(1.0),
@@ -165,7 +165,7 @@ def main(args: argparse.Namespace) -> None:
     generator = torch.Generator().manual_seed(args.seed)
     x = torch.rand((args.n, *shape), generator=generator, dtype=torch.float64).to(args.device, dtype)
     rows = []
-    for label, run_dir in tqdm(_run_list(args), desc="models", disable=not getattr(args, "progress", False)):
+    for label, run_dir in bar(_run_list(args), getattr(args, "progress", None), desc="models"):
         model = models.load_run(run_dir, device=args.device).to(dtype)
         row = {"study": "alpha", "dataset": args.dataset, "label": label, "run": str(run_dir),
                "checkpoint": runs.file_hash(run_dir / "model.pt"), "n": args.n, "target": args.target,

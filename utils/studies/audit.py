@@ -8,10 +8,10 @@ import warnings
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from utils.cli import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, UNIT_OPEN
 from utils.limits import limit_analysis, numeric_confidence
+from utils.progress import bar
 from utils.studies import add_common_args, dataset_of_runs
 AUDIT_SOURCES = ("gaussian", "test", "noise")
 RANGES = {"n_directions": AT_LEAST_ONE, "alpha_check": POSITIVE, "threshold": UNIT_OPEN, "agree_tol": NON_NEGATIVE,
@@ -124,7 +124,7 @@ def main(args: argparse.Namespace) -> None:
     _, shape = data.dataset_info(args.dataset)
     directions = _audit_directions(args, shape)
     rows = []
-    for label, run_dir in tqdm(run_list, desc="models", disable=not getattr(args, "progress", False)):
+    for label, run_dir in bar(run_list, getattr(args, "progress", None), desc="models"):
         model = models.load_run(run_dir, device=args.device)
         for source, d in directions.items():
             stats = audit_directions(model, d, args)

@@ -27,7 +27,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 import model_paths
 from models.gmm import PCAMetric
@@ -35,6 +34,7 @@ from utils.amp import attack_autocast
 from utils.attacks import eval_mode
 from utils.cli import AT_LEAST_ONE, NON_NEGATIVE_INT, POSITIVE, Range
 from utils.detectors.bayes import load_network
+from utils.progress import bar
 from utils.studies import add_common_args
 from utils.studies.ccu_targets import entry_model
 
@@ -76,7 +76,7 @@ def _score_and_grad(model: nn.Module, u: torch.Tensor, metric: PCAMetric, shape:
 def pca_ball_attack(model: nn.Module, x_seed: torch.Tensor, radius: torch.Tensor, metric: PCAMetric,
                     restarts: int = 50, steps: int = 500, step_size: float = 3.0, final_projections: int = 10,
                     generator: torch.Generator | None = None,
-                    progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                    progress: bool | None = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Most confident point of model within {d(x, x_seed) <= R} cap [0,1]^D, per seed (batched).
 
     x_seed (N, C, H, W) in [0,1], radius (N,) in the PCA metric. Returns (x_adv (N, C, H, W), log_conf (N,)),
@@ -91,7 +91,7 @@ def pca_ball_attack(model: nn.Module, x_seed: torch.Tensor, radius: torch.Tensor
         with torch.no_grad():
             best_score = log_conf(model, x_seed)
         best_x = flat_seed.clone()
-        for _ in tqdm(range(restarts), desc="restarts", disable=not progress, leave=False):
+        for _ in bar(range(restarts), progress, desc="restarts", leave=False):
             noise = torch.rand(u_seed.shape, generator=generator, dtype=u_seed.dtype).to(u_seed.device) - 0.5
             u = _to_ball_and_box(u_seed + radius[:, None] * noise, u_seed, radius, metric)
             score, grad = _score_and_grad(model, u, metric, shape)
@@ -122,7 +122,7 @@ def attack_in_batches(model: nn.Module, seeds: torch.Tensor, radius: torch.Tenso
     for start in range(0, seeds.shape[0], args.batch_size):
         x, score = pca_ball_attack(model, seeds[start:start + args.batch_size], radius[start:start + args.batch_size],
                                    metric, args.restarts, args.steps, args.step_size, generator=generator,
-                                   progress=getattr(args, "progress", False))
+                                   progress=getattr(args, "progress", None))
         xs.append(x.cpu())
         scores.append(score.cpu())
     return torch.cat(xs), torch.cat(scores)
@@ -260,8 +260,8 @@ def main(args: argparse.Namespace) -> None:
               "radius_median": radius_median, "certified_pct": 100 * float((radius > 0).double().mean()),
               "git_sha": runs.git_sha(), "date": runs.now(), **getattr(args, "row_tags", {})}
     rows, dump = [], {"labels": [], "adv": [], "adv_log_conf": [], "in_log_conf": []}
-    for label, dirs, detector, options in tqdm(_targets(args, ccu_dir), desc="models",
-                                               disable=not getattr(args, "progress", False)):
+    for label, dirs, detector, options in bar(_targets(args, ccu_dir), getattr(args, "progress", None),
+                                              desc="models"):
         model = entry_model(dirs, detector, options, args.dataset, data_root, args.device, args.test_batch_size)
         in_scores, test_error = _test_scores(model, loader, args.device)
         adv, _ = attack_in_batches(model, seeds, radius, ccu_model.metric, args)

@@ -30,9 +30,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from utils.cli import AT_LEAST_ONE, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE
+from utils.progress import bar
 from utils.studies import add_common_args, dataset_of_runs
 
 STUDY = "gauc"
@@ -71,8 +71,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     import data
     from utils.cli import add_alias
 
-    parser.add_argument("--ood", nargs="+", default=None, type=data.dataset_arg, metavar="SET",
-                        help="OOD sets: data keys or NAME=PATH (image folder or .npz); default: data.OOD_TEST[dataset]")
+    parser.add_argument("--ood", nargs="+", action=data.DatasetListAction, default=None, metavar="SET",
+                        help="OOD sets: data keys or NAME=PATH (image folder or .npz); default: "
+                             f"data.OOD_TEST[dataset]; {data.SET_LIST_FORMS}")
     add_alias(parser, "--ood-sets", "--ood", dest="ood")
     parser.add_argument("--n-ood", type=int, default=1000, help="points per OOD set (seeded subset)")
     parser.add_argument("--n-test", type=int, default=None, help="in-distribution test points (default: all)")
@@ -231,7 +232,7 @@ def main(args: argparse.Namespace) -> None:
         targets += [(entry.label, entry.run_dirs(args.runs_root, args.dataset))
                     for entry in model_paths.table_entries(args.dataset) if entry.is_ensemble]
     rows = []
-    for label, run_dirs in tqdm(targets, desc="models", disable=not getattr(args, "progress", False)):
+    for label, run_dirs in bar(targets, getattr(args, "progress", None), desc="models"):
         rows += study_model(label, run_dirs, x_in, y_in, oods, eps, args)
     name = f"{args.dataset}_gauc"
     print(runs.record_study(args.results_root, name, name, rows, gauc_table))
