@@ -56,9 +56,13 @@ GOOD_KAPPA = {"MNIST": 0.3, "digits": 0.3}
 # GOOD's MNIST schedule is kappa over epochs 2-102 and eps over 10-130 of 420 (`--kappa-ramp 0.0048 0.243
 # --eps-ramp 0.024 0.31`); scaled to a short run its clean warm-up vanishes and the net collapses to a constant
 # output (seen on digits and MNIST), so by default the first 20% of the epochs are clean.
+# ProoD (prood_config/experimental/schedule_long.yaml): kappa and eps both rise linearly from 0 over epochs
+# 0-300 of 1000 and are held for the remaining 70%.
 RAMPS = {"good": {"kappa": (0.2, 0.5), "eps": (0.2, 0.6)},
-         "prood": {"kappa": (0.0, 0.0), "eps": (0.3, 1.0)}}
-DISCRIMINATOR_INIT_BIAS = 3.0  # ProoD: d's last-layer bias starts raised by 3, so d begins on the "in" side
+         "prood": {"kappa": (0.0, 0.3), "eps": (0.0, 0.3)}}
+# ProoD's utils/factories.py adds 3 to the last-layer bias of a negative-head discriminator after its ordinary
+# nn.Linear initialisation, so d begins on the "in" side.
+DISCRIMINATOR_INIT_BIAS = 3.0
 CLASSIFIER_KEYS = ("arch", "num_classes", "in_channels", "input_size", "dropout", "normalize",
                    "spectral_norm_coeff", "mod", "arch_kwargs")
 
@@ -112,16 +116,28 @@ def ramp_factor(epoch: Optional[int], epochs: int, ramp: tuple[float, float]) ->
     return min(1.0, max(0.0, (epoch + 1 - start) / (end - start)))
 
 
+def linspace_ramp_factor(epoch: Optional[int], epochs: int, ramp: tuple[float, float]) -> float:
+    """ProoD's `create_piecewise_linear_schedule` shape: over the n = round((end - start) E) epochs from
+    round(start E) the factor runs 0, 1/(n-1), ..., 1 (numpy.linspace(0, 1, n)), then holds 1; None -> 1."""
+    if epoch is None:
+        return 1.0
+    first, n = round(ramp[0] * epochs), round((ramp[1] - ramp[0]) * epochs)
+    if n <= 0:
+        return float(epoch >= first)
+    return min(1.0, max(0.0, (epoch - first) / max(n - 1, 1)))
+
+
 def schedule(opts: Namespace, method: str) -> tuple[float, float]:
-    """(eps, kappa) of the current epoch."""
+    """(eps, kappa) of the current epoch: GOOD's ramps by `ramp_factor`, ProoD's by its original's linspace."""
     kappa = getattr(opts, "kappa", None)
     if kappa is None:
         kappa = GOOD_KAPPA.get(opts.dataset, 1.0) if method == "good" else 1.0
     epoch, epochs = getattr(opts, "epoch", None), int(getattr(opts, "epochs", 1) or 1)
     kappa_ramp = getattr(opts, "kappa_ramp", None) or RAMPS[method]["kappa"]
     eps_ramp = getattr(opts, "eps_ramp", None) or RAMPS[method]["eps"]
-    return (certified_eps(opts) * ramp_factor(epoch, epochs, tuple(eps_ramp)),
-            float(kappa) * ramp_factor(epoch, epochs, tuple(kappa_ramp)))
+    factor = linspace_ramp_factor if method == "prood" else ramp_factor
+    return (certified_eps(opts) * factor(epoch, epochs, tuple(eps_ramp)),
+            float(kappa) * factor(epoch, epochs, tuple(kappa_ramp)))
 
 
 def spread_loss(spread: torch.Tensor) -> torch.Tensor:
@@ -235,7 +251,7 @@ def wrap_prood(model: nn.Module, opts: Namespace, init: bool) -> ProodModel:
     discriminator = models.build_model(disc_config)
     if init:
         with torch.no_grad():
-            discriminator.fc.bias.fill_(DISCRIMINATOR_INIT_BIAS)
+            discriminator.fc.bias.add_(DISCRIMINATOR_INIT_BIAS)
     bias_shift = float(getattr(opts, "prood_bias_shift", 0.0) or 0.0)
     return ProodModel(classifier, discriminator, bias_shift=bias_shift, freeze_classifier=frozen)
 
