@@ -22,16 +22,16 @@ its last. After training, d is deployed with its bias raised by `--prood-bias-sh
 Schedules: kappa and eps ramp linearly from 0 to their targets between two fractions of the run's epochs
 (`--kappa-ramp`, `--eps-ramp`): GOOD's kappa over 20-50% of the epochs and eps over 20-60% by default (the
 paper's MNIST schedule, kappa over epochs 2-102 of 420 and eps over 10-130, leaves short runs no clean warm-up:
-they collapsed to a constant output on digits and MNIST); ProoD's eps over epochs 300-1000 of 1000, with
-eps = 0 (a clean discriminator) before. The training
-loop records the epoch in `opts.epoch`. d's last-layer bias starts at 3 (the paper's raised start).
+they collapsed to a constant output on digits and MNIST); ProoD's kappa and eps both over the first 30% with
+the original's numpy.linspace shape (0 in the first epoch, the target in the last epoch of the ramp), then held
+(prood_config/experimental/schedule_long.yaml: epochs 0-300 of 1000). The training loop records the epoch in
+`opts.epoch`. d's last layer starts as an ordinary nn.Linear (|W| = exp(V) near 1) with 3 added to its bias,
+as the original's utils/factories.py.
 
 Differences from the originals: losses are means over the batch (GOOD's code sums, with a per-batch learning
 rate); ramps are fractions of `--epochs`, so short runs ramp proportionally; the training out-distribution is
 `--out-data` (80M Tiny Images is withdrawn); ProoD's classifier is not re-trained with OE after d is trained
-(train the classifier first, e.g. an `oe` run, and pass it as `--classifier`); ProoD's kappa is 1 from the
-first epoch (the paper ramps it 0 -> 1 with eps; on digits, with the ramped kappa and a zero initial bias, the
-in-loss alone drove d, whose last-layer weights are all negative, to switch every feature off for good).
+(train the classifier first, e.g. an `oe` run, and pass it as `--classifier`).
 """
 from __future__ import annotations
 
@@ -91,7 +91,8 @@ def add_args(group: argparse._ArgumentGroup) -> None:
                        help="prood: finished classifier run (folder, or name under <runs-root>/<dataset>/); "
                             "omitted: the classifier trains jointly")
     group.add_argument("--discriminator-arch", default="good_cnn_s", help="prood: the discriminator's arch")
-    group.add_argument("--discriminator-width", type=float, default=1.0, help="prood: its channel scale")
+    group.add_argument("--discriminator-width", type=float, default=None,
+                       help="prood: its channel scale (default model_params.PROOD_PARAMS: 1.0, digits 0.25)")
     group.add_argument("--prood-bias-shift", type=float, default=3.0,
                        help="prood: added to d's output at evaluation (the paper's bias shift)")
 
@@ -247,7 +248,7 @@ def wrap_prood(model: nn.Module, opts: Namespace, init: bool) -> ProodModel:
     shape = _image_shape(opts)
     disc_config = {"arch": getattr(opts, "discriminator_arch", "good_cnn_s"), "num_classes": 1,
                    "in_channels": shape[0], "input_size": shape[1],
-                   "arch_kwargs": {"negative_head": True, "width": float(getattr(opts, "discriminator_width", 1.0))}}
+                   "arch_kwargs": {"negative_head": True, "width": float(getattr(opts, "discriminator_width", None) or 1.0)}}
     discriminator = models.build_model(disc_config)
     if init:
         with torch.no_grad():
