@@ -131,7 +131,8 @@ def test_method_defaults_per_dataset_and_explicit_flags_win():
         return train.resolve(train.get_args_parser().parse_args(["--method", "gan", *argv]))
 
     cifar = resolve("--dataset", "CIFAR10")
-    assert (cifar.arch, cifar.gan_arch, cifar.gan_beta, cifar.batch_size, cifar.lr) == ("vgg13_nobn", "dcgan32", 0.1, 64, 2e-4)
+    assert (cifar.arch, cifar.gan_arch, cifar.gan_beta, cifar.batch_size, cifar.lr) == \
+        ("vgg13_nobn", "dcgan32", 0.1, 64, 2e-4)
     assert cifar.dropout == 0.5  # the original VGG-13's nn.Dropout() in its FC head
     assert (cifar.optimizer, cifar.weight_decay, cifar.milestones, cifar.epochs) == ("adam", 0.0, [0.6], 100)
     mnist = resolve("--dataset", "MNIST", "--gan-beta", "0.5", "--lr", "1e-3")

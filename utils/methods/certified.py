@@ -248,7 +248,8 @@ def wrap_prood(model: nn.Module, opts: Namespace, init: bool) -> ProodModel:
     shape = _image_shape(opts)
     disc_config = {"arch": getattr(opts, "discriminator_arch", "good_cnn_s"), "num_classes": 1,
                    "in_channels": shape[0], "input_size": shape[1],
-                   "arch_kwargs": {"negative_head": True, "width": float(getattr(opts, "discriminator_width", None) or 1.0)}}
+                   "arch_kwargs": {"negative_head": True,
+                                   "width": float(getattr(opts, "discriminator_width", None) or 1.0)}}
     discriminator = models.build_model(disc_config)
     if init:
         with torch.no_grad():
