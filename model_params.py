@@ -184,8 +184,9 @@ class ProodParams:
 
 
 # Measured on digits (eps 0.3, uniform noise, kappa and eps ramped over the first 30% as the original): at the
-# dataset's 15 epochs the discriminator ends at a constant output (no noise point certified); at 60 epochs 92-98%
-# of uniform-noise points get a bound below 0.5. A quarter-width S CNN keeps the 60 epochs within a CPU minute.
+# dataset's 15 epochs the discriminator ends at a constant output (no noise point certified); at 60 epochs two
+# stand-alone runs certified 92% and 98% of uniform-noise points below 0.5, but train.py's seed-0 run collapsed
+# to a constant d (docs/methods.md#prood: open). A quarter-width S CNN keeps 60 epochs within CPU minutes.
 PROOD_PARAMS: dict[str, ProodParams] = {
     **{name: ProodParams() for name in PARAMS},
     "digits": ProodParams(epochs=60, out_data="uniform", discriminator_width=0.25),
