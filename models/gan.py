@@ -4,11 +4,12 @@ GAN (Lee et al., ICLR 2018, arXiv 1711.09325), in three image sizes.
 Generator: z (N, latent_dim, 1, 1) -> transposed conv (kernel = base side, stride 1) to width * 2^n channels at
 base x base, then n transposed convs (kernel 4, stride 2, pad 1) each doubling the side and halving the channels,
 batch norm + ReLU after every layer but the last, sigmoid output in [0, 1] (the project's pixel space).
-Discriminator: the mirror image: n stride-2 convs (LeakyReLU 0.2, batch norm after all but the first), then a conv
-with kernel = base side to one LOGIT per image (the original ends in a sigmoid and uses BCE; we use
+Discriminator: n stride-2 convs from 2 * width channels, doubling (LeakyReLU 0.2, batch norm after all but the
+first), then a conv with kernel = base side to one LOGIT per image (the original ends in a sigmoid and uses BCE; we use
 BCE-with-logits, the same loss computed stably).
 
-    dcgan32: base 4, n = 3   (ngf = ndf = 64: 512@4 -> 256@8 -> 128@16 -> C@32, the DCGAN of the original)
+    dcgan32: base 4, n = 3   (ngf = ndf = 64: G 512@4 -> 256@8 -> 128@16 -> C@32, D C@32 -> 128@16 -> 256@8 ->
+                              512@4 -> 1, the original's _netG / _netD, whose D starts at ndf * 2)
     dcgan28: base 7, n = 2   (MNIST-sized; the original's 28x28 variant is unpublished)
     dcgan8:  base 2, n = 2   (scikit-learn's 8x8 digits)
 
@@ -86,7 +87,7 @@ class Discriminator(nn.Module):
         layers: list[nn.Module] = []
         channels = in_channels
         for step in range(n_down):
-            out = width * 2 ** step
+            out = width * 2 ** (step + 1)  # the original's _netD: ndf*2, ndf*4, ndf*8 channels
             layers.append(nn.Conv2d(channels, out, 4, 2, 1, bias=False))
             if step > 0:
                 layers.append(nn.BatchNorm2d(out))

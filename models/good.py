@@ -35,10 +35,12 @@ class NegativeLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        bound = 1.0 / in_features ** 0.5
-        # |W| ~ U-like magnitudes of a default Linear: log of uniform draws in (0, bound]
-        self.log_neg_weight = nn.Parameter(torch.empty(out_features, in_features).uniform_(1e-3, bound).log())
-        self.bias = nn.Parameter(torch.zeros(out_features))
+        # V and b start as an ordinary nn.Linear's (U(-1/sqrt(in), 1/sqrt(in))), as ProoD's `LinearI_Neg` does:
+        # |W| = exp(V) then starts near 1 (within exp(+-1/sqrt(in))), not at the tiny magnitudes of a Linear's
+        # weights, which would make d's output nearly constant at the start.
+        reference = nn.Linear(in_features, out_features)
+        self.log_neg_weight = nn.Parameter(reference.weight.detach().clone())
+        self.bias = nn.Parameter(reference.bias.detach().clone())
 
     @property
     def weight(self) -> torch.Tensor:

@@ -5,6 +5,12 @@ Stages of conv3x3-BN-act with max-pool 2 between them, global average pool, FC; 
 Max-pools use ceil_mode so 28x28 inputs reach 1x1 as 32x32 ones do (identical results at 32x32).
 `mod` switches to leaky ReLU (VGG has no shortcuts). `dropout` > 0 applies dropout to the features before the
 FC (CCU's MC-dropout VGG: 0.5).
+
+`vgg13_nobn` is the classifier of the confident-classifier GAN (Lee et al., ICLR 2018, arXiv 1711.09325;
+alinlab/Confident_classifier src/models/vgg.py): configuration "B" without batch norm (biased 3x3 convs + ReLU,
+max-pools), flattened, then FC 512 -> ReLU -> dropout -> FC 512 -> ReLU -> dropout -> FC K, dropout 0.5 in the
+original. Convs start N(0, sqrt(2 / (9 * out_channels))), FCs N(0, 0.01), biases 0, as there. Features are the
+second FC's ReLU output (the input of the last dropout + Linear).
 """
 from __future__ import annotations
 
@@ -52,6 +58,65 @@ class VGG(Backbone):
 
     def head(self, features: torch.Tensor) -> torch.Tensor:
         return self.fc(self.dropout(features))
+
+
+class VGGNoBN(Backbone):
+    """VGG without batch norm and with the original VGG's two hidden FC layers (module docstring)."""
+
+    def __init__(self, arch: str, num_classes: int, in_channels: int, input_size: int, dropout: float = 0.5,
+                 normalize: NormalizeSpec = None, spectral_norm_coeff: Optional[float] = None,
+                 mod: bool = False, width: int = 64) -> None:
+        super().__init__()
+        self.arch = arch
+        size = check_input_size(arch, input_size)
+        self.normalize = make_normalize(normalize)
+        layers: list = []
+        planes = in_channels
+        for item in CONFIGS[arch.removesuffix("_nobn")]:
+            if item == "M":
+                layers.append(nn.MaxPool2d(2, 2, ceil_mode=True))
+            else:
+                out_planes = int(item) * width // 64
+                layers += [nn.Conv2d(planes, out_planes, 3, 1, 1), activation(mod)]
+                planes = out_planes
+        layers.append(nn.Flatten())
+        self.body = nn.Sequential(*layers)
+        hidden = 512 * width // 64
+        # 512 x 1 x 1 after five pools at 32x32 (the original); other sides flatten whatever is left
+        self.mlp = nn.Sequential(nn.Linear(self._flat_size(in_channels, size), hidden), activation(mod),
+                                 nn.Dropout(dropout), nn.Linear(hidden, hidden), activation(mod))
+        self.dropout = nn.Dropout(dropout)
+        self.num_features = hidden
+        self.fc = nn.Linear(hidden, num_classes)
+        self._init_weights()
+        finalize(self, (in_channels, size, size), spectral_norm_coeff, sn_exclude=[self.fc])
+
+    def _flat_size(self, in_channels: int, size: int) -> int:
+        with torch.no_grad():
+            try:
+                return self.body(torch.zeros(1, in_channels, size, size)).shape[1]
+            except RuntimeError as err:
+                raise ValueError(f"{self.arch} cannot take input shape {(in_channels, size, size)}: "
+                                 f"{str(err).splitlines()[0]}") from None
+
+    def _init_weights(self) -> None:
+        for layer in self.modules():
+            if isinstance(layer, nn.Conv2d):
+                nn.init.normal_(layer.weight, 0.0, (2.0 / (9 * layer.out_channels)) ** 0.5)
+                nn.init.zeros_(layer.bias)
+            elif isinstance(layer, nn.Linear):
+                nn.init.normal_(layer.weight, 0.0, 0.01)
+                nn.init.zeros_(layer.bias)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.body(self.normalize(x)))
+
+    def head(self, features: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.dropout(features))
+
+
+def vgg13_nobn(**kwargs) -> VGGNoBN:
+    return VGGNoBN("vgg13_nobn", **kwargs)
 
 
 def vgg13(**kwargs) -> VGG:

@@ -21,7 +21,7 @@ from tests.test_train import train_full_and_killed
 from utils.detectors import DETECTORS
 from utils.methods import load_auxiliary
 from utils.methods.base import Auxiliary
-from utils.methods.gan import kl_uniform_to_softmax
+from utils.methods.gan import gan_loss, gan_step, kl_uniform_to_softmax
 from utils.metrics import auroc
 
 EPOCHS = 6
@@ -52,6 +52,59 @@ def test_generator_and_discriminator_shapes(arch):
         Generator(arch, 3, side + 1)
 
 
+def test_discriminator_has_the_originals_widths_and_parameter_count():
+    # _netD(nc=3, ndf=64): conv 3->128, 128->256 (+BN), 256->512 (+BN), 512->1 (4x4 kernels, no biases)
+    discriminator = Discriminator("dcgan32", 3, 32, width=64)
+    convs = [m for m in discriminator.modules() if isinstance(m, nn.Conv2d)]
+    assert [conv.out_channels for conv in convs] == [128, 256, 512, 1]
+    expected = 16 * (3 * 128 + 128 * 256 + 256 * 512 + 512) + 2 * (256 + 512)
+    assert sum(p.numel() for p in discriminator.parameters()) == expected == 2_637_312
+    generator = Generator("dcgan32", 3, 32, width=64)  # _netG(nz=100, ngf=64): 512@4 -> 256@8 -> 128@16 -> 3@32
+    assert [m.out_channels for m in generator.modules() if isinstance(m, nn.ConvTranspose2d)] == [512, 256, 128, 3]
+
+
+def test_vgg13_nobn_is_the_originals_classifier():
+    model = models.MODELS["vgg13_nobn"](num_classes=10, in_channels=3, input_size=32, dropout=0.5)
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    assert [m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)] == \
+        [64, 64, 128, 128, 256, 256, 512, 512, 512, 512]
+    assert [(m.in_features, m.out_features) for m in model.modules() if isinstance(m, nn.Linear)] == \
+        [(512, 512), (512, 512), (512, 10)]
+    assert [m.p for m in model.modules() if isinstance(m, nn.Dropout)] == [0.5, 0.5]
+    # the original's parameter count: 9.4M conv + 0.53M FC
+    convs = sum(9 * i * o + o for i, o in [(3, 64), (64, 64), (64, 128), (128, 128), (128, 256), (256, 256),
+                                           (256, 512), (512, 512), (512, 512), (512, 512)])
+    assert sum(p.numel() for p in model.parameters()) == convs + 2 * (512 * 512 + 512) + 512 * 10 + 10
+
+
+def test_generated_passes_leave_batch_norm_running_statistics_to_real_data():
+    """One GAN step runs the classifier in training mode on G(z) twice and on real data once: its running
+    statistics must equal those of the real pass alone."""
+    torch.manual_seed(0)
+    classifier = models.MODELS["vgg13"](num_classes=10, in_channels=1, input_size=8, width=8)
+    opts = Namespace(data_shape=(1, 8, 8), in_channels=1, input_size=8, dataset="digits", gan_arch="dcgan8",
+                     gan_latent_dim=16, gan_width=8, gan_lr=2e-4, gan_betas=(0.5, 0.999), gan_beta=1.0,
+                     epochs=1, milestones=[], gamma=0.1)
+    from utils.methods.gan import build_gan
+
+    aux = build_gan(classifier, opts)
+    x, y = torch.rand(32, 1, 8, 8) * 0.2, torch.randint(0, 10, (32,))  # dark images: far from G's sigmoid 0.5
+    reference = models.MODELS["vgg13"](num_classes=10, in_channels=1, input_size=8, width=8)
+    reference.load_state_dict(classifier.state_dict())
+    classifier.train(), reference.train()
+    x_out = gan_step(classifier, aux, x, y, None, opts)
+    gan_loss(classifier, x, y, x_out, opts)
+    reference(x)  # the real pass alone
+    bn = [m for m in classifier.modules() if isinstance(m, nn.BatchNorm2d)]
+    bn_ref = [m for m in reference.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert bn and abs(float(bn[0].running_mean.mean()) - 0.0) > 1e-4  # the real pass did update them
+    for layer, ref in zip(bn, bn_ref):
+        torch.testing.assert_close(layer.running_mean, ref.running_mean, rtol=0, atol=0)
+        torch.testing.assert_close(layer.running_var, ref.running_var, rtol=0, atol=0)
+        assert int(layer.num_batches_tracked) == int(ref.num_batches_tracked) == 1
+        assert layer.momentum == ref.momentum == 0.1
+
+
 def test_auxiliary_update_steps_only_its_network_and_round_trips_weights_only(tmp_path):
     torch.manual_seed(0)
     classifier, helper = nn.Linear(4, 3), nn.Linear(4, 4)
@@ -78,7 +131,9 @@ def test_method_defaults_per_dataset_and_explicit_flags_win():
         return train.resolve(train.get_args_parser().parse_args(["--method", "gan", *argv]))
 
     cifar = resolve("--dataset", "CIFAR10")
-    assert (cifar.arch, cifar.gan_arch, cifar.gan_beta, cifar.batch_size, cifar.lr) == ("vgg13", "dcgan32", 0.1, 64, 2e-4)
+    assert (cifar.arch, cifar.gan_arch, cifar.gan_beta, cifar.batch_size, cifar.lr) == \
+        ("vgg13_nobn", "dcgan32", 0.1, 64, 2e-4)
+    assert cifar.dropout == 0.5  # the original VGG-13's nn.Dropout() in its FC head
     assert (cifar.optimizer, cifar.weight_decay, cifar.milestones, cifar.epochs) == ("adam", 0.0, [0.6], 100)
     mnist = resolve("--dataset", "MNIST", "--gan-beta", "0.5", "--lr", "1e-3")
     assert (mnist.arch, mnist.gan_arch, mnist.gan_beta, mnist.lr, tuple(mnist.gan_betas)) == \
@@ -114,7 +169,7 @@ def _generated(run_dir, n=500):
 def test_training_lowers_the_kl_on_generated_samples_and_keeps_accuracy(runs):
     log = _log(runs["gan"])
     kl = [row["gan_kl_fake"] for row in log]
-    assert kl[-1] < 0.7 * kl[0], kl
+    assert kl[-1] < 0.75 * kl[0], kl  # 0.73 with the original-width D (2x width at the first layer)
     assert all(math.isfinite(row["gan_d_loss"]) and math.isfinite(row["gan_g_loss"]) for row in log)
     assert abs(log[-1]["test_acc"] - _log(runs["plain"])[-1]["test_acc"]) <= 0.02
     model, fake = _generated(runs["gan"])
@@ -169,7 +224,7 @@ def test_gan_column_between_de_and_odin_and_its_run_flags_resolve_on_every_datas
         flags, seed = model_paths.run_flags("gan-s0")
         opts = train.resolve(train.get_args_parser().parse_args(["--dataset", dataset, "--seed", str(seed), *flags]))
         assert opts.method == "gan" and GAN_ARCHS[opts.gan_arch][0] == opts.input_size
-        assert opts.arch == ("lenet" if dataset == "MNIST" else "vgg13")
+        assert opts.arch == ("lenet" if dataset == "MNIST" else "vgg13_nobn")
     assert "GAN" in [entry.label for entry in model_paths.MODEL_PATHS["digits"]]
     assert "gan-s0" in dict(demo.DEMO_RUNS)
 

@@ -28,6 +28,7 @@ CASES = {
     "wrn": ((3, 8, 8), {"depth": 10, "widen_factor": 1}),
     "densenet_bc100": ((3, 8, 8), {"depth": 10, "growth_rate": 4}),
     "vgg13": ((1, 28, 28), {"width": 8}),
+    "vgg13_nobn": ((1, 28, 28), {"width": 8}),
     "vgg16": ((3, 32, 32), {"width": 8}),
     "good_cnn": ((1, 8, 8), {"width": 0.125}),  # one channel: size L
     "good_cnn_s": ((3, 8, 8), {"width": 0.125, "negative_head": True}),
@@ -35,7 +36,7 @@ CASES = {
     "good_cnn_xl": ((3, 8, 8), {"width": 0.0625}),
 }
 FEATURES = {"mlp": 100, "lenet": 1024, "lenet_ddu": 84, "resnet18": 64, "resnet34": 32, "resnet50": 128,
-            "resnet_small": 16, "wrn": 64, "densenet_bc100": 9, "vgg13": 64, "vgg16": 64,
+            "resnet_small": 16, "wrn": 64, "densenet_bc100": 9, "vgg13": 64, "vgg13_nobn": 64, "vgg16": 64,
             "good_cnn": 64, "good_cnn_s": 16, "good_cnn_l": 32, "good_cnn_xl": 32}
 NUM_CLASSES = 3
 

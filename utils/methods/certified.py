@@ -22,16 +22,16 @@ its last. After training, d is deployed with its bias raised by `--prood-bias-sh
 Schedules: kappa and eps ramp linearly from 0 to their targets between two fractions of the run's epochs
 (`--kappa-ramp`, `--eps-ramp`): GOOD's kappa over 20-50% of the epochs and eps over 20-60% by default (the
 paper's MNIST schedule, kappa over epochs 2-102 of 420 and eps over 10-130, leaves short runs no clean warm-up:
-they collapsed to a constant output on digits and MNIST); ProoD's eps over epochs 300-1000 of 1000, with
-eps = 0 (a clean discriminator) before. The training
-loop records the epoch in `opts.epoch`. d's last-layer bias starts at 3 (the paper's raised start).
+they collapsed to a constant output on digits and MNIST); ProoD's kappa and eps both over the first 30% with
+the original's numpy.linspace shape (0 in the first epoch, the target in the last epoch of the ramp), then held
+(prood_config/experimental/schedule_long.yaml: epochs 0-300 of 1000). The training loop records the epoch in
+`opts.epoch`. d's last layer starts as an ordinary nn.Linear (|W| = exp(V) near 1) with 3 added to its bias,
+as the original's utils/factories.py.
 
 Differences from the originals: losses are means over the batch (GOOD's code sums, with a per-batch learning
 rate); ramps are fractions of `--epochs`, so short runs ramp proportionally; the training out-distribution is
 `--out-data` (80M Tiny Images is withdrawn); ProoD's classifier is not re-trained with OE after d is trained
-(train the classifier first, e.g. an `oe` run, and pass it as `--classifier`); ProoD's kappa is 1 from the
-first epoch (the paper ramps it 0 -> 1 with eps; on digits, with the ramped kappa and a zero initial bias, the
-in-loss alone drove d, whose last-layer weights are all negative, to switch every feature off for good).
+(train the classifier first, e.g. an `oe` run, and pass it as `--classifier`).
 """
 from __future__ import annotations
 
@@ -56,9 +56,13 @@ GOOD_KAPPA = {"MNIST": 0.3, "digits": 0.3}
 # GOOD's MNIST schedule is kappa over epochs 2-102 and eps over 10-130 of 420 (`--kappa-ramp 0.0048 0.243
 # --eps-ramp 0.024 0.31`); scaled to a short run its clean warm-up vanishes and the net collapses to a constant
 # output (seen on digits and MNIST), so by default the first 20% of the epochs are clean.
+# ProoD (prood_config/experimental/schedule_long.yaml): kappa and eps both rise linearly from 0 over epochs
+# 0-300 of 1000 and are held for the remaining 70%.
 RAMPS = {"good": {"kappa": (0.2, 0.5), "eps": (0.2, 0.6)},
-         "prood": {"kappa": (0.0, 0.0), "eps": (0.3, 1.0)}}
-DISCRIMINATOR_INIT_BIAS = 3.0  # ProoD: d's last-layer bias starts raised by 3, so d begins on the "in" side
+         "prood": {"kappa": (0.0, 0.3), "eps": (0.0, 0.3)}}
+# ProoD's utils/factories.py adds 3 to the last-layer bias of a negative-head discriminator after its ordinary
+# nn.Linear initialisation, so d begins on the "in" side.
+DISCRIMINATOR_INIT_BIAS = 3.0
 CLASSIFIER_KEYS = ("arch", "num_classes", "in_channels", "input_size", "dropout", "normalize",
                    "spectral_norm_coeff", "mod", "arch_kwargs")
 
@@ -87,7 +91,8 @@ def add_args(group: argparse._ArgumentGroup) -> None:
                        help="prood: finished classifier run (folder, or name under <runs-root>/<dataset>/); "
                             "omitted: the classifier trains jointly")
     group.add_argument("--discriminator-arch", default="good_cnn_s", help="prood: the discriminator's arch")
-    group.add_argument("--discriminator-width", type=float, default=1.0, help="prood: its channel scale")
+    group.add_argument("--discriminator-width", type=float, default=None,
+                       help="prood: its channel scale (default model_params.PROOD_PARAMS: 1.0, digits 0.25)")
     group.add_argument("--prood-bias-shift", type=float, default=3.0,
                        help="prood: added to d's output at evaluation (the paper's bias shift)")
 
@@ -112,16 +117,28 @@ def ramp_factor(epoch: Optional[int], epochs: int, ramp: tuple[float, float]) ->
     return min(1.0, max(0.0, (epoch + 1 - start) / (end - start)))
 
 
+def linspace_ramp_factor(epoch: Optional[int], epochs: int, ramp: tuple[float, float]) -> float:
+    """ProoD's `create_piecewise_linear_schedule` shape: over the n = round((end - start) E) epochs from
+    round(start E) the factor runs 0, 1/(n-1), ..., 1 (numpy.linspace(0, 1, n)), then holds 1; None -> 1."""
+    if epoch is None:
+        return 1.0
+    first, n = round(ramp[0] * epochs), round((ramp[1] - ramp[0]) * epochs)
+    if n <= 0:
+        return float(epoch >= first)
+    return min(1.0, max(0.0, (epoch - first) / max(n - 1, 1)))
+
+
 def schedule(opts: Namespace, method: str) -> tuple[float, float]:
-    """(eps, kappa) of the current epoch."""
+    """(eps, kappa) of the current epoch: GOOD's ramps by `ramp_factor`, ProoD's by its original's linspace."""
     kappa = getattr(opts, "kappa", None)
     if kappa is None:
         kappa = GOOD_KAPPA.get(opts.dataset, 1.0) if method == "good" else 1.0
     epoch, epochs = getattr(opts, "epoch", None), int(getattr(opts, "epochs", 1) or 1)
     kappa_ramp = getattr(opts, "kappa_ramp", None) or RAMPS[method]["kappa"]
     eps_ramp = getattr(opts, "eps_ramp", None) or RAMPS[method]["eps"]
-    return (certified_eps(opts) * ramp_factor(epoch, epochs, tuple(eps_ramp)),
-            float(kappa) * ramp_factor(epoch, epochs, tuple(kappa_ramp)))
+    factor = linspace_ramp_factor if method == "prood" else ramp_factor
+    return (certified_eps(opts) * factor(epoch, epochs, tuple(eps_ramp)),
+            float(kappa) * factor(epoch, epochs, tuple(kappa_ramp)))
 
 
 def spread_loss(spread: torch.Tensor) -> torch.Tensor:
@@ -231,11 +248,12 @@ def wrap_prood(model: nn.Module, opts: Namespace, init: bool) -> ProodModel:
     shape = _image_shape(opts)
     disc_config = {"arch": getattr(opts, "discriminator_arch", "good_cnn_s"), "num_classes": 1,
                    "in_channels": shape[0], "input_size": shape[1],
-                   "arch_kwargs": {"negative_head": True, "width": float(getattr(opts, "discriminator_width", 1.0))}}
+                   "arch_kwargs": {"negative_head": True,
+                                   "width": float(getattr(opts, "discriminator_width", None) or 1.0)}}
     discriminator = models.build_model(disc_config)
     if init:
         with torch.no_grad():
-            discriminator.fc.bias.fill_(DISCRIMINATOR_INIT_BIAS)
+            discriminator.fc.bias.add_(DISCRIMINATOR_INIT_BIAS)
     bias_shift = float(getattr(opts, "prood_bias_shift", 0.0) or 0.0)
     return ProodModel(classifier, discriminator, bias_shift=bias_shift, freeze_classifier=frozen)
 

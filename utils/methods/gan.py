@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import math
 from argparse import Namespace
-from typing import Optional
+from contextlib import contextmanager
+from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -40,16 +41,36 @@ def kl_uniform_to_softmax(logits: torch.Tensor) -> torch.Tensor:
     return -math.log(logits.shape[1]) - F.log_softmax(logits, dim=1).mean(dim=1)
 
 
+@contextmanager
+def real_data_statistics(model: nn.Module) -> Iterator[None]:
+    """Inside: batch-norm layers in training mode still normalise with the batch's own statistics, but their
+    running statistics (and batch counters) stay as they were, so the statistics used at test time come from real
+    images only. (Each step runs the classifier on G(z) twice and on real data once; otherwise the test-time
+    statistics would be two thirds generated.) Done by momentum 0 for the duration, counters restored after."""
+    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    saved = [(layer.momentum, layer.num_batches_tracked.clone()) for layer in layers]
+    for layer in layers:
+        layer.momentum = 0.0  # running = (1 - 0) * running + 0 * batch: unchanged
+    try:
+        yield
+    finally:
+        for layer, (momentum, count) in zip(layers, saved):
+            layer.momentum = momentum
+            layer.num_batches_tracked.copy_(count)
+
+
 def gan_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_out: Optional[torch.Tensor],
              opts: Namespace) -> tuple[torch.Tensor, torch.Tensor]:
     """The classifier's loss: mean CE(f(x), y) + beta * mean KL(U || softmax(f(x_out))), x_out = G(z')."""
     if x_out is None:
         raise ValueError("gan's classifier loss needs generated samples x_out from gan_step")
     logits = model(x)
-    # Separate passes keep batch-norm statistics of real and generated batches apart, as the original does. The
-    # second runs on the unwrapped module so that DistributedDataParallel sees one forward per step; both passes
-    # share the parameters, so one backward sums their gradients before DDP's all-reduce hooks fire.
-    logits_out = unwrap(model)(x_out)
+    # Separate passes keep the batch statistics of real and generated batches apart, as the original does, and the
+    # generated pass leaves the running statistics alone (`real_data_statistics`). The second runs on the
+    # unwrapped module so that DistributedDataParallel sees one forward per step; both passes share the
+    # parameters, so one backward sums their gradients before DDP's all-reduce hooks fire.
+    with real_data_statistics(model):
+        logits_out = unwrap(model)(x_out)
     loss = F.cross_entropy(logits, y) + opts.gan_beta * kl_uniform_to_softmax(logits_out).mean()
     return loss, logits
 
@@ -84,7 +105,8 @@ def gan_step(model: nn.Module, aux: Auxiliary, x: torch.Tensor, y: torch.Tensor,
     aux.update("discriminator", loss_d)
     d_fooled = discriminator(fake)
     loss_g_gan = F.binary_cross_entropy_with_logits(d_fooled, torch.ones_like(d_fooled))
-    kl_fake = kl_uniform_to_softmax(model(fake)).mean()
+    with real_data_statistics(model):
+        kl_fake = kl_uniform_to_softmax(model(fake)).mean()
     aux.update("generator", loss_g_gan + opts.gan_beta * kl_fake)
     aux.log(gan_d_loss=loss_d, gan_g_loss=loss_g_gan, gan_kl_fake=kl_fake)
     with torch.no_grad():
