@@ -15,8 +15,8 @@ Precision (`--precision`, the row's "precision", part of its key): both sides of
 precision. float32 (default, as GOOD's and ProoD's evaluations): in-distribution, clean and attacked confidences
 from the float32 model, IBP bounds computed in float32 (ProoD's and CCU's own float64 certificates rounded up to
 float32). float64: the same from a float64 copy of the model, bounds in float64. Comparing float32 confidences,
-which saturate at exactly 1.0 far from the decision boundary, with float64 bounds just below 1 (the study before
-issue 19) let uncertified points count as detected.
+which saturate at exactly 1.0 far from the decision boundary, with float64 bounds just below 1 (what rows without
+a "precision" did) let uncertified points count as detected.
 
 Every model of the table gets a row (a deep ensemble as one model, on its averaged probabilities; detectors
 that share a network share its row, labelled "Base/ODIN/Maha"). Since bound >= attacked >= clean per point,
@@ -24,7 +24,7 @@ GAUC <= AAUC <= AUC; this is checked for every row (a bound below an attacked co
 means an unsound certificate and raises). Both AUROC tie conventions are
 reported: scikit-learn's (ties count 1/2) and the papers' conservative one (ties count against the model), which
 matters here because every model without a certificate ties at 1.0. Table: GOOD Table 1's layout, Acc then
-AUC / AAUC / GAUC per OOD set, one table per convention.
+AUC / AAUC / GAUC per OOD set, one table per precision and convention.
 
     python gen_attack_stats.py --study gauc --dataset MNIST      # every run of model_paths.MODEL_PATHS["MNIST"]
 """
@@ -211,8 +211,8 @@ def _in_test(args: argparse.Namespace, data_root: str) -> tuple[torch.Tensor, to
     return next(iter(loader))
 
 
-# rows written before issue 19 have no "precision": float32 confidences against float64 bounds
-MIXED = "mixed (float32 confidences, float64 bounds; before issue 19)"
+# rows written before the "precision" field existed compared float32 confidences with float64 bounds
+MIXED = "mixed (float32 confidences, float64 bounds; rows without a precision)"
 
 
 def gauc_table(rows: list[dict]) -> str:
