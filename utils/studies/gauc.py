@@ -86,7 +86,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n-test", type=int, default=None, help="in-distribution test points (default: all)")
     parser.add_argument("--apgd-steps", type=int, default=500)
     parser.add_argument("--apgd-restarts", type=int, default=5)
-    parser.add_argument("--pgd-steps", type=int, default=200, help="steps of each of the three momentum PGD runs")
+    parser.add_argument("--pgd-steps", type=int, default=200, help="steps of each monotone PGD run")
     parser.add_argument("--pgd-step-size", type=float, default=0.1,
                         help="initial absolute step of the monotone PGD (ProoD's 0.1; x1.1 on success, x0.5 on failure)")
     parser.add_argument("--pgd-restarts", type=int, default=3,
