@@ -17,7 +17,7 @@ import models
 from models.good import NegativeLinear
 from models.io import save_checkpoint
 from models.prood import ProodModel
-from utils.attacks import apgd_checkpoints, apgd_maximize, max_log_conf, momentum_pgd_maximize, worst_case_confidence
+from utils.attacks import apgd_checkpoints, apgd_maximize, max_log_conf, monotone_pgd_run, worst_case_confidence
 from utils.ibp import confidence_upper_bound, input_box, interval_bounds, logit_difference_bounds
 from utils.methods.certified import (good_loss, prood_loss, prood_param_groups, ramp_factor, schedule, spread_loss,
                                      wrap_prood)
@@ -196,7 +196,8 @@ def test_attacks_never_leave_the_clipped_ball_and_improve_on_the_seed():
     with torch.no_grad():
         clean = max_log_conf(model(x))
     results = [apgd_maximize(model, x, max_log_conf, eps, steps=25, restarts=2),
-               momentum_pgd_maximize(model, x, torch.rand_like(x), max_log_conf, eps, steps=15),
+               (lambda run: (run.x, run.score))(
+                   monotone_pgd_run(model, x, torch.rand_like(x), max_log_conf, eps, steps=15)),
                worst_case_confidence(model, x, eps, apgd_steps=10, apgd_restarts=1, pgd_steps=5)]
     for x_adv, score in results:
         assert ((x_adv - x).abs() <= eps + 1e-6).all() and (x_adv >= 0).all() and (x_adv <= 1).all()

@@ -19,7 +19,8 @@ submodule's training flag is restored afterwards.
 
 For the adversarial AUROC (AAUC) of GOOD / ProoD, the bottom of this file adds stronger L-inf attacks on the
 confidence: APGD (Croce & Hein, ICML 2020, arXiv 2003.01690) with its step-size schedule and restarts, and
-monotone PGD with momentum from three starts, combined by `worst_case_confidence`.
+ProoD's monotone momentum PGD (`monotone_pgd_run`) from its de-contrasted, uniform and Gaussian starts, combined
+by `worst_case_confidence`.
 
 [BUG fixed] The original toy notebook's PGD clipped the old iterate and undid the step, so only its random start
 took effect; here every step is applied.
@@ -293,50 +294,91 @@ def apgd_maximize(model: nn.Module, x_seed: torch.Tensor, objective: Objective, 
     return best_x, best_score
 
 
-def momentum_pgd_maximize(model: nn.Module, x_seed: torch.Tensor, x_start: torch.Tensor, objective: Objective,
-                          eps: float, steps: int = 200, step_size: float = 0.1,
-                          momentum: float = 0.9) -> tuple[torch.Tensor, torch.Tensor]:
-    """Monotone PGD with momentum (ProoD's evaluation attack): sign steps along the momentum of L1-normalised
-    gradients, of size step_size * eps per sample; a step is taken only if it improves the score, otherwise the
-    step size halves. Starts from x_start (projected into the ball). Returns (x_best, score_best), detached."""
+def max_conf(logits: torch.Tensor) -> torch.Tensor:
+    """max_k softmax_k(f(x)), the confidence itself (ProoD's monotone PGD ascends it, not its log)."""
+    return F.softmax(logits, dim=1).max(dim=1).values
+
+
+@dataclass
+class MonotonePGDResult:
+    """One monotone PGD run: the last accepted point, its score and each sample's final step size."""
+
+    x: torch.Tensor
+    score: torch.Tensor
+    step: torch.Tensor
+
+
+def monotone_pgd_run(model: nn.Module, x_seed: torch.Tensor, x_start: torch.Tensor, objective: Objective,
+                     eps: float, steps: int = 200, step_size: float = 0.1, momentum: float = 0.9,
+                     gain: float = 1.1, decay: float = 0.5) -> MonotonePGDResult:
+    """ProoD's MonotonePGD (AlexMeinke/Provable-OOD-Detection, utils/adversarial: `normalize_grad=False`), batched.
+
+    Per sample: v <- momentum * v + grad (the raw gradient, no sign, no normalisation), x <- proj(x + step * v),
+    with an absolute initial step `step_size`. Each of the steps + 1 evaluations compares the new point with the
+    last accepted one: a lower score is rejected (the point and v return to the last accepted ones) and halves the
+    step; otherwise the point is accepted and the step grows by `gain` (the first evaluation, of the start, only
+    sets the reference). The next velocity uses the gradient at the evaluated point, rejected or not, as the
+    original does. Returns the last accepted point: it never scores below the (projected) start.
+    """
+    x = project(x_start.detach(), x_seed, eps, "linf")
+    step = torch.full(x.shape[:1], float(step_size), dtype=x.dtype, device=x.device)
+    best_x, best_score = x, torch.full_like(step, -float("inf"))
+    velocity = accepted_velocity = torch.zeros_like(x)
     with eval_mode(model), torch.enable_grad():
-        x = project(x_start.detach(), x_seed, eps, "linf")
-        score, grad = _score_and_input_grad(model, x, objective)
-        step = torch.full_like(score, step_size * eps)
-        velocity = torch.zeros_like(x)
-        for _ in range(steps):
-            norm = _per_sample(grad.abs().flatten(1).mean(1).clamp_min(1e-30), grad)
-            velocity = momentum * velocity + grad / norm
-            cand = project(x + _per_sample(step, x) * velocity.sign(), x_seed, eps, "linf")
-            cand_score, cand_grad = _score_and_input_grad(model, cand, objective)
-            better = cand_score > score
-            mask = _per_sample(better, x)
-            x, grad = torch.where(mask, cand, x), torch.where(mask, cand_grad, grad)
-            score = torch.where(better, cand_score, score)
-            step = torch.where(better, step, step / 2)
-    return x.detach(), score
+        for i in range(steps + 1):
+            score, grad = _score_and_input_grad(model, x, objective)
+            worse = score < best_score  # ties are accepted, as the original's strict "loss increased" test
+            mask = _per_sample(worse, x)
+            x, score = torch.where(mask, best_x, x), torch.where(worse, best_score, score)
+            velocity = torch.where(mask, accepted_velocity, velocity)
+            best_x, best_score, accepted_velocity = x, score, velocity
+            if i > 0:
+                step = torch.where(worse, step * decay, step * gain)
+            if i == steps:
+                break
+            velocity = momentum * velocity + grad
+            x = project(x + _per_sample(step, x) * velocity, x_seed, eps, "linf")
+    return MonotonePGDResult(best_x.detach(), best_score.detach(), step)
 
 
-def _pgd_starts(x_seed: torch.Tensor, eps: float, generator: Optional[torch.Generator]) -> list[torch.Tensor]:
-    """ProoD's three PGD starts: de-contrasted (every pixel moved eps towards the image mean), uniform in the
-    ball, and N(0, 1e-4) noise around the seed."""
+def decontrast_start(x_seed: torch.Tensor, eps: float) -> torch.Tensor:
+    """ProoD's DeContraster start: every pixel moved towards its image's mean by at most eps (never past it)."""
+    mean = _per_sample(x_seed.flatten(1).mean(1), x_seed)
+    return x_seed + (mean - x_seed).clamp(-eps, eps)
+
+
+# ProoD's three monotone-PGD attacks (utils/adversarial/aauc.py): start noise and restarts (1 + restarts runs)
+PGD_START_KINDS = ("decontrast", "uniform", "normal")
+
+
+def prood_pgd_starts(x_seed: torch.Tensor, eps: float, restarts: int = 3,
+                     generator: Optional[torch.Generator] = None) -> list[torch.Tensor]:
+    """The starts of ProoD's AAUC attacks: the de-contrasted point once (it is deterministic), then 1 + restarts
+    uniform points of the ball and 1 + restarts points of N(0, (1e-4)^2) noise around the seed."""
     kw = dict(generator=generator, dtype=x_seed.dtype)
-    mean = x_seed.flatten(1).mean(1).view(-1, *([1] * (x_seed.dim() - 1)))
-    uniform = (2.0 * torch.rand(x_seed.shape, **kw) - 1.0).to(x_seed.device) * eps
-    gaussian = torch.randn(x_seed.shape, **kw).to(x_seed.device) * 1e-2
-    return [x_seed - eps * (x_seed - mean).sign(), x_seed + uniform, x_seed + gaussian]
+    starts = [decontrast_start(x_seed, eps)]
+    for _ in range(1 + restarts):
+        starts.append(x_seed + ((2.0 * torch.rand(x_seed.shape, **kw) - 1.0) * eps).to(x_seed.device))
+    for _ in range(1 + restarts):
+        starts.append(x_seed + (torch.randn(x_seed.shape, **kw) * 1e-4).to(x_seed.device))
+    return starts
+
+
+# the AAUC attack's name in the GAUC rows (`utils/studies/gauc.py`): change it whenever the attack changes
+AAUC_ATTACK = "apgd+prood_monotone_pgd"
 
 
 def worst_case_confidence(model: nn.Module, x_seed: torch.Tensor, eps: float, apgd_steps: int = 500,
                           apgd_restarts: int = 5, pgd_steps: int = 200, pgd_step_size: float = 0.1,
-                          generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                          generator: Optional[torch.Generator] = None,
+                          pgd_restarts: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
     """Per point the highest log-confidence max_y log p(y|x) found inside the clipped L-inf eps-ball: the max over
-    the clean point, APGD with restarts and three monotone momentum-PGD runs (ProoD's AAUC attack; 0 steps or
+    the clean point, APGD with restarts and ProoD's monotone PGD from its starts (`prood_pgd_starts`; 0 steps or
     restarts skip an attack). Returns (x_best, log_conf_best), detached."""
     best_x, best_score = apgd_maximize(model, x_seed, max_log_conf, eps, apgd_steps, apgd_restarts,
                                        generator=generator)
     if pgd_steps > 0:
-        for start in _pgd_starts(x_seed, eps, generator):
-            x, score = momentum_pgd_maximize(model, x_seed, start, max_log_conf, eps, pgd_steps, pgd_step_size)
-            best_x, best_score = _keep_best(best_x, best_score, x, score)
+        for start in prood_pgd_starts(x_seed, eps, pgd_restarts, generator):
+            run = monotone_pgd_run(model, x_seed, start, max_conf, eps, pgd_steps, pgd_step_size)
+            best_x, best_score = _keep_best(best_x, best_score, run.x, run.score.log())
     return best_x, best_score

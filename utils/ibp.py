@@ -13,10 +13,10 @@ box [l, u] = [clip(x - eps, 0, 1), clip(x + eps, 0, 1)]:
       log max_y p(y|z) <= max_k -log sum_l exp(-ud_kl)      (ud_kk = 0).
 
 Any other layer raises `UnsupportedLayerError`: a bound is never computed loosely or wrongly.
-`confidence_upper_bound` returns 1.0 for a model it cannot bound (the trivial bound), and evaluates in float64:
-float64 rounding (~1e-16 relative per operation) is far below the float32 precision at which the model itself
-is evaluated, so the bound holds for every float32 forward pass up to that float32 rounding. Training-time
-bounds (GOOD, ProoD) run in the inputs' dtype (float32) and need not be certificates.
+`confidence_upper_bound` returns 1.0 for a model it cannot bound (the trivial bound). It evaluates in the
+`dtype` it is given: float64 by default here; the GAUC study passes its `--precision` (float32 by default, as
+GOOD's and ProoD's evaluations), so that the bound and the confidences it is compared with are rounded alike.
+Training-time bounds (GOOD, ProoD) run in the inputs' dtype (float32) and need not be certificates.
 """
 from __future__ import annotations
 
@@ -210,22 +210,32 @@ def _check_sequence(model: nn.Module, x: torch.Tensor) -> None:
                                     "forward pass; refusing to bound it")
 
 
-@torch.no_grad()
-def confidence_upper_bound(model: nn.Module, x: torch.Tensor, eps: float) -> torch.Tensor:
-    """(N,) upper bound of max_y softmax(model(z))_y over the clipped eps-ball around each x, float64.
+def round_up_to(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The smallest `dtype` number >= each value (a bound stays a bound when it is rounded to a coarser dtype)."""
+    rounded = values.to(dtype)
+    below = rounded.to(values.dtype) < values
+    return torch.where(below, torch.nextafter(rounded, torch.full_like(rounded, float("inf"))), rounded)
 
-    Models with their own certificate (`model.confidence_upper_bound(x, eps)`: ProoD, CCU) use it; other models are bounded by IBP with the elided last layer; a model IBP cannot
-    follow gets the trivial bound 1.0. The model is bounded in eval mode (as it is evaluated).
+
+@torch.no_grad()
+def confidence_upper_bound(model: nn.Module, x: torch.Tensor, eps: float,
+                           dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """(N,) upper bound of max_y softmax(model(z))_y over the clipped eps-ball around each x, computed in `dtype`.
+
+    IBP (with the elided last layer) runs in `dtype`: box, parameters and every operation. Models with their own
+    certificate (`model.confidence_upper_bound(x, eps)`: ProoD, CCU) compute it in float64; it is rounded up to
+    `dtype`. A model IBP cannot follow gets the trivial bound 1.0. The model is bounded in eval mode (as it is
+    evaluated).
     """
     from utils.attacks import eval_mode
 
     core = getattr(model, "module", model)
     with eval_mode(core):
         if hasattr(core, "confidence_upper_bound"):
-            return core.confidence_upper_bound(x, eps).double()
+            return round_up_to(core.confidence_upper_bound(x, eps).double(), dtype)
         try:
             _check_sequence(core, x)
-            ud = logit_difference_bounds(core, *input_box(x, eps, torch.float64))
+            ud = logit_difference_bounds(core, *input_box(x, eps, dtype))
         except UnsupportedLayerError:
-            return torch.ones(x.shape[0], dtype=torch.float64, device=x.device)
+            return torch.ones(x.shape[0], dtype=dtype, device=x.device)
     return log_confidence_bound_from_differences(ud).exp().clamp(max=1.0)

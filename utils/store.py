@@ -54,8 +54,10 @@ KEYS: dict[str, tuple[str, ...]] = {
     "audit": ("study", "dataset", "label", "run", "checkpoint", "source", "noise", "threshold", "alpha_check",
               "seed"),
     # gen_attack_stats.py --study gauc, results/attacks/<DATASET>_gauc.jsonl: one row per (model, OOD set)
+    # (precision: float32 / float64 for both sides of every AUROC, None in rows from before issue 19, which compared
+    # float32 confidences with float64 bounds; attack: the AAUC attack's name)
     "gauc": ("study", "dataset", "label", "run", "checkpoint", "ood", "eps", "n_ood", "n_test", "apgd_steps",
-             "apgd_restarts", "pgd_steps", "seed"),
+             "apgd_restarts", "pgd_steps", "seed", "precision", "attack", "pgd_step_size", "pgd_restarts"),
     # active_learning.py, results/active_learning/<DATASET>_<acquisition>.jsonl: one row per round
     "active_learning": ("dataset", "acquisition", "seed", "round"),
 }

@@ -5,11 +5,18 @@ GOOD (Bitterwolf, Meinke, Hein, NeurIPS 2020, arXiv 2007.08473) and ProoD (Meink
 
   AUC   in-distribution test confidences vs the OOD points' clean confidences;
   AAUC  each OOD confidence replaced by the highest one found in the clipped L-inf eps-ball around the point
-        (the max over the clean point, APGD with restarts and three monotone momentum-PGD runs,
-        `utils.attacks.worst_case_confidence`);
+        (the max over the clean point, APGD with restarts and ProoD's monotone momentum PGD from its starts,
+        `utils.attacks.worst_case_confidence`; the row's "attack" names it);
   GAUC  each OOD confidence replaced by a certified upper bound over that ball (`utils.ibp.confidence_upper_bound`:
         IBP for plain ReLU nets, ProoD's discriminator bound, CCU's own certificate on the PCA-metric ball that
         contains the box; 1.0, hence GAUC = 0, for a model without one).
+
+Precision (`--precision`, the row's "precision", part of its key): both sides of every AUROC come in one
+precision. float32 (default, as GOOD's and ProoD's evaluations): in-distribution, clean and attacked confidences
+from the float32 model, IBP bounds computed in float32 (ProoD's and CCU's own float64 certificates rounded up to
+float32). float64: the same from a float64 copy of the model, bounds in float64. Comparing float32 confidences,
+which saturate at exactly 1.0 far from the decision boundary, with float64 bounds just below 1 (what rows without
+a "precision" did) let uncertified points count as detected.
 
 Every model of the table gets a row (a deep ensemble as one model, on its averaged probabilities; detectors
 that share a network share its row, labelled "Base/ODIN/Maha"). Since bound >= attacked >= clean per point,
@@ -17,7 +24,7 @@ GAUC <= AAUC <= AUC; this is checked for every row (a bound below an attacked co
 means an unsound certificate and raises). Both AUROC tie conventions are
 reported: scikit-learn's (ties count 1/2) and the papers' conservative one (ties count against the model), which
 matters here because every model without a certificate ties at 1.0. Table: GOOD Table 1's layout, Acc then
-AUC / AAUC / GAUC per OOD set, one table per convention.
+AUC / AAUC / GAUC per OOD set, one table per precision and convention.
 
     python gen_attack_stats.py --study gauc --dataset MNIST      # every run of model_paths.MODEL_PATHS["MNIST"]
 """
@@ -36,6 +43,7 @@ from utils.progress import bar
 from utils.studies import add_common_args, dataset_of_runs
 
 STUDY = "gauc"
+PRECISIONS = {"float32": torch.float32, "float64": torch.float64}
 CONVENTIONS = {"conservative": "conservative AUROC (ties count against the model, as GOOD / ProoD)",
                "sklearn": "scikit-learn AUROC (ties count 1/2)"}
 SOUNDNESS_TOL = 1e-5
@@ -57,7 +65,7 @@ def auroc(conf_in, conf_out, convention: str) -> float:
 
 
 RANGES = {"eps": NON_NEGATIVE, "n_ood": AT_LEAST_ONE, "n_test": AT_LEAST_ONE, "apgd_steps": NON_NEGATIVE_INT,
-          "apgd_restarts": AT_LEAST_ONE, "pgd_steps": NON_NEGATIVE_INT, "pgd_step_size": POSITIVE,
+          "apgd_restarts": AT_LEAST_ONE, "pgd_steps": NON_NEGATIVE_INT, "pgd_restarts": NON_NEGATIVE_INT, "pgd_step_size": POSITIVE,
           "batch_size": AT_LEAST_ONE}  # checked by gen_attack_stats.run_study before any work
 
 
@@ -79,34 +87,89 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n-test", type=int, default=None, help="in-distribution test points (default: all)")
     parser.add_argument("--apgd-steps", type=int, default=500)
     parser.add_argument("--apgd-restarts", type=int, default=5)
-    parser.add_argument("--pgd-steps", type=int, default=200, help="steps of each of the three momentum PGD runs")
-    parser.add_argument("--pgd-step-size", type=float, default=0.1, help="initial step, as a fraction of eps")
+    parser.add_argument("--pgd-steps", type=int, default=200, help="steps of each monotone PGD run")
+    parser.add_argument("--pgd-step-size", type=float, default=0.1,
+                        help="initial absolute step of the monotone PGD (ProoD's 0.1; x1.1 on success, x0.5 on failure)")
+    parser.add_argument("--pgd-restarts", type=int, default=3,
+                        help="restarts of the uniform and the Gaussian monotone PGD starts (1 + this many runs each)")
+    parser.add_argument("--precision", choices=tuple(PRECISIONS), default="float32",
+                        help="one precision for confidences and bounds (float32: GOOD's and ProoD's evaluations)")
     parser.add_argument("--batch-size", type=int, default=500)
     add_common_args(parser)
 
 
 @torch.no_grad()
 def _confidences(model: nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
-    return torch.cat([F.softmax(model(x[i:i + batch_size]), dim=1).amax(1).double().cpu()
+    """Max-softmax confidences in the model's dtype (x is cast to it), returned as float64 (exactly)."""
+    dtype = next(model.parameters()).dtype
+    return torch.cat([F.softmax(model(x[i:i + batch_size].to(dtype)), dim=1).amax(1).double().cpu()
                       for i in range(0, len(x), batch_size)])
 
 
+def scoring_model(model: nn.Module, precision: str) -> nn.Module:
+    """The model that scores and bounds in `precision`: the model itself (float32) or a float64 copy."""
+    import copy
+
+    return model if precision == "float32" else copy.deepcopy(model).to(PRECISIONS[precision])
+
+
 def ood_scores(model: nn.Module, x_out: torch.Tensor, eps: float, args: argparse.Namespace,
-               generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """Clean, attacked and certified confidences (N,) of the OOD points, float64 on the CPU."""
+               generator: torch.Generator, scorer: nn.Module | None = None) -> dict[str, torch.Tensor]:
+    """Clean, attacked and certified confidences (N,) of the OOD points, float64 on the CPU.
+
+    The attack searches with `model` (float32); the clean point, the point it found and the bound are then scored
+    by `scorer` (default `model`) in the study's precision, so all three compare with the in-distribution
+    confidences in one precision.
+    """
     from utils.attacks import worst_case_confidence
     from utils.ibp import confidence_upper_bound
 
+    scorer = model if scorer is None else scorer
+    dtype = next(scorer.parameters()).dtype
     clean, attacked, bound = [], [], []
     for i in range(0, len(x_out), args.batch_size):
         x = x_out[i:i + args.batch_size]
-        clean.append(_confidences(model, x, args.batch_size))
-        _, log_conf = worst_case_confidence(model, x, eps, args.apgd_steps, args.apgd_restarts, args.pgd_steps,
-                                            args.pgd_step_size, generator)
-        attacked.append(log_conf.double().exp().cpu())
-        bound.append(confidence_upper_bound(model, x, eps).cpu())
+        clean.append(_confidences(scorer, x, args.batch_size))
+        x_adv, _ = worst_case_confidence(model, x, eps, args.apgd_steps, args.apgd_restarts, args.pgd_steps,
+                                         args.pgd_step_size, generator, getattr(args, "pgd_restarts", 3))
+        attacked.append(_confidences(scorer, x_adv, args.batch_size))
+        bound.append(confidence_upper_bound(scorer, x.to(dtype), eps, dtype).double().cpu())
     clean, attacked, bound = torch.cat(clean), torch.cat(attacked), torch.cat(bound)
     return {"clean": clean, "attacked": torch.maximum(attacked, clean), "bound": bound}
+
+
+def in_distribution_scores(scorer: nn.Module, x_in: torch.Tensor, y_in: torch.Tensor,
+                           batch_size: int) -> tuple[torch.Tensor, float]:
+    """(confidences (N,) float64 of the scorer's precision, accuracy in %) on the in-distribution test set."""
+    dtype = next(scorer.parameters()).dtype
+    conf_in, correct = [], 0
+    with torch.no_grad():
+        for i in range(0, len(x_in), batch_size):
+            probs = F.softmax(scorer(x_in[i:i + batch_size].to(dtype)), dim=1).cpu()
+            conf_in.append(probs.amax(1).double())
+            correct += int((probs.argmax(1) == y_in[i:i + batch_size].cpu()).sum())
+    return torch.cat(conf_in), 100 * correct / len(y_in)
+
+
+def score_model(model: nn.Module, x_in: torch.Tensor, y_in: torch.Tensor, oods: dict[str, torch.Tensor],
+                eps: float, args: argparse.Namespace, label: str = "model") -> list[dict]:
+    """Accuracy and AUC / AAUC / GAUC of one model per OOD set, in `args.precision` (the row fields of the study
+    that do not name the run)."""
+    from utils.attacks import AAUC_ATTACK
+
+    precision = getattr(args, "precision", "float32")
+    scorer = scoring_model(model, precision)
+    conf_in, acc = in_distribution_scores(scorer, x_in.to(args.device), y_in.to(args.device), args.batch_size)
+    generator = torch.Generator().manual_seed(args.seed)
+    rows = []
+    for ood, x_out in oods.items():
+        scores = ood_scores(model, x_out.to(args.device), eps, args, generator, scorer)
+        rows.append({"ood": ood, "acc": acc, "eps": eps, "precision": precision, "attack": AAUC_ATTACK,
+                     "n_ood": len(x_out), "n_test": len(y_in), "apgd_steps": args.apgd_steps,
+                     "apgd_restarts": args.apgd_restarts, "pgd_steps": args.pgd_steps,
+                     "pgd_step_size": args.pgd_step_size, "pgd_restarts": getattr(args, "pgd_restarts", 3),
+                     "seed": args.seed, **check_and_score(label, ood, conf_in, scores)})
+    return rows
 
 
 def check_and_score(label: str, ood: str, conf_in: torch.Tensor, scores: dict[str, torch.Tensor]) -> dict:
@@ -149,26 +212,34 @@ def _in_test(args: argparse.Namespace, data_root: str) -> tuple[torch.Tensor, to
     return next(iter(loader))
 
 
+# rows written before the "precision" field existed compared float32 confidences with float64 bounds
+MIXED = "mixed (float32 confidences, float64 bounds; rows without a precision)"
+
+
 def gauc_table(rows: list[dict]) -> str:
-    """GOOD Table 1 layout per tie convention: Acc, then AUC / AAUC / GAUC per OOD set (newest row per cell)."""
+    """GOOD Table 1 layout per precision and tie convention: Acc, then AUC / AAUC / GAUC per OOD set (newest row
+    per cell)."""
     from utils.tables import markdown
 
-    newest: dict = {}
-    for row in rows:
-        newest[(row["label"], row["run"], row["ood"])] = row
-    models = list(dict.fromkeys((label, run) for label, run, _ in newest))
-    oods = list(dict.fromkeys(ood for _, _, ood in newest))
-    r0 = rows[-1]
     parts = []
-    for convention, title in CONVENTIONS.items():
-        grid = [["Model", "Acc"] + [f"{ood} AUC / AAUC / GAUC" for ood in oods]]
-        for label, run in models:
-            cells = [newest.get((label, run, ood)) for ood in oods]
-            first = next(c for c in cells if c is not None)
-            grid.append([label, f"{first['acc']:.1f}"] + [
-                "-" if c is None else " / ".join(f"{c[f'{k}_{convention}']:.1f}" for k in ("auc", "aauc", "gauc"))
-                for c in cells])
-        parts.append(f"{r0['dataset']}, eps = {r0['eps']} (L-inf), {title}, x100:\n\n" + markdown(grid))
+    for precision in dict.fromkeys(row.get("precision") or MIXED for row in rows):
+        group = [row for row in rows if (row.get("precision") or MIXED) == precision]
+        newest: dict = {}
+        for row in group:
+            newest[(row["label"], row["run"], row["ood"])] = row
+        models = list(dict.fromkeys((label, run) for label, run, _ in newest))
+        oods = list(dict.fromkeys(ood for _, _, ood in newest))
+        r0 = group[-1]
+        for convention, title in CONVENTIONS.items():
+            grid = [["Model", "Acc"] + [f"{ood} AUC / AAUC / GAUC" for ood in oods]]
+            for label, run in models:
+                cells = [newest.get((label, run, ood)) for ood in oods]
+                first = next(c for c in cells if c is not None)
+                grid.append([label, f"{first['acc']:.1f}"] + [
+                    "-" if c is None else " / ".join(f"{c[f'{k}_{convention}']:.1f}" for k in ("auc", "aauc", "gauc"))
+                    for c in cells])
+            parts.append(f"{r0['dataset']}, eps = {r0['eps']} (L-inf), {title}, {precision}, x100:\n\n"
+                         + markdown(grid))
     return "\n\n".join(parts)
 
 
@@ -183,26 +254,13 @@ def study_model(label: str, run_dirs: list[Path], x_in: torch.Tensor, y_in: torc
                 eps: float, args: argparse.Namespace) -> list[dict]:
     from utils import runs
 
-    model = _load(run_dirs, args.device)
-    conf_in, correct = [], 0
-    with torch.no_grad():
-        for i in range(0, len(x_in), args.batch_size):
-            probs = F.softmax(model(x_in[i:i + args.batch_size].to(args.device)), dim=1).cpu()
-            conf_in.append(probs.amax(1).double())
-            correct += int((probs.argmax(1) == y_in[i:i + args.batch_size]).sum())
-    conf_in = torch.cat(conf_in)
-    generator = torch.Generator().manual_seed(args.seed)
     rows = []
-    for ood, x_out in oods.items():
-        scores = ood_scores(model, x_out.to(args.device), eps, args, generator)
+    for scored in score_model(_load(run_dirs, args.device), x_in, y_in, oods, eps, args, label):
         row = {"study": STUDY, "dataset": args.dataset, "label": label, "run": ",".join(map(str, run_dirs)),
-               "ood": ood, "checkpoint": ",".join(runs.file_hash(d / "model.pt") for d in run_dirs),
-               "acc": 100 * correct / len(y_in), "eps": eps,
-               "n_ood": len(x_out), "n_test": len(y_in), "apgd_steps": args.apgd_steps,
-               "apgd_restarts": args.apgd_restarts, "pgd_steps": args.pgd_steps, "seed": args.seed,
-               **check_and_score(label, ood, conf_in, scores), "git_sha": runs.git_sha(), "date": runs.now()}
-        print(f"{label:>14s} {ood:>15s}: AUC {row['auc_conservative']:.1f}  AAUC {row['aauc_conservative']:.1f}  "
-              f"GAUC {row['gauc_conservative']:.1f} (conservative)")
+               "checkpoint": ",".join(runs.file_hash(d / "model.pt") for d in run_dirs), **scored,
+               "git_sha": runs.git_sha(), "date": runs.now()}
+        print(f"{label:>14s} {row['ood']:>15s}: AUC {row['auc_conservative']:.1f}  AAUC {row['aauc_conservative']:.1f}  "
+              f"GAUC {row['gauc_conservative']:.1f} (conservative, {row['precision']})")
         rows.append(row)
     return rows
 
