@@ -176,7 +176,7 @@ def dataset_list(values: Iterable[str]) -> list[str]:
                     "or pass a link to it without ','")
             _spec(item)  # unknown names list the valid ones
             keys.append(item)
-    return keys
+    return path_sets.unique_sets(keys)  # one NAME, one set: refused here for every script alike
 
 
 class DatasetListAction(argparse.Action):
@@ -191,7 +191,7 @@ class DatasetListAction(argparse.Action):
             keys = dataset_list([*so_far, *values])
         except ValueError as error:
             parser.error(f"argument {option_string}: {error}")
-        if len(keys) == len(so_far):  # "--ood ," or "--ood ''": an empty list is never what was meant
+        if not any(part.strip() for value in values for part in value.split(",")):  # "--ood ,": never meant
             parser.error(f"argument {option_string}: {' '.join(values)!r} names no set; give data keys or NAME=PATH")
         setattr(namespace, self.dest, keys)
 

@@ -243,14 +243,15 @@ def test_reproduce_without_a_table_is_a_one_line_user_error(capsys):
     assert ": error: name a table: one of acet-alpha, " in err and "--list" in err and len(err.splitlines()) == 1
 
 
-def test_reproduce_refuses_one_ood_name_for_two_sets_before_training(tmp_path):
+def test_reproduce_refuses_one_ood_name_for_two_sets_before_training(tmp_path, capsys):
     first, second = tmp_path / "a.npz", tmp_path / "b.npz"
     np.savez(first, x=np.zeros((5, 8, 8), np.uint8))
     np.savez(second, x=np.full((5, 8, 8), 255, np.uint8))
     argv = ["acet-table1", "--dataset", "digits", "--budget", "tiny", "--runs-root", str(tmp_path / "runs"),
             "--results-root", str(tmp_path / "results"), "--device", "cpu", "--ood", f"m={first}", f"m={second}"]
-    with pytest.raises(data.PathSetError, match="two OOD sets are named 'm'"):
+    with pytest.raises(SystemExit) as exit_info:  # refused when the command line is read
         reproduce.main(reproduce.get_args_parser().parse_args(argv))
+    assert exit_info.value.code == 2 and "two OOD sets are named 'm'" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists() and not (tmp_path / "results").exists()
 
 

@@ -44,6 +44,15 @@ def test_comma_inside_a_path_is_refused_at_parse_time(script, capsys):
     assert "mine=/data/a,b.npz: ',' separates sets, so a PATH cannot contain one" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("script", sorted(PARSERS))
+def test_one_name_for_two_sets_is_refused_at_parse_time(script, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        PARSERS[script]().parse_args(["--ood", "a=x.npz", "--ood", "uniform,a=y.npz"])
+    assert exit_info.value.code == 2
+    assert "two OOD sets are named 'a' ('a=x.npz' and 'a=y.npz')" in capsys.readouterr().err
+    assert PARSERS[script]().parse_args(["--ood", "a=x.npz,a=x.npz"]).ood == ["a=x.npz"]
+
+
 def test_unknown_name_in_a_list_lists_the_valid_ones():
     with pytest.raises(ValueError, match="unknown dataset 'zzz'; valid: MNIST"):
         data.dataset_list(["uniform,zzz"])

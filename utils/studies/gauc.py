@@ -280,7 +280,7 @@ def main(args: argparse.Namespace) -> None:
         raise ValueError(f"no default eps for {args.dataset}; pass --eps (defaults: {CERTIFIED_EPS})")
     data_root = runs.resolve_data_root(args.data_root)
     x_in, y_in = _in_test(args, data_root)
-    ood_keys = args.ood or data.OOD_TEST[args.dataset]
+    ood_keys = data.unique_sets(args.ood or data.OOD_TEST[args.dataset])  # one NAME, one set
     for key in ood_keys:  # unknown names and unreadable NAME=PATH files fail before any attack
         data.check_dataset(key, like=args.dataset, root=data_root)
     oods = {data.set_name(key): _ood_points(key, args, data_root) for key in ood_keys}
