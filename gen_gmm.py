@@ -32,9 +32,9 @@ import torch
 from torch.utils.data import DataLoader
 
 import data
-from models import save_checkpoint
 from models.gmm import GMM, PCAMetric
 from utils import cli, runs
+from utils.checkpoints import save_checkpoint
 from utils.cli import AT_LEAST_ONE, POSITIVE, Range
 
 GMM_RANGES = {"n_components": AT_LEAST_ONE, "n_in": AT_LEAST_ONE, "n_out": AT_LEAST_ONE, "min_sv_factor": Range(1.0),

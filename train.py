@@ -31,7 +31,7 @@ import data
 import model_params
 import models
 from data.device_loader import DeviceDataset, load_train_set
-from utils import amp, cli, training
+from utils import amp, checkpoints, cli, training
 from utils.cli import AT_LEAST_ONE, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, UNIT, UNIT_OPEN_HIGH, Range
 from utils.distributed import wrap_ddp
 from utils.methods import METHODS, get_method
@@ -171,7 +171,7 @@ def resolve(args: Namespace) -> Namespace:
     opts.data_shape = list(shape)
     opts.name = args.name or f"{args.method}-s{args.seed}"
     run_folder(opts.runs_root, opts.dataset, opts.name)  # one folder name, a runs root that is a folder
-    opts.run_id = secrets.token_hex(8)  # names this run in its config.json and every checkpoint (models.io)
+    opts.run_id = secrets.token_hex(8)  # names this run in its config.json and every checkpoint (utils.checkpoints)
     opts.data_root = resolve_data_root(args.data_root)
     get_method(opts.method)  # a clear error before anything is written
     return opts
@@ -366,7 +366,7 @@ class FiniteLossGuard:
 def _save(run_dir: Path, model, optimizer, scheduler, config: dict, epoch: int, aux=None,
           scaler=None) -> None:
     scaler_state = {"scaler": scaler.state_dict()} if scaler is not None and scaler.is_enabled() else {}
-    models.save_checkpoint(run_dir / "model.pt", {
+    checkpoints.save_checkpoint(run_dir / "model.pt", {
         "model": model.state_dict(), "config": json.loads(json.dumps(config, default=str)), "epoch": epoch,
         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": training.rng_state(),
         **(aux.state_dict() if aux is not None else {}), **scaler_state})  # the method's auxiliary networks, beside "model"
@@ -374,7 +374,7 @@ def _save(run_dir: Path, model, optimizer, scheduler, config: dict, epoch: int, 
 
 def _restore(run_dir: Path, model, optimizer, scheduler, epochs: int, aux=None, scaler=None) -> int:
     """Load the checkpoint of run_dir into model, optimizer, scheduler and the random states; its epoch."""
-    from models.io import CheckpointError, read_run_checkpoint
+    from utils.checkpoints import CheckpointError, read_run_checkpoint
 
     path = run_dir / "model.pt"
     checkpoint = read_run_checkpoint(run_dir)  # refuses a checkpoint of another run (method, arch, dataset, id)

@@ -23,6 +23,7 @@ import torch
 from torch.utils.data import ConcatDataset, Dataset
 
 from data.base import DatasetNotFoundError
+from data.real import load_torchvision
 
 AMNIST_DIR = "AmbiguousMNIST"
 AMNIST_URL = "https://github.com/BlackHC/ddu_dirty_mnist/releases/download/data-v1.0.0/"
@@ -83,13 +84,13 @@ class AmbiguousMNIST(Dataset):
 def dirty_mnist(split: str, root: str | Path, download: bool = False, **_: object) -> Dataset:
     """Dirty-MNIST split "train" (MNIST train + AMNIST train, 120 000 items) or "test" (MNIST test + AMNIST test).
 
-    The registry's own MNIST loader supplies the MNIST part, so the missing-data message for MNIST is its own.
+    The registry's own MNIST loader (data.real) supplies the MNIST part, so the missing-data message for MNIST is
+    its own; it is called directly, not through the registry, which imports this module.
     """
-    import data  # the registry imports this module, so import it lazily
     if split not in ("train", "test"):
         raise ValueError(f"unknown Dirty-MNIST split {split!r}; valid: train, test")
     ambiguous = AmbiguousMNIST(root, split, download=download)
-    mnist = data.get_dataset("MNIST", split, root=str(root), download=download)
+    mnist = load_torchvision("MNIST", split, str(root), download)
     dataset = ConcatDataset([mnist, ambiguous])
     dataset.targets = torch.cat([torch.as_tensor(getattr(mnist, "targets")), ambiguous.targets])
     return dataset

@@ -1,4 +1,4 @@
-"""Architectures with the features/head contract, soft spectral normalisation, and run-folder loading.
+"""Architectures with the features/head contract, soft spectral normalisation, and `build_model(config)`.
 
 `MODELS[name](num_classes=..., in_channels=..., input_size=..., dropout=0.0, normalize=None | (mean, std),
 spectral_norm_coeff=None, mod=False, **arch_kwargs)` -> a module with `forward(x)` (logits), `features(x)`
@@ -10,7 +10,7 @@ wrn `depth`, `widen_factor`; densenet_bc100 `depth`, `growth_rate`, `reduction`;
 """
 from __future__ import annotations
 
-from typing import Callable, Dict
+from typing import Any, Callable, Dict
 
 from torch import nn
 
@@ -42,6 +42,36 @@ MODELS: Dict[str, Callable[..., nn.Module]] = {
     "good_cnn_xl": good_cnn_xl,
 }
 
-from models.io import build_model, load_run, save_checkpoint  # noqa: E402  (io looks MODELS up at call time)
+OPTIONAL_DEFAULTS: Dict[str, Any] = {"dropout": 0.0, "normalize": None, "spectral_norm_coeff": None,
+                                     "mod": False}
+REQUIRED_KEYS = ("arch", "num_classes", "in_channels", "input_size")
 
-__all__ = ["MODELS", "build_model", "load_run", "save_checkpoint"]
+
+def _as_tuple(value: Any) -> Any:
+    """JSON turns tuples into lists; the constructors want tuples back (nested for normalize)."""
+    if isinstance(value, list):
+        return tuple(_as_tuple(v) for v in value)
+    return value
+
+
+def build_model(config: dict) -> nn.Module:
+    """Build `MODELS[config["arch"]]` from a run config (keys: arch, num_classes, in_channels, input_size,
+    and optionally dropout, normalize, spectral_norm_coeff, mod, arch_kwargs; other keys are ignored)."""
+    arch = config.get("arch")
+    if arch not in MODELS:
+        raise ValueError(f"unknown arch {arch!r}; valid: {', '.join(MODELS)}")
+    missing = [k for k in REQUIRED_KEYS if k not in config]
+    if missing:
+        raise ValueError(f"model config lacks {missing}; needs {list(REQUIRED_KEYS)}")
+    kwargs = {k: config[k] for k in ("num_classes", "in_channels")}
+    kwargs["input_size"] = _as_tuple(config["input_size"])
+    for key, default in OPTIONAL_DEFAULTS.items():
+        value = config.get(key, default)
+        kwargs[key] = _as_tuple(value) if key == "normalize" else value
+    kwargs["dropout"] = float(kwargs["dropout"] or 0.0)
+    kwargs["mod"] = bool(kwargs["mod"])
+    arch_kwargs = {k: _as_tuple(v) for k, v in (config.get("arch_kwargs") or {}).items()}
+    return MODELS[arch](**kwargs, **arch_kwargs)
+
+
+__all__ = ["MODELS", "build_model"]

@@ -21,8 +21,9 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from models.ccu_bound import ccu_confidence_upper_bound
 from models.gmm import GMM, PCAMetric
-from utils.amp import full_precision
+from models.precision import full_precision
 
 
 def infer_num_classes(base: nn.Module) -> int:
@@ -111,9 +112,7 @@ class CCUModel(nn.Module):
     @torch.no_grad()
     def confidence_upper_bound(self, x: torch.Tensor, eps: float) -> torch.Tensor:
         """(N,) float64 bound of the confidence over the clipped L-inf eps-ball around each x: CCU's certificate
-        on the PCA-metric ball that contains the box (utils.certify.ccu_confidence_upper_bound)."""
-        from utils.certify import ccu_confidence_upper_bound  # utils.certify imports this module
-
+        on the PCA-metric ball that contains the box (models.ccu_bound.ccu_confidence_upper_bound)."""
         return ccu_confidence_upper_bound(self, x, eps)
 
     def head(self, features: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from utils.amp import full_precision
+from models.precision import full_precision
 
 
 def _flat(x: torch.Tensor) -> torch.Tensor:

@@ -226,12 +226,12 @@ def image_curves(args: argparse.Namespace, alphas: torch.Tensor) -> tuple[str, d
     """Max-softmax confidence and its gradient norm along alpha * u (u = --noise images) for each --runs model,
     with the limit (exact for piecewise-affine networks, measured at alpha = 1e6 otherwise, e.g. CCU)."""
     import data
-    import models
+    from utils import methods
     from utils.runs import file_hash, resolve_data_root
 
     curves, info, dataset = {}, {}, None
     for run_dir in map(Path, args.runs):
-        model = models.load_run(run_dir, device=args.device)
+        model = methods.load_run(run_dir, device=args.device)
         name = model.run_config.get("dataset")
         if dataset not in (None, name):
             raise ValueError(f"--runs mixes datasets {dataset} and {name}; pass one dataset's runs at a time")

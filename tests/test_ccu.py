@@ -11,10 +11,10 @@ from scipy.optimize import brentq
 from scipy.special import logsumexp
 from torch import nn
 
-from models import save_checkpoint
 from models.ccu import CCUModel, build_ccu
 from models.gmm import GMM, PCAMetric
 from utils.studies.ccu import pca_ball_attack
+from utils.checkpoints import save_checkpoint
 from utils.certify import asymptotic_check, bound_gap, bound_terms, certified_radius
 from utils.methods.ccu import CCU_METHODS, ccu_loss, ccu_param_groups, clamp_out_variances
 
@@ -286,7 +286,7 @@ def test_wrap_model_init_and_reload(tmp_path, name):
     assert opts.input_dim == D and opts.gmm_components == [4, 3]
     assert torch.equal(model.gmm_in.mu, reference.gmm_in.mu) and torch.equal(model.metric.V, reference.metric.V)
     assert model.ccus == (name == "ccus") and float(model.loglam) == 0.5
-    # a checkpoint round trip through the init=False structure (what models.load_run does)
+    # a checkpoint round trip through the init=False structure (what utils.methods.load_run does)
     reloaded = method.wrap_model(TinyNet(), Namespace(**{**vars(opts), "gmm": "gone"}), init=False)
     reloaded.load_state_dict(model.state_dict())
     x = torch.rand(6, *SHAPE)

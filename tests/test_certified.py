@@ -15,10 +15,11 @@ from torch import nn
 import data
 import models
 from models.good import NegativeLinear
-from models.io import save_checkpoint
 from models.prood import ProodModel
 from utils.attacks import apgd_checkpoints, apgd_maximize, max_log_conf, monotone_pgd_run, worst_case_confidence
+from utils.checkpoints import save_checkpoint
 from utils.ibp import confidence_upper_bound, input_box, interval_bounds, logit_difference_bounds
+from utils.methods import load_run
 from utils.methods.certified import (good_loss, prood_loss, prood_param_groups, ramp_factor, schedule, spread_loss,
                                      wrap_prood)
 from utils.studies.gauc import auroc_conservative, check_and_score
@@ -272,7 +273,7 @@ def test_prood_run_is_self_contained_and_study_rows_are_ordered(tmp_path, prood_
     rebuilt.load_state_dict(prood.state_dict())
     _tiny_run(tmp_path, "prood-s0", rebuilt, vars(opts))
     (tmp_path / "digits" / "plain-s0" / "model.pt").rename(tmp_path / "moved.pt")  # ProoD's run needs nothing else
-    loaded = models.load_run(tmp_path / "digits" / "prood-s0")
+    loaded = load_run(tmp_path / "digits" / "prood-s0")
     x, _ = _digits(50, "test")
     with torch.no_grad():
         assert isinstance(loaded, ProodModel) and torch.allclose(loaded(x), prood(x), atol=1e-6)

@@ -14,10 +14,9 @@ import torch
 
 import data
 import evaluate
-import models
 import reproduce
 import train
-from utils import cli, evaluation, runs, tables
+from utils import cli, evaluation, methods, runs, tables
 from utils.scoring import SetScores
 
 FAST = ["--ood", "uniform", "--n-ood", "60", "--no-progress", "--no-print"]
@@ -184,13 +183,13 @@ def test_one_ood_name_for_two_sets_is_refused(run_dir, tmp_path, capsys):
     (["--seed", str(2**64)], f"--seed must be an integer in [0, 2**63 - 1], got {2**64}"),
 ])
 def test_numbers_are_checked_before_any_model_is_loaded(run_dir, tmp_path, monkeypatch, capsys, flags, message):
-    monkeypatch.setattr(models, "load_run", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(methods, "load_run", lambda *a, **k: pytest.fail("a model was loaded"))
     code, err = run_cli(["--runs", str(run_dir), "--results-root", str(tmp_path / "r"), *FAST, *flags], capsys)
     assert code == 2 and err.endswith(f": error: {message}\n") and len(err.splitlines()) == 1
 
 
 def test_results_root_that_is_a_file_or_not_writable(run_dir, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(models, "load_run", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(methods, "load_run", lambda *a, **k: pytest.fail("a model was loaded"))
     a_file = tmp_path / "file"
     a_file.write_text("x")
     code, err = run_cli(["--runs", str(run_dir), "--results-root", str(a_file), *FAST], capsys)

@@ -10,6 +10,7 @@ import torch
 
 import model_params
 import models
+from utils import checkpoints, methods
 import train
 from model_paths import run_flags
 
@@ -41,7 +42,7 @@ def test_trained_model_carries_the_normalisation_and_old_runs_still_load(tmp_pat
          "--runs-root", str(tmp_path), "--no-progress"]))
     config = json.loads((run_dir / "config.json").read_text())
     assert config["normalize"] == [[0.1307], [0.3081]]
-    model = models.load_run(run_dir)
+    model = methods.load_run(run_dir)
     assert model.normalize.mean.tolist() == pytest.approx([0.1307]) and model.normalize.std.tolist() == \
         pytest.approx([0.3081])
     x = torch.rand(4, 1, 8, 8)
@@ -51,8 +52,8 @@ def test_trained_model_carries_the_normalisation_and_old_runs_still_load(tmp_pat
     # a run written before the key existed: no "normalize" in its config, no buffers in its weights
     old_dir = tmp_path / "digits" / "old-s0"
     old_config = {k: v for k, v in config.items() if k != "normalize"}
-    models.save_checkpoint(old_dir / "model.pt", {"model": plain.state_dict(), "config": old_config, "epoch": 1})
-    torch.testing.assert_close(models.load_run(old_dir)(x), plain(x))
+    checkpoints.save_checkpoint(old_dir / "model.pt", {"model": plain.state_dict(), "config": old_config, "epoch": 1})
+    torch.testing.assert_close(methods.load_run(old_dir)(x), plain(x))
 
 
 @pytest.mark.parametrize("dataset", ["MNIST", "CIFAR10"])
@@ -112,7 +113,7 @@ def _digits_runs(root, seeds=(0, 1)) -> list[str]:
         checkpoint = torch.load(run_dir / "model.pt", weights_only=True)
         for key in [k for k in checkpoint["model"] if k.startswith("fc.")]:
             checkpoint["model"][key] = checkpoint["model"][key] * (1 + 2 * seed)
-        models.save_checkpoint(run_dir / "model.pt", checkpoint)
+        checkpoints.save_checkpoint(run_dir / "model.pt", checkpoint)
         names.append(run_dir.name)
     return names
 
@@ -142,7 +143,7 @@ def test_ensemble_is_tempered_per_member_and_attacked_on_its_averaged_probabilit
     rows = [json.loads(line) for line in (results / "ood" / "digits.jsonl").read_text().splitlines()]
     row = next(r for r in rows if r["ood"] == "uniform")
     # every member tempered on its own validation split
-    loaded = [models.load_run(tmp_path / "runs" / "digits" / run) for run in runs]
+    loaded = [methods.load_run(tmp_path / "runs" / "digits" / run) for run in runs]
     expected_t = []
     for member in loaded:
         val = data.get_dataset("digits", "val", val_fraction=0.1, seed=member.run_config["seed"])
@@ -169,7 +170,7 @@ def test_ensemble_is_tempered_per_member_and_attacked_on_its_averaged_probabilit
 def _save_run(root, name: str, config: dict, model=None) -> None:
     torch.manual_seed(len(name))
     model = models.build_model(config) if model is None else model
-    models.save_checkpoint(root / "digits" / name / "model.pt",
+    checkpoints.save_checkpoint(root / "digits" / name / "model.pt",
                            {"model": model.state_dict(), "config": config, "epoch": 0})
 
 
@@ -211,7 +212,7 @@ def test_ccu_table1_gives_every_entry_its_column_scored_by_its_own_detector(tmp_
     in_scores = dict(zip(dump["labels"], dump["in_log_conf"]))
     import data
     x = torch.stack([data.get_dataset("digits", "test")[i][0] for i in range(60)])
-    plain = models.load_run(runs / "digits" / "plain-s0")
+    plain = methods.load_run(runs / "digits" / "plain-s0")
     odin = DETECTORS["odin"](plain).confidence(x).log().numpy()
     np.testing.assert_allclose(in_scores["ODIN"], odin, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(in_scores["Base"], plain(x).log_softmax(1).amax(1).detach().numpy(), atol=1e-5)
@@ -220,7 +221,7 @@ def test_ccu_table1_gives_every_entry_its_column_scored_by_its_own_detector(tmp_
     np.testing.assert_allclose(in_scores["Maha"], maha.confidence(x).numpy(), rtol=1e-4)
     # MC dropout: minus the summed variance over 10 stochastic passes, never the deterministic eval-mode MSP
     assert (in_scores["MCD"] <= 0).all() and (in_scores["MCD"] < -1e-6).mean() > 0.9
-    de = torch.stack([models.load_run(runs / "digits" / r)(x).softmax(1) for r in ("plain-s0", "plain-s1")])
+    de = torch.stack([methods.load_run(runs / "digits" / r)(x).softmax(1) for r in ("plain-s0", "plain-s1")])
     np.testing.assert_allclose(in_scores["DE"], de.mean(0).amax(1).log().detach().numpy(), atol=1e-5)
     assert {r["label"]: r["detector"] for r in rows}["Maha"] == "mahalanobis"
 

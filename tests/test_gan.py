@@ -14,12 +14,11 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 import data
-import models
 import train
 from models.gan import GAN_ARCHS, Discriminator, Generator
 from tests.test_train import train_full_and_killed
 from utils.detectors import DETECTORS
-from utils.methods import load_auxiliary
+from utils.methods import load_auxiliary, load_run
 from utils.methods.base import Auxiliary
 from utils.methods.gan import gan_loss, gan_step, kl_uniform_to_softmax
 from utils.metrics import auroc
@@ -173,7 +172,7 @@ def test_training_lowers_the_kl_on_generated_samples_and_keeps_accuracy(runs):
     assert all(math.isfinite(row["gan_d_loss"]) and math.isfinite(row["gan_g_loss"]) for row in log)
     assert abs(log[-1]["test_acc"] - _log(runs["plain"])[-1]["test_acc"]) <= 0.02
     model, fake = _generated(runs["gan"])
-    plain = models.load_run(runs["plain"])
+    plain = load_run(runs["plain"])
     with torch.no_grad():
         mmc_gan, mmc_plain = (net(fake).softmax(1).max(1).values.mean().item() for net in (model, plain))
     assert mmc_gan < 0.2, mmc_gan          # 1/K = 0.1
@@ -181,7 +180,7 @@ def test_training_lowers_the_kl_on_generated_samples_and_keeps_accuracy(runs):
 
 
 def test_gan_run_loads_and_every_single_model_detector_scores_it(runs):
-    model = models.load_run(runs["gan"])
+    model = load_run(runs["gan"])
     checkpoint = torch.load(runs["gan"] / "model.pt", weights_only=True)
     assert {"generator", "discriminator"} == set(checkpoint["aux"]) == set(checkpoint["aux_optimizers"])
     test_set = data.get_dataset("digits", "test")

@@ -226,13 +226,14 @@ def test_nine_clusters():
 
 def test_audit_main_writes_rows(tmp_path):
     import models
+    from utils import checkpoints
 
     config = {"arch": "mlp", "num_classes": 10, "in_channels": 1, "input_size": [1, 8, 8],
               "arch_kwargs": {"widths": [32, 32]}, "dataset": "digits"}
     torch.manual_seed(0)
     model = models.build_model(config)
     run_dir = tmp_path / "runs" / "digits" / "plain-s0"
-    models.save_checkpoint(run_dir / "model.pt", {"model": model.state_dict(), "config": config, "epoch": 0})
+    checkpoints.save_checkpoint(run_dir / "model.pt", {"model": model.state_dict(), "config": config, "epoch": 0})
     from utils.studies import audit
 
     parser = argparse.ArgumentParser()

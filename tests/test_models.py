@@ -3,16 +3,16 @@ from __future__ import annotations
 
 import os
 import pickle
-import sys
-import types
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models import MODELS, build_model, load_run, save_checkpoint
+from models import MODELS, build_model
 from models.spectral_norm import spectral_norm
+from utils.checkpoints import save_checkpoint
+from utils.methods import METHODS, load_run
 
 torch.set_num_threads(1)
 
@@ -292,9 +292,7 @@ def test_load_run_applies_the_methods_wrap_model(tmp_path, monkeypatch):
         calls.append((opts.scale, init))
         return Scaled(model, 0.0)
 
-    fake = types.ModuleType("utils.methods")
-    fake.METHODS = {"scaled": Method(loss=lambda *a: None, wrap_model=wrap)}
-    monkeypatch.setitem(sys.modules, "utils.methods", fake)
+    monkeypatch.setitem(METHODS, "scaled", Method(loss=lambda *a: None, wrap_model=wrap))
     config = config_for("lenet", method="scaled", scale=0.7)
     model = Scaled(build_model(config), 0.7).eval()
     loaded = load_run(save_run(tmp_path, model, config))

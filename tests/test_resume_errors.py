@@ -16,7 +16,7 @@ import gen_attack_stats
 import gen_gmm
 import models
 import train
-from utils import cli, training
+from utils import checkpoints, cli, training
 from utils.methods import METHODS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -327,7 +327,7 @@ def test_studies_check_numbers_first(tmp_path, capsys, study, argv, expected):
 def test_alpha_study_shows_progress_and_keeps_the_old_results_flag(tmp_path, capsys):
     config = {"arch": "lenet", "num_classes": 10, "in_channels": 1, "input_size": 8}
     run_dir = tmp_path / "runs" / "digits" / "plain-s0"
-    models.save_checkpoint(run_dir / "model.pt", {"model": models.build_model(config).state_dict(),
+    checkpoints.save_checkpoint(run_dir / "model.pt", {"model": models.build_model(config).state_dict(),
                                                   "config": config, "epoch": 0})
     gen_attack_stats.main(["--study", "alpha", "--dataset", "digits", "--runs", str(run_dir), "--n", "20",
                            "--alpha-max", "1e4", "--results", str(tmp_path / "results"), "--device", "cpu",

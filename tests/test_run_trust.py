@@ -9,11 +9,10 @@ import pytest
 import torch
 
 import gen_gmm
-import models
 import train
-from models.io import CheckpointError
 from scripts import train_table
-from utils import cli
+from utils import cli, methods
+from utils.checkpoints import CheckpointError
 from utils.plots import gan as gan_plot
 from utils.resume import run_state
 
@@ -155,7 +154,7 @@ def test_a_checkpoint_of_another_run_is_refused_by_resume_and_every_loader(runs,
     err = one_line_error(capsys, train, ["--dataset", "digits", "--name", "plain-s0", "--resume", "--runs-root", str(runs), *FAST])
     assert "belongs to another run" in err and expected in err and "run_id" in err
     assert files_under(target) == before  # nothing appended to "resumes", no log row
-    for read in (models.load_run, run_state):
+    for read in (methods.load_run, run_state):
         with pytest.raises(CheckpointError, match=expected):
             read(target)
 
@@ -165,7 +164,7 @@ def test_a_checkpoint_of_another_run_of_the_same_kind_is_refused_by_its_run_id(r
     cli_call(train, ["--dataset", "digits", "--epochs", "1", "--runs-root", str(other), *FAST])
     shutil.copy(other / "digits" / "plain-s0" / "model.pt", runs / "digits" / "plain-s0" / "model.pt")
     with pytest.raises(CheckpointError, match="run_id '[0-9a-f]{16}' in the checkpoint, '[0-9a-f]{16}' in config"):
-        models.load_run(runs / "digits" / "plain-s0")
+        methods.load_run(runs / "digits" / "plain-s0")
 
 
 def test_runs_saved_before_the_run_id_are_compared_on_what_they_carry(runs, capsys):
@@ -177,14 +176,14 @@ def test_runs_saved_before_the_run_id_are_compared_on_what_they_carry(runs, caps
     saved = torch.load(target / "model.pt", weights_only=True)
     saved["config"].pop("run_id")
     torch.save(saved, target / "model.pt")
-    assert models.load_run(target).run_config["method"] == "plain"
+    assert methods.load_run(target).run_config["method"] == "plain"
     cli_call(train, ["--dataset", "digits", "--name", "plain-s0", "--resume", "--runs-root", str(runs), *FAST])
     assert torch.load(target / "model.pt", weights_only=True)["epoch"] == 3
     ceda = torch.load(runs / "digits" / "ceda-s0" / "model.pt", weights_only=True)
     ceda["config"].pop("run_id")
     torch.save(ceda, target / "model.pt")
     with pytest.raises(CheckpointError, match="method 'ceda' in the checkpoint, 'plain' in config.json"):
-        models.load_run(target)
+        methods.load_run(target)
 
 
 # --- 4. --resume of a run without a checkpoint ------------------------------------------------------------------

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import models
+from utils import checkpoints, methods
 import train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,7 +33,7 @@ def test_digits_reaches_90_percent_and_writes_a_run_folder(tmp_path):
     assert {"git_sha", "versions", "argv"} <= set(config["provenance"])
     assert any((run_dir / "tb").iterdir())
     # the model is rebuilt from the folder alone and reproduces the logged accuracy
-    model = models.load_run(run_dir)
+    model = methods.load_run(run_dir)
     import data
     test = data.get_dataset("digits", "test")
     x, y = next(iter(torch.utils.data.DataLoader(test, batch_size=len(test))))
@@ -136,7 +136,7 @@ def test_every_method_trains_through_train_py_and_reloads(tmp_path):
         assert np_isfinite(log["train_loss"]), name
         checkpoint = torch.load(run_dir / "model.pt", weights_only=True)
         assert checkpoint["config"]["method"] == name
-        model = models.load_run(run_dir)
+        model = methods.load_run(run_dir)
         fresh = train.build(train.resolve(train.get_args_parser().parse_args(
             ["--dataset", "digits", "--method", name, "--runs-root", str(tmp_path), *extra])), torch.device("cpu"))[1]
         fresh.load_state_dict(checkpoint["model"])
@@ -152,17 +152,17 @@ def np_isfinite(value: float) -> bool:
 def test_each_epoch_is_logged_before_its_checkpoint_and_a_resume_logs_it_once(tmp_path, monkeypatch):
     """A kill between checkpoint and log row used to leave a finished run whose last epoch had no row (seen as a
     flaky reproduce.py test); now the row comes first and a resume drops a row its checkpoint lacks."""
-    saved = models.save_checkpoint
+    saved = checkpoints.save_checkpoint
 
     def checking_save(path, state):
         rows = [json.loads(line) for line in (Path(path).parent / "log.jsonl").read_text().splitlines()]
         assert rows[-1]["epoch"] == state["epoch"], "checkpoint written before its epoch's log row"
         saved(path, state)
 
-    monkeypatch.setattr(models, "save_checkpoint", checking_save)
+    monkeypatch.setattr(checkpoints, "save_checkpoint", checking_save)
     common = ["--dataset", "digits", "--max-batches", "3", "--runs-root", str(tmp_path), "--no-progress"]
     run_dir = run_train([*common, "--epochs", "2"])
-    monkeypatch.setattr(models, "save_checkpoint", saved)
+    monkeypatch.setattr(checkpoints, "save_checkpoint", saved)
     log = run_dir / "log.jsonl"
     with log.open("a") as handle:  # as a kill after epoch 3's row, before its checkpoint, leaves it
         handle.write(json.dumps({"epoch": 3, "train_loss": 9.0}) + "\n" + '{"epoch": 4, "tr')

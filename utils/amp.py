@@ -2,7 +2,8 @@
 
 What runs in reduced precision: the network's forward and backward passes in training (the loss, and the
 attacks and extra passes the loss makes, e.g. ACET's PGD), and the attack steps in evaluation and the studies.
-What never does, whatever `--amp` says (each place disables autocast itself, see `full_precision`):
+What never does, whatever `--amp` says (each place disables autocast itself, see `full_precision`, defined in
+models/precision.py and re-exported here):
   * CCU's Gaussian-mixture log-densities and the CCU output formula (models/gmm.py, models/ccu.py), float32:
     densities reach -1e9 far from the data, and the Gram-expansion distances cancel catastrophically in bf16;
   * certified radii (utils/certify.py) and interval bounds: float64 inputs, which autocast never casts;
@@ -14,12 +15,13 @@ fp16 training uses a GradScaler (dynamic loss scaling); bf16 has float32's expon
 from __future__ import annotations
 
 import contextlib
-import functools
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional
 
 import torch
 from torch import nn
+
+from models.precision import full_precision  # noqa: F401  (re-exported: it lives with the models that use it)
 
 AMP_DTYPES: dict[str, Optional[torch.dtype]] = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -46,21 +48,6 @@ def autocast(device: str | torch.device, amp: str) -> contextlib.AbstractContext
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
-
-
-def full_precision(fn: Callable) -> Callable:
-    """Decorator: run `fn` with autocast disabled and its floating-point tensor arguments in at least float32
-    (float64 stays float64), for computations whose soundness depends on rounding (densities, bounds)."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        args = [a.float() if _is_low_precision(a) else a for a in args]
-        with torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False):
-            return fn(*args, **kwargs)
-    return wrapper
-
-
-def _is_low_precision(value: object) -> bool:
-    return isinstance(value, torch.Tensor) and value.dtype in (torch.float16, torch.bfloat16)
 
 
 # --- attacks in evaluation and the studies ----------------------------------------------------------------------

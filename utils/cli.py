@@ -6,7 +6,7 @@ and what to do, and exit status 2 (the status argparse uses for bad flags); `--d
 instead. Anything else is a bug and keeps its traceback.
 
 What counts as a user error (`user_message`):
-  * `UserError` (and its subclasses in models.io, utils.runs and train.py);
+  * `UserError` (and its subclasses in utils.runs and train.py);
   * `data.DatasetNotFoundError` and `pickle.UnpicklingError` (a checkpoint that would need code to load);
   * `json.JSONDecodeError` and `OSError` with errno ENOSPC (no space left on the device);
   * `ValueError`, `FileNotFoundError` and `FileExistsError` raised by this repository's own code: the project's
@@ -67,15 +67,22 @@ def _raised_in_repo(err: BaseException) -> bool:
                                                  for part in path.relative_to(REPO_ROOT).parts)
 
 
-def _first_line(text: str) -> str:
+def first_line(text: str) -> str:
+    """The first non-blank line of `text`, stripped ("" for none): what a one-line error message keeps."""
     lines = [line.strip() for line in str(text).splitlines() if line.strip()]
     return lines[0] if lines else ""
 
 
-def _without_torch_advice(text: str) -> str:
-    from models.io import unpickling_reason
-
-    return unpickling_reason(text)
+def unpickling_reason(text: str) -> str:
+    """What torch refused to unpickle, without torch's advice around it (retry with weights_only=False, i.e. run
+    the file's code; file an issue; read the docs), which this project never passes on."""
+    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+    for line in lines:
+        if line.startswith("WeightsUnpickler error:"):
+            return line.split(":", 1)[1].strip().split(". Please")[0].rstrip(".")
+    advice = ("Weights only load failed", "Please file an issue", "Check the documentation", "(1)", "(2)")
+    specific = [line for line in lines if not line.startswith(advice) and "weights_only" not in line]
+    return specific[0] if specific else "the file needs code to be unpickled"
 
 
 def user_message(err: BaseException) -> Optional[str]:
@@ -85,18 +92,18 @@ def user_message(err: BaseException) -> Optional[str]:
     if getattr(err, "listing", False):  # a headline plus the commands that fix it (evaluate's missing runs)
         return str(err).strip()
     if isinstance(err, (UserError, DatasetNotFoundError)):
-        return _first_line(str(err)) or type(err).__name__
+        return first_line(str(err)) or type(err).__name__
     if isinstance(err, OSError) and err.errno == errno.ENOSPC:
         where = err.filename or "the device"
         return f"No space left on {where}; free some space and run the command again"
     if isinstance(err, pickle.UnpicklingError):
         return ("refusing to load a file that is not a plain-tensor checkpoint "
-                f"({_without_torch_advice(str(err))}); only files written by this project load")
+                f"({unpickling_reason(str(err))}); only files written by this project load")
     if isinstance(err, json.JSONDecodeError):
         return f"unreadable JSON ({err.msg} at line {err.lineno}, column {err.colno}); fix or restore the file"
     if isinstance(err, (ValueError, FileNotFoundError, FileExistsError)) and _raised_in_repo(err):
         text = str(err)
-        return _without_torch_advice(text) if "weights_only" in text else _first_line(text) or type(err).__name__
+        return unpickling_reason(text) if "weights_only" in text else first_line(text) or type(err).__name__
     return None
 
 

@@ -13,9 +13,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 import data
-import models
 from model_paths import TableEntry
-from utils import metrics
+from utils import methods, metrics
 from utils.cli import UserError
 from utils.detectors import get_detector_class
 from utils.detectors.bayes import as_one_network  # the network itself, or an ensemble's averaged probabilities
@@ -240,7 +239,7 @@ def evaluate_group(runs: tuple, group_entries: list[TableEntry], sets: dict, tun
     # the group's random draws (MC-dropout masks, attack starts) follow --seed alone, not whatever ran before in
     # this process: a re-run, or reproduce.py after training in the same process, scores the same numbers
     torch.manual_seed(args.seed)
-    loaded = [models.load_run(run, device=device) for run in runs]
+    loaded = [methods.load_run(run, device=device) for run in runs]
     config = getattr(loaded[0], "run_config", {})
     train_set, val_set = run_splits(config, args)
     checkpoint = "+".join(file_hash(Path(run) / "model.pt") for run in runs)

@@ -126,7 +126,7 @@ def drop_missing(entries: list[TableEntry], missing: list[str]) -> list[TableEnt
 
 def check_runs(run_dirs: list[Path], dataset: str) -> None:
     """Every run folder exists, has a readable config.json of `dataset`, and a checkpoint that loads."""
-    import models  # noqa: PLC0415 (torch-heavy; only when there is something to check)
+    from utils import methods  # noqa: PLC0415 (torch-heavy; only when there is something to check)
 
     problems = []
     for run_dir in dict.fromkeys(run_dirs):
@@ -135,7 +135,7 @@ def check_runs(run_dirs: list[Path], dataset: str) -> None:
             if trained_on != dataset:
                 raise RunCheckError(f"run {run_dir}: trained on {trained_on}, not on --dataset {dataset}; "
                                     f"pass --dataset {trained_on} or leave --dataset out")
-            models.load_run(run_dir, device="cpu")  # builds the model and checks the state dict's keys/shapes
+            methods.load_run(run_dir, device="cpu")  # builds the model and checks the state dict's keys/shapes
         except RunCheckError as error:
             problems.append(str(error))
         except (ValueError, FileNotFoundError) as error:

@@ -207,9 +207,9 @@ def run_state(run_dir: Path) -> str:
     """"finished", "interrupted" (a checkpoint of an unfinished run), "stale" (files but no checkpoint yet) or
     "missing": what reproduce.py, scripts/train_table.py and scripts/demo.py decide to train, resume or keep by.
 
-    The checkpoint is read like every other (models.io.read_run_checkpoint: weights only, of this run); a
-    truncated or foreign file, or one without its epoch count, is a models.io.CheckpointError (one line)."""
-    from models.io import CheckpointError, read_run_checkpoint
+    The checkpoint is read like every other (utils.checkpoints.read_run_checkpoint: weights only, of this run); a
+    truncated or foreign file, or one without its epoch count, is a utils.checkpoints.CheckpointError (one line)."""
+    from utils.checkpoints import CheckpointError, read_run_checkpoint
 
     checkpoint = Path(run_dir) / "model.pt"
     if checkpoint.exists():

@@ -14,9 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from utils.cli import UserError
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from utils.cli import REPO_ROOT, UserError  # noqa: F401  (REPO_ROOT: one definition, in utils.cli)
 
 
 class DiskFullError(UserError):

@@ -147,9 +147,9 @@ def as_one_network(members: Sequence[nn.Module]) -> nn.Module:
 
 def load_network(run_dirs: Sequence, device: str | torch.device) -> nn.Module:
     """`as_one_network` of the runs in `run_dirs`, loaded on `device`."""
-    import models  # noqa: PLC0415 (models imports the detectors' package only lazily)
+    from utils import methods  # noqa: PLC0415 (load_run rebuilds each member with its method's wrapper)
 
-    return as_one_network([models.load_run(d, device=device) for d in run_dirs])
+    return as_one_network([methods.load_run(d, device=device) for d in run_dirs])
 
 
 class EnsembleModel(nn.Module):

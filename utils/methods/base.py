@@ -89,7 +89,7 @@ class Method:
     uses_out_data: the loop draws an out-distribution batch `x_out` from `--out-data` for every step.
     wrap_model: optional `fn(model, opts, init) -> model` applied after the backbone is built (CCU wraps it).
         With init=True (start of training) it may read other run folders named in opts (CCU's `--gmm`); with
-        init=False (`models.load_run`) it must build the structure from the saved config alone, since the
+        init=False (`utils.methods.load_run`) it must build the structure from the saved config alone, since the
         checkpoint's state_dict supplies every tensor.
     param_groups: optional `fn(model, opts) -> list[dict]` of optimiser groups (CCU: GMMs get their own lr).
     after_step: optional `fn(model, opts) -> None` called after every optimiser step (CCU's variance clamp).

@@ -211,20 +211,32 @@ def resolve_classifier_dir(opts: Namespace) -> Path:
 def _load_classifier(opts: Namespace) -> nn.Module:
     """Load the --classifier run and copy its architecture keys into opts, so that `build_model(config)`
     rebuilds the classifier from this run's config alone."""
-    import models
-    from utils.methods import METHODS
+    from utils.checkpoints import load_run, read_run_checkpoint
 
-    classifier = models.load_run(resolve_classifier_dir(opts))
-    config = classifier.run_config
+    path = resolve_classifier_dir(opts)
+    saved = read_run_checkpoint(path)
+    config = saved["config"]
     if config.get("dataset") != opts.dataset:
         raise ValueError(f"--classifier {opts.classifier} was trained on {config.get('dataset')}, not {opts.dataset}")
-    method = METHODS.get(config.get("method"))
-    if method is not None and method.wrap_model is not None:
+    if _is_wrapped(saved):  # its weights are more than the backbone's: a method wrapped it (CCU, EDL, ProoD)
         raise ValueError(f"--classifier {opts.classifier} is a {config['method']} run with a wrapped model; "
                          "ProoD takes a plain backbone (e.g. a plain or oe run)")
+    classifier = load_run(path)  # the plain backbone; no method wrapper is needed, nor looked up
     for key in CLASSIFIER_KEYS:
         setattr(opts, key, config.get(key))
     return classifier
+
+
+def _is_wrapped(saved: dict) -> bool:
+    """Whether a checkpoint's weights differ from those of the backbone its config names (a wrapper's own
+    parameters, or the backbone's under a prefix). A config that builds no model is left to load_run's error."""
+    import models
+
+    try:
+        backbone = models.build_model(saved["config"])
+    except (ValueError, TypeError):
+        return False
+    return set(saved["model"]) != set(backbone.state_dict())
 
 
 def _image_shape(opts: Namespace) -> tuple[int, ...]:

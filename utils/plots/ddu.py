@@ -160,10 +160,10 @@ def default_run(runs_root: str | Path) -> Path:
 def compute_for_run(run_dir: Path, args: Namespace) -> tuple[str, dict[str, np.ndarray]]:
     """(dataset, scores) of a run on its test set, an ambiguous set and the OOD sets."""
     import data
-    import models
+    from utils import methods
     from utils.runs import resolve_data_root
     device = torch.device(args.device)
-    model = models.load_run(run_dir, device=device)
+    model = methods.load_run(run_dir, device=device)
     config = json.loads((Path(run_dir) / "config.json").read_text())
     dataset, root = config["dataset"], resolve_data_root(args.data_root)
     train_set = data.get_dataset(dataset, "train", root=root, val_fraction=config.get("val_fraction") or 0.0,

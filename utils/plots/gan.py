@@ -79,7 +79,7 @@ def samples_figure(images: dict[str, torch.Tensor], title: str = ""):
 
 
 def main(args: Namespace) -> Path:
-    from models.io import read_run_config
+    from utils.checkpoints import read_run_config
     from utils.cli import UserError
 
     run_dir = Path(args.run) if args.run else Path(args.runs_root) / "digits" / "gan-s0"

@@ -153,7 +153,7 @@ def alpha_table(rows: list[dict]) -> str:
 
 def main(args: argparse.Namespace) -> None:
     import data
-    import models
+    from utils import methods
     from utils import runs
 
     if args.dataset is None:
@@ -166,7 +166,7 @@ def main(args: argparse.Namespace) -> None:
     x = torch.rand((args.n, *shape), generator=generator, dtype=torch.float64).to(args.device, dtype)
     rows = []
     for label, run_dir in bar(_run_list(args), getattr(args, "progress", None), desc="models"):
-        model = models.load_run(run_dir, device=args.device).to(dtype)
+        model = methods.load_run(run_dir, device=args.device).to(dtype)
         row = {"study": "alpha", "dataset": args.dataset, "label": label, "run": str(run_dir),
                "checkpoint": runs.file_hash(run_dir / "model.pt"), "n": args.n, "target": args.target,
                "alpha_max": args.alpha_max, "overconf": args.overconf, "seed": args.seed,

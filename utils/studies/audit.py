@@ -113,7 +113,7 @@ def main(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     import data
-    import models
+    from utils import methods
     from utils import runs
 
     run_list = _audit_runs(args)
@@ -125,7 +125,7 @@ def main(args: argparse.Namespace) -> None:
     directions = _audit_directions(args, shape)
     rows = []
     for label, run_dir in bar(run_list, getattr(args, "progress", None), desc="models"):
-        model = models.load_run(run_dir, device=args.device)
+        model = methods.load_run(run_dir, device=args.device)
         for source, d in directions.items():
             stats = audit_directions(model, d, args)
             rows.append({"study": "audit", "dataset": args.dataset, "label": label, "run": str(run_dir),

@@ -86,9 +86,9 @@ def _fit_loader(dataset: str, data_root: str, config: dict, batch_size: int) -> 
 def entry_model(dirs: Iterable[Path], detector: str, options: dict, dataset: str, data_root: str,
                 device: str, batch_size: int = 500) -> EntryModel:
     """Load an entry's run(s), build its detector (fitted on the run's training split where it needs to be)."""
-    import models  # noqa: PLC0415
+    from utils import methods  # noqa: PLC0415
 
-    loaded = [models.load_run(d, device=device) for d in dirs]
+    loaded = [methods.load_run(d, device=device) for d in dirs]
     options = {k: v for k, v in options.items() if k not in ("tune_ood", "tune_criterion")}
     cls = get_detector_class(detector)
     det = cls(loaded if detector == "ensemble" else loaded[0], **options)

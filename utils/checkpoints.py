@@ -1,4 +1,4 @@
-"""Build a model from a run configuration, save checkpoints atomically, and rebuild a trained run safely.
+"""Run folders' checkpoints: save them atomically, read them safely, rebuild a trained run.
 
 A checkpoint `run_dir/model.pt` is `{"model": state_dict, "config": dict, "epoch": int, ...}` and is only ever
 read with `torch.load(..., weights_only=True)`: a file that would need code to unpickle is refused, never run.
@@ -8,6 +8,10 @@ start, method, arch, dataset, seed). Every reader of a run folder (`read_run_che
 utils.resume.run_state) compares them with the folder's config.json and refuses a checkpoint of another run,
 naming what differs. Checkpoints and configs written before the run id existed are compared on the keys both
 have (method, arch, dataset, seed); a folder without config.json is read from model.pt alone.
+
+This is the I/O above the models: `models.build_model` builds the network from a config, and this module fills
+it with a run's weights. A method that wraps its backbone (CCU, EDL, ProoD) hands its `wrap_model` to
+`load_run`; `utils.methods.load_run` does that for every method.
 """
 from __future__ import annotations
 
@@ -18,51 +22,22 @@ import os
 import pickle
 import warnings
 from pathlib import Path
-from typing import Any, Dict, Union
+from typing import Callable, Mapping, Optional, Union
 
 import torch
 from torch import nn
 
-OPTIONAL_DEFAULTS: Dict[str, Any] = {"dropout": 0.0, "normalize": None, "spectral_norm_coeff": None,
-                                     "mod": False}
-REQUIRED_KEYS = ("arch", "num_classes", "in_channels", "input_size")
+from models import build_model
+from utils.cli import first_line, unpickling_reason
+from utils.runs import write_atomically
 
-
-def _as_tuple(value: Any) -> Any:
-    """JSON turns tuples into lists; the constructors want tuples back (nested for normalize)."""
-    if isinstance(value, list):
-        return tuple(_as_tuple(v) for v in value)
-    return value
-
-
-def build_model(config: dict) -> nn.Module:
-    """Build `MODELS[config["arch"]]` from a run config (keys: arch, num_classes, in_channels, input_size,
-    and optionally dropout, normalize, spectral_norm_coeff, mod, arch_kwargs; other keys are ignored)."""
-    from models import MODELS
-
-    arch = config.get("arch")
-    if arch not in MODELS:
-        raise ValueError(f"unknown arch {arch!r}; valid: {', '.join(MODELS)}")
-    missing = [k for k in REQUIRED_KEYS if k not in config]
-    if missing:
-        raise ValueError(f"model config lacks {missing}; needs {list(REQUIRED_KEYS)}")
-    kwargs = {k: config[k] for k in ("num_classes", "in_channels")}
-    kwargs["input_size"] = _as_tuple(config["input_size"])
-    for key, default in OPTIONAL_DEFAULTS.items():
-        value = config.get(key, default)
-        kwargs[key] = _as_tuple(value) if key == "normalize" else value
-    kwargs["dropout"] = float(kwargs["dropout"] or 0.0)
-    kwargs["mod"] = bool(kwargs["mod"])
-    arch_kwargs = {k: _as_tuple(v) for k, v in (config.get("arch_kwargs") or {}).items()}
-    return MODELS[arch](**kwargs, **arch_kwargs)
+WrapModel = Callable[[nn.Module, argparse.Namespace, bool], nn.Module]
 
 
 def save_checkpoint(path: Union[str, Path], payload: dict) -> None:
     """torch.save `payload` to `path` atomically: a temporary file in the same folder, fsync, os.replace, so a
     crash leaves either the old file or the new one, never half of one. The file gets the user's umask; a full
     disk raises `utils.runs.DiskFullError` ("No space left on ...; the last checkpoint ... is intact")."""
-    from utils.runs import write_atomically
-
     path = Path(path)
     buffer = io.BytesIO()  # serialised first: a full disk then fails in a plain write, with its errno
     torch.save(payload, buffer)
@@ -83,21 +58,9 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used (unreadable, foreign, code-carrying, or not matching its config)."""
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0].split(". ")[0] if text else type(err).__name__
-
-
-def unpickling_reason(text: str) -> str:
-    """What torch refused to unpickle, without torch's advice around it (retry with weights_only=False, i.e. run
-    the file's code; file an issue; read the docs), which this project never passes on."""
-    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
-    for line in lines:
-        if line.startswith("WeightsUnpickler error:"):
-            return line.split(":", 1)[1].strip().split(". Please")[0].rstrip(".")
-    advice = ("Weights only load failed", "Please file an issue", "Check the documentation", "(1)", "(2)")
-    specific = [line for line in lines if not line.startswith(advice) and "weights_only" not in line]
-    return specific[0] if specific else "the file needs code to be unpickled"
+def _first_sentence(err: BaseException) -> str:
+    """The first sentence of err's first line, or its type name: the cause inside a one-line checkpoint error."""
+    return first_line(str(err)).split(". ")[0] or type(err).__name__
 
 
 def read_checkpoint(path: Union[str, Path], device: Union[str, torch.device] = "cpu") -> dict:
@@ -114,7 +77,7 @@ def read_checkpoint(path: Union[str, Path], device: Union[str, torch.device] = "
                          f"({unpickling_reason(str(err))})") from None
     except Exception as err:  # truncated zip, empty file, foreign format
         raise CheckpointError(f"{path}: unreadable checkpoint, truncated or not a PyTorch file "
-                         f"({type(err).__name__}: {_first_line(err)})") from None
+                         f"({type(err).__name__}: {_first_sentence(err)})") from None
     if not isinstance(payload, dict) or not isinstance(payload.get("model"), dict) \
             or not isinstance(payload.get("config"), dict):
         found = sorted(map(str, payload)) if isinstance(payload, dict) else type(payload).__name__
@@ -141,7 +104,7 @@ def read_run_config(run_dir: Union[str, Path]) -> Union[dict, None]:
     try:
         config = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{path} is unreadable ({type(err).__name__}: {_first_line(err)}); restore it from "
+        raise CheckpointError(f"{path} is unreadable ({type(err).__name__}: {_first_sentence(err)}); restore it from "
                               "a copy of the run, or retrain the run") from None
     if not isinstance(config, dict):
         raise CheckpointError(f"{path} is not a run configuration (a JSON object); restore it or retrain the run")
@@ -172,13 +135,15 @@ def _check_state_dict(path: Path, arch: str, model: nn.Module, state: dict) -> N
         raise CheckpointError(f"{path}: checkpoint does not match arch {arch}: {'; '.join(parts)}")
 
 
-def load_run(run_dir: Union[str, Path], device: Union[str, torch.device] = "cpu") -> nn.Module:
+def load_run(run_dir: Union[str, Path], device: Union[str, torch.device] = "cpu",
+             wrappers: Optional[Mapping[str, WrapModel]] = None) -> nn.Module:
     """Rebuild the trained model of `run_dir` from `run_dir/model.pt` alone, in eval mode on `device`.
 
-    When config["method"] names a method of `utils.methods.METHODS` with a `wrap_model` (CCU), the backbone is
-    wrapped with `wrap_model(model, Namespace(**config), init=False)` before the weights are loaded. The
-    config is attached as `model.run_config`. A checkpoint of another run than the folder's config.json is
-    refused (`read_run_checkpoint`).
+    When config["method"] is a key of `wrappers` (method name -> its `wrap_model`), the backbone is wrapped with
+    `wrap_model(model, Namespace(**config), init=False)` before the weights are loaded. The methods are above
+    this module, so they hand their wrappers in: `utils.methods.load_run` is this function with every method's
+    wrapper, the one to call for any run. The config is attached as `model.run_config`. A checkpoint of another
+    run than the folder's config.json is refused (`read_run_checkpoint`).
     """
     path = Path(run_dir) / "model.pt"
     payload = read_run_checkpoint(run_dir, device)
@@ -186,14 +151,10 @@ def load_run(run_dir: Union[str, Path], device: Union[str, torch.device] = "cpu"
     try:
         model = build_model(config)
     except (ValueError, TypeError) as err:
-        raise CheckpointError(f"{path}: cannot build the configured model: {_first_line(err)}") from None
-    method_name = config.get("method")
-    if method_name is not None:
-        from utils.methods import METHODS  # lazy: the models package must not depend on training code
-
-        method = METHODS.get(method_name)
-        if method is not None and method.wrap_model is not None:
-            model = method.wrap_model(model, argparse.Namespace(**config), init=False)
+        raise CheckpointError(f"{path}: cannot build the configured model: {_first_sentence(err)}") from None
+    wrap_model = (wrappers or {}).get(str(config.get("method")))
+    if wrap_model is not None:
+        model = wrap_model(model, argparse.Namespace(**config), init=False)
     _check_state_dict(path, str(config.get("arch")), model, payload["model"])
     model.load_state_dict(payload["model"])
     model.run_config = dict(config)
