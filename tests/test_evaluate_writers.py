@@ -255,6 +255,6 @@ def test_reproduce_refuses_one_ood_name_for_two_sets_before_training(tmp_path, c
 
 
 def test_an_empty_ood_list_is_refused_when_the_command_line_is_read(run_dir, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(models, "load_run", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(methods, "load_run", lambda *a, **k: pytest.fail("a model was loaded"))
     code, err = run_cli(["--runs", str(run_dir), "--results-root", str(tmp_path / "r"), "--ood", ","], capsys)
     assert code == 2 and err.endswith(": error: argument --ood: ',' names no set; give data keys or NAME=PATH\n")
