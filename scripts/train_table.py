@@ -1,7 +1,9 @@
 """Deprecated: `python reproduce.py --train-only` trains what a table needs (this forwards to it).
 
-    python scripts/train_table.py --dataset MNIST --dry-run              = reproduce.py --train-only --dataset MNIST --dry-run
-    python scripts/train_table.py --dataset CIFAR10 --paths CIFAR10/ddu  = reproduce.py --train-only --dataset CIFAR10 --paths CIFAR10/ddu
+    python scripts/train_table.py --dataset MNIST --dry-run
+        = python reproduce.py --train-only --dataset MNIST --dry-run
+    python scripts/train_table.py --dataset CIFAR10 --paths CIFAR10/ddu
+        = python reproduce.py --train-only --dataset CIFAR10 --paths CIFAR10/ddu
 """
 from __future__ import annotations
 

@@ -133,8 +133,8 @@ def test_the_demo_moves_a_start_killed_before_its_first_checkpoint_aside(tmp_pat
 
 def test_train_only_flags_that_do_not_fit_are_refused(tmp_path, capsys):
     for argv, expected in (
-            (["odin-table2", "--train-only", "--paths", "digits/odin"], "--paths names the runs to train without a "
-                                                                        "table: pass it with --train-only and no table"),
+            (["odin-table2", "--train-only", "--paths", "digits/odin"],
+             "--paths names the runs to train without a table: pass it with --train-only and no table"),
             (["--train-only", "--dataset", "MNIST", "--paths", "CIFAR10/ddu"],
              "--paths CIFAR10/ddu is a table of CIFAR10, not of --dataset MNIST; pass --dataset CIFAR10"),
             (["--dataset", "digits"], "name a table: one of")):
