@@ -341,6 +341,8 @@ def chosen_table(args: Namespace) -> Table:
         raise UserError(f"name a table: one of {', '.join(sorted(TABLES))} (reproduce.py --list shows the runs each "
                         "trains), or pass --train-only")
     key = args.paths or args.dataset
+    if args.paths is not None:
+        model_paths.table_entries(args.dataset, key)  # an unknown key: one line listing the keys
     if key.partition("/")[0] != args.dataset:
         raise UserError(f"--paths {key} is a table of {key.partition('/')[0]}, not of --dataset {args.dataset}; "
                         f"pass --dataset {key.partition('/')[0]}")

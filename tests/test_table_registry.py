@@ -137,6 +137,8 @@ def test_train_only_flags_that_do_not_fit_are_refused(tmp_path, capsys):
              "--paths names the runs to train without a table: pass it with --train-only and no table"),
             (["--train-only", "--dataset", "MNIST", "--paths", "CIFAR10/ddu"],
              "--paths CIFAR10/ddu is a table of CIFAR10, not of --dataset MNIST; pass --dataset CIFAR10"),
+            (["--train-only", "--dataset", "digits", "--paths", "../etc"], "no table is defined for '../etc'; "
+                                                                             "model_paths.MODEL_PATHS has: digits,"),
             (["--dataset", "digits"], "name a table: one of")):
         with pytest.raises(SystemExit) as exit_info:
             cli.run(reproduce.main, reproduce.get_args_parser(), [*argv, "--runs-root", str(tmp_path)])
