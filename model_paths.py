@@ -1,14 +1,22 @@
-"""Which trained runs make up each paper table, under which label, scored by which detector.
+"""Which trained runs make up each paper table, under which label, scored by which detector, and how each run trains.
 
-`MODEL_PATHS[dataset]` is an ordered list of `TableEntry`s; the order is the column order of the tables.
+`MODEL_PATHS[key]` is an ordered list of `TableEntry`s; the order is the column order of the tables. A key is a
+dataset ("MNIST": CCU's Table 2 with every method) or a dataset and a table ("MNIST/acet", "CIFAR10/ddu").
 A run is named by its folder under `<runs-root>/<dataset>/` (e.g. "plain-s0"). An entry with several runs is
 either an ensemble (detector "ensemble": the runs are its members) or several seeds of one model, whose rows
 `evaluate.py --table` aggregates as mean +- standard error.
+
+How the runs train is paired with the tables here too (`TRAININGS`): run "<kind>-s<seed>" is
+`train.py --seed <seed>` with the flags of its kind (`RUN_FLAGS[kind]`), which name its method and whatever else
+sets it apart: "mcd" is `--method plain --recipe mcd`, "good80" is `--method good --good-quantile 0.8`. A
+shortened budget (reproduce.py --budget small/tiny) appends flags of its own to some kinds; the demo
+(`make demo`) trains the digits table with flags of its own (`DEMO_RUN_FLAGS`).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Mapping
 
 
 @dataclass(frozen=True)
@@ -30,7 +38,8 @@ def _seeds(name: str, n: int, start: int = 0) -> tuple[str, ...]:
     return tuple(f"{name}-s{seed}" for seed in range(start, start + n))
 
 
-# The built-in demo (`make demo`, scripts/demo.py) trains these on scikit-learn's 8x8 digits.
+# The digits table: the demo's (`make demo`, scripts/demo.py; trained with DEMO_RUN_FLAGS on scikit-learn's 8x8
+# digits) and CCU's Table 2 on digits (`reproduce.py ccu-table2 --dataset digits`, trained with RUN_FLAGS).
 _DEMO = [
     TableEntry("Base", ("plain-s0",)),
     TableEntry("GAN", ("gan-s0",)),
@@ -43,8 +52,8 @@ _DEMO = [
     TableEntry("ProoD", ("prood-s0",)),
 ]
 
-# The paper tables (CCU Table 2 columns, plus DDU): train each run with
-# `train.py --dataset D --method M --seed S` (run name M-sS); see README "Reproducing the tables".
+# The paper tables (CCU Table 2 columns, plus DDU): run "<kind>-s<seed>" trains with `train.py --dataset D --seed S`
+# and RUN_FLAGS[kind] (`reproduce.py ccu-table2 --dataset D` trains them all).
 _PAPER = [
     TableEntry("Base", ("plain-s0",)),
     TableEntry("MCD", ("mcd-s0",), "mcdropout", {"samples": 10, "score": "variance"}),
@@ -75,7 +84,8 @@ _DDU = [
     TableEntry("DDU", _DDU_SEEDS, "ddu"),
 ]
 
-# ACET Table 1 (SPEC 2.5): Plain, CEDA, ACET; ODIN Table 2 (SPEC 3.5): the baseline and ODIN on one network.
+# ACET's Table 1 (arXiv 1812.05720): Plain, CEDA, ACET; ODIN's Table 2 (arXiv 1706.02690): the baseline and ODIN on
+# one network.
 _ACET = [TableEntry("Plain", ("plain-s0",)), TableEntry("CEDA", ("ceda-s0",)), TableEntry("ACET", ("acet-s0",))]
 _ODIN = [TableEntry("Baseline", ("plain-s0",)), TableEntry("ODIN", ("plain-s0",), "odin")]
 
@@ -99,36 +109,126 @@ def table_entries(dataset: str, paths: str | None = None) -> list[TableEntry]:
     return MODEL_PATHS[key]
 
 
-# How each run kind of the tables is trained: run "<kind>-s<seed>" = `train.py --seed <seed> <flags>`.
-# scripts/train_table.py trains every run a dataset's table names (after gen_gmm.py for ccu/ccus).
-RUN_FLAGS: dict[str, list[str]] = {
-    "plain": ["--method", "plain"],
+@dataclass(frozen=True)
+class RunFlags:
+    """How one kind of run trains: its flags (train.py, or gen_gmm.py for a mixture fit) at the papers' budget, and
+    per shortened budget the flags appended after that budget's own (reproduce.BUDGETS: what all runs share)."""
+
+    flags: tuple[str, ...]
+    shortened: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # budget -> flags of this kind only
+
+
+_GOOD_SMALL = ("--epochs", "4", "--max-batches", "100", "--arch-kwargs", '{"width": 0.25}', "--milestones",
+               "--eps-ramp", "0.25", "1.0", "--kappa-ramp", "0.25", "0.5")
+
+# How each run kind of the paper tables trains: run "<kind>-s<seed>" = `train.py --seed <seed> <flags>`. The small
+# budget (real MNIST on 2 CPU cores within an hour) shortens some kinds beyond its one epoch: ACET's attack and
+# batches; DDU's network is the small pre-activation ResNet (spectral normalisation and the modifications kept; a
+# whole epoch of 100 SGD batches left the WRN at 40% accuracy); GOOD needs a clean warm-up before its bound loss
+# (one epoch at full eps collapses it to a constant output): 4 short epochs of the size-L CNN at quarter width, eps
+# and kappa ramped from the second epoch on; ProoD's interval-bound epoch at full discriminator width takes about
+# 23 min on 2 cores: half width (about 4x cheaper) on 300 batches. The tiny budget (tests: seconds on digits)
+# shortens ACET's attack and swaps DDU's network the same way.
+RUN_FLAGS: dict[str, RunFlags] = {
+    "plain": RunFlags(("--method", "plain")),
     # CCU's MC-dropout baseline: VGG-13 (LeNet on MNIST), dropout 0.5 kept active at test time, Adam 2e-4
-    "mcd": ["--method", "plain", "--recipe", "mcd"],
-    "edl": ["--method", "edl", "--optimizer", "adam", "--lr", "1e-3"],
-    "ceda": ["--method", "ceda"],
-    "acet": ["--method", "acet"],
-    "oe": ["--method", "oe", "--out-data", "natural_patches"],
-    "ccu": ["--method", "ccu", "--gmm", "gmm-s0", "--out-data", "natural_patches"],
-    "ccus": ["--method", "ccus", "--gmm", "gmm-s0", "--out-data", "uniform"],
-    "ddu": ["--method", "plain", "--recipe", "ddu"],
+    "mcd": RunFlags(("--method", "plain", "--recipe", "mcd")),
+    "edl": RunFlags(("--method", "edl", "--optimizer", "adam", "--lr", "1e-3")),
+    "ceda": RunFlags(("--method", "ceda")),
+    "acet": RunFlags(("--method", "acet"), {"small": ("--attack-steps", "5", "--max-batches", "150"),
+                                            "tiny": ("--attack-steps", "2")}),
+    "oe": RunFlags(("--method", "oe", "--out-data", "natural_patches")),
+    "ccu": RunFlags(("--method", "ccu", "--gmm", "gmm-s0", "--out-data", "natural_patches")),
+    "ccus": RunFlags(("--method", "ccus", "--gmm", "gmm-s0", "--out-data", "uniform")),
+    "ddu": RunFlags(("--method", "plain", "--recipe", "ddu"), {"small": ("--arch", "resnet_small"),
+                                                               "tiny": ("--arch", "resnet_small")}),
     # classifier, G and D settings per dataset come from model_params.GAN_PARAMS (LeNet on MNIST, else VGG-13)
-    "gan": ["--method", "gan"],
-    # GOOD_Q on the paper's plain CNN (size L for one-channel data, XL otherwise); ProoD's discriminator trains
-    # beside the finished OE run of the same table (trained before it, as the table lists OE first)
-    "good80": ["--method", "good", "--good-quantile", "0.8", "--arch", "good_cnn", "--out-data", "natural_patches"],
-    "good100": ["--method", "good", "--good-quantile", "1.0", "--arch", "good_cnn", "--out-data", "natural_patches"],
-    "prood": ["--method", "prood", "--classifier", "oe-s0", "--out-data", "natural_patches"],
+    "gan": RunFlags(("--method", "gan")),
+    # ProoD's discriminator trains beside the finished OE run of the same table (trained before it: training_order)
+    "prood": RunFlags(("--method", "prood", "--classifier", "oe-s0", "--out-data", "natural_patches"),
+                      {"small": ("--discriminator-width", "0.5", "--max-batches", "300")}),
+    # GOOD_Q on the paper's plain CNN (size L for one-channel data, XL otherwise)
+    "good80": RunFlags(("--method", "good", "--good-quantile", "0.8", "--arch", "good_cnn", "--out-data",
+                        "natural_patches"), {"small": _GOOD_SMALL}),
+    "good100": RunFlags(("--method", "good", "--good-quantile", "1.0", "--arch", "good_cnn", "--out-data",
+                         "natural_patches"), {"small": _GOOD_SMALL}),
 }
+# CCU's in- and out-distribution mixtures (gen_gmm.py, the "gmm-s0" the ccu/ccus runs name)
+GMM_FLAGS = RunFlags((), {"small": ("--n-in", "10000", "--n-out", "5000", "--max-iter", "30"),
+                          "tiny": ("--n-components", "5", "--n-in", "300", "--n-out", "300", "--no-augment",
+                                   "--max-iter", "10")})
+
+# The demo's budget of the digits table (`make demo`): minutes on a laptop CPU. Attacks are shortened (10 PGD steps
+# instead of 40 in training). scripts/demo.py --tiny appends its seconds-long flags to every run.
+DEMO_RUN_FLAGS: dict[str, RunFlags] = {
+    "plain": RunFlags(("--method", "plain", "--epochs", "20")),
+    "gan": RunFlags(("--method", "gan", "--epochs", "10")),  # G and D make a step ~4x plain's: half the epochs
+    "ceda": RunFlags(("--method", "ceda", "--epochs", "20")),
+    "acet": RunFlags(("--method", "acet", "--attack-steps", "10", "--epochs", "20")),
+    "ddu": RunFlags(("--method", "plain", "--arch", "resnet_small", "--arch-kwargs", '{"bn_momentum": 0.1}',
+                     "--spectral-norm-coeff", "3", "--mod", "--epochs", "20", "--val-fraction", "0.1")),
+    "ccu": RunFlags(("--method", "ccu", "--gmm", "gmm-s0", "--out-data", "natural_patches", "--epochs", "20")),
+    # ProoD over the plain run with --method prood's digits defaults (model_params.PROOD_PARAMS): only its
+    # certified discriminator trains, on uniform noise at MNIST's eps 0.3
+    "prood": RunFlags(("--method", "prood", "--classifier", "plain-s0")),
+}
+DEMO_GMM_FLAGS = RunFlags(("--n-components", "20", "--out-data", "natural_patches", "--n-out", "3000", "--no-augment"))
 
 
-def run_flags(run: str) -> tuple[list[str], int]:
-    """train.py flags and seed of a run named "<kind>-s<seed>"."""
+@dataclass(frozen=True)
+class Training:
+    """How the runs of some tables train at some budgets: flags per run kind, and of the mixture fits."""
+
+    runs: Mapping[str, RunFlags]      # run kind -> train.py flags
+    gmm: RunFlags                     # gen_gmm.py flags
+    budgets: tuple[str, ...]          # the budgets it trains at
+    tables: tuple[str, ...] | None = None  # the MODEL_PATHS keys it trains (None: every one)
+
+
+DEMO_BUDGET = "demo"
+# Every table with the papers' flags (shortened per budget), and the digits table at the demo's budget.
+TRAININGS: tuple[Training, ...] = (Training(RUN_FLAGS, GMM_FLAGS, ("paper", "small", "tiny")),
+                                   Training(DEMO_RUN_FLAGS, DEMO_GMM_FLAGS, (DEMO_BUDGET,), tables=("digits",)))
+
+
+def table_budgets(table: str | None = None) -> list[str]:
+    """The budgets a MODEL_PATHS key is trained at (every budget of any table when None)."""
+    return [budget for training in TRAININGS if table is None or training.tables is None or table in training.tables
+            for budget in training.budgets]
+
+
+def training(budget: str = "paper", table: str | None = None) -> Training:
+    """How the runs of table `table` (a MODEL_PATHS key; None: any) train at `budget`."""
+    for candidate in TRAININGS:
+        if budget in candidate.budgets and (table is None or candidate.tables is None or table in candidate.tables):
+            return candidate
+    raise ValueError(f"no budget {budget!r} for the {table} table; budgets it trains at: "
+                     f"{', '.join(table_budgets(table))}")
+
+
+def run_kind(run: str) -> tuple[str, int]:
+    """Kind and seed of a run named "<kind>-s<seed>"."""
     kind, _, seed = run.rpartition("-s")
-    if kind not in RUN_FLAGS or not seed.isdigit():
+    if not kind or not seed.isdigit():
         raise ValueError(f"cannot derive training flags from run name {run!r}; expected <kind>-s<seed> with kind in "
                          f"{', '.join(RUN_FLAGS)}")
-    return RUN_FLAGS[kind], int(seed)
+    return kind, int(seed)
+
+
+def run_recipe(run: str, budget: str = "paper", table: str | None = None) -> tuple[RunFlags, int]:
+    """The RunFlags and the seed of run "<kind>-s<seed>" of a table at a budget."""
+    kind, seed = run_kind(run)
+    runs = training(budget, table).runs
+    if kind not in runs:
+        raise ValueError(f"cannot derive training flags from run name {run!r}; expected <kind>-s<seed> with kind in "
+                         f"{', '.join(runs)}")
+    return runs[kind], seed
+
+
+def run_flags(run: str, budget: str = "paper", table: str | None = None) -> tuple[list[str], int]:
+    """train.py flags (before any budget shortens them) and seed of a run named "<kind>-s<seed>"."""
+    recipe, seed = run_recipe(run, budget, table)
+    return list(recipe.flags), seed
 
 
 # train.py flags whose value names something of the same dataset that must exist before the run trains: another
@@ -136,14 +236,15 @@ def run_flags(run: str) -> tuple[list[str], int]:
 NEEDS_FLAGS: dict[str, str] = {"--classifier": "run", "--gmm": "gmm"}
 
 
-def run_needs(run: str) -> list[tuple[str, str]]:
-    """(what, name) of everything run "<kind>-s<seed>" needs first, read from its RUN_FLAGS, so a table never lists
+def run_needs(run: str, budget: str = "paper", table: str | None = None) -> list[tuple[str, str]]:
+    """(what, name) of everything run "<kind>-s<seed>" needs first, read from its flags, so a table never lists
     a run without what trains it (the digits table names prood-s0 but not the oe-s0 it trains beside)."""
-    flags, _ = run_flags(run)
+    flags, _ = run_flags(run, budget, table)
     return [(NEEDS_FLAGS[flag], value) for flag, value in zip(flags, flags[1:]) if flag in NEEDS_FLAGS]
 
 
-def training_order(runs: list[str]) -> list[tuple[str, str, tuple[str, ...]]]:
+def training_order(runs: list[str], budget: str = "paper",
+                   table: str | None = None) -> list[tuple[str, str, tuple[str, ...]]]:
     """(what, name, needed_by) of the runs and all they need, each once, everything before what needs it: what is
     "run" (train.py) or "gmm" (gen_gmm.py); needed_by names the runs that pulled in a dependency (empty for the
     runs asked for). Runs keep their order otherwise."""
@@ -153,7 +254,7 @@ def training_order(runs: list[str]) -> list[tuple[str, str, tuple[str, ...]]]:
         if name in needed_by:
             raise ValueError(f"run {name!r} needs itself: {' -> '.join((*needed_by, name))}; fix RUN_FLAGS")
         if what == "run":
-            for dependency in run_needs(name):
+            for dependency in run_needs(name, budget, table):
                 visit(*dependency, (*needed_by, name))
         users = order.setdefault((what, name), [])
         if needed_by and needed_by[-1] not in users:
@@ -162,6 +263,20 @@ def training_order(runs: list[str]) -> list[tuple[str, str, tuple[str, ...]]]:
     for run in runs:
         visit("run", run, ())
     return [(what, name, tuple(users)) for (what, name), users in order.items()]
+
+
+def table_runs(table: str) -> list[str]:
+    """The run folder names a MODEL_PATHS key's entries name, each once, in table order."""
+    dataset, _, _ = table.partition("/")
+    return list(dict.fromkeys(run for entry in table_entries(dataset, table) for run in entry.runs))
+
+
+def table_plan(table: str, budget: str = "paper") -> list[tuple[str, str, tuple[str, ...], RunFlags]]:
+    """(what, name, needed_by, flags) of everything a MODEL_PATHS key trains at a budget, dependencies first: what a
+    training driver (reproduce.py, scripts/demo.py) makes, unless it is finished, and with which flags."""
+    book = training(budget, table)
+    return [(what, name, users, book.gmm if what == "gmm" else run_recipe(name, budget, table)[0])
+            for what, name, users in training_order(table_runs(table), budget, table)]
 
 
 def add_run_args(parser, what: str = "study") -> None:

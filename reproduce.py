@@ -3,10 +3,13 @@
     python reproduce.py --list
     python reproduce.py ccu-table2 --dataset MNIST --budget small --data-root ../shared/datasets
     python reproduce.py acet-table1 --dataset SVHN --download --ood mine=/path/to/images
+    python reproduce.py ccu-table2 --dataset CIFAR10 --download --train-only    # only train what the table needs
+    python reproduce.py --train-only --dataset CIFAR10 --paths CIFAR10/ddu      # the runs of a model_paths key
 
 Every run the table needs (model_paths.MODEL_PATHS, trained as model_paths.RUN_FLAGS says; CCU's mixtures by
-gen_gmm.py first) is trained unless its checkpoint is finished, resumed (`train.py --resume`) when interrupted;
-then evaluate.py and/or a study of gen_attack_stats.py run and the table goes to
+gen_gmm.py first) is trained unless its checkpoint is finished, resumed (`train.py --resume`) when interrupted,
+and a start killed before its first checkpoint is moved aside and trained again; `--train-only` stops there. Then
+evaluate.py and/or a study of gen_attack_stats.py run and the table goes to
 <results>/tables/<DATASET>_<TABLE>.md with a caption naming the budget. Killing it and running it again keeps
 every finished run. `--budget paper` trains and attacks as the papers do; `small` and `tiny` shorten epochs,
 attacks and sample counts (recorded in every result row and in the caption) and keep their runs and results
@@ -68,39 +71,24 @@ TABLES: dict[str, Table] = {
 
 @dataclass(frozen=True)
 class Budget:
-    """Extra flags per script; the empty paper budget keeps every script's (the papers') defaults."""
+    """Extra flags per script that every run or step of a budget shares; the empty paper budget keeps every script's
+    (the papers') defaults. What one kind of run adds at a budget, and the mixtures' flags, are model_paths.RUN_FLAGS's
+    and model_paths.GMM_FLAGS's (`shortened`)."""
 
     train: tuple[str, ...] = ()
-    per_kind: dict = field(default_factory=dict)  # run kind -> extra train.py flags
-    gmm: tuple[str, ...] = ()
     evaluate: tuple[str, ...] = ()
     studies: dict = field(default_factory=dict)   # study -> extra flags
 
 
-_GOOD_SMALL = ("--epochs", "4", "--max-batches", "100", "--arch-kwargs", '{"width": 0.25}', "--milestones",
-               "--eps-ramp", "0.25", "1.0", "--kappa-ramp", "0.25", "0.5")
-
 BUDGETS: dict[str, Budget] = {
     "paper": Budget(),
-    # real MNIST on 2 CPU cores within an hour: one epoch, short attacks, fewer samples. DDU's network is
-    # replaced by the small pre-activation ResNet (spectral normalisation and the modifications kept; a whole
-    # epoch: 100 batches of SGD left it at 40% accuracy). GOOD needs a clean warm-up before its bound loss (one
-    # epoch at full eps collapses it to a constant output): 4 short epochs of the size-L CNN at quarter width, eps
-    # and kappa ramped from the second epoch on. ProoD's interval-bound epoch at full discriminator width takes
-    # about 23 min on 2 cores: half width (about 4x cheaper) on 300 batches.
-    "small": Budget(train=("--epochs", "1"), per_kind={"acet": ("--attack-steps", "5", "--max-batches", "150"),
-                                                        "ddu": ("--arch", "resnet_small"),
-                                                        "prood": ("--discriminator-width", "0.5", "--max-batches",
-                                                                  "300"),
-                                                        **{kind: _GOOD_SMALL for kind in ("good80", "good100")}},
-                    gmm=("--n-in", "10000", "--n-out", "5000", "--max-iter", "30"),
+    # real MNIST on 2 CPU cores within an hour: one epoch, short attacks, fewer samples
+    "small": Budget(train=("--epochs", "1"),
                     evaluate=("--n-ood", "2000", "--n-adv", "200", "--attack-steps", "20"),
                     studies={"ccu": ("--n-seeds", "100", "--restarts", "2", "--steps", "50"), "alpha": ("--n", "2000"),
                              "audit": ("--n-directions", "200")}),
     # tests: seconds on digits
-    "tiny": Budget(train=("--epochs", "1", "--max-batches", "3"), per_kind={"acet": ("--attack-steps", "2"),
-                                                                            "ddu": ("--arch", "resnet_small")},
-                   gmm=("--n-components", "5", "--n-in", "300", "--n-out", "300", "--no-augment", "--max-iter", "10"),
+    "tiny": Budget(train=("--epochs", "1", "--max-batches", "3"),
                    evaluate=("--n-ood", "200", "--n-adv", "20", "--attack-steps", "3", "--tune-n", "50"),
                    studies={"ccu": ("--n-seeds", "10", "--restarts", "1", "--steps", "3", "--n-test", "200"),
                             "alpha": ("--n", "100"), "audit": ("--n-directions", "20")}),
@@ -132,6 +120,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--results-root", default="results")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dry-run", action="store_true", help="print the steps that would run, run nothing")
+    p.add_argument("--train-only", action="store_true",
+                   help="train what the table (or --paths) needs and stop: no evaluation, study or table")
+    p.add_argument("--paths", default=None, metavar="KEY",
+                   help="with --train-only and no table: the model_paths.MODEL_PATHS key whose runs to train "
+                        "(default: --dataset), e.g. CIFAR10/ddu")
     return p
 
 
@@ -143,16 +136,22 @@ def roots(args: Namespace) -> tuple[Path, Path]:
     return Path(args.runs_root) / sub, Path(args.results_root) / sub
 
 
+def table_key(table: Table, dataset: str) -> str:
+    """The model_paths.MODEL_PATHS key whose runs the table reads ("MNIST", "MNIST/acet")."""
+    key = table.paths.format(dataset=dataset)
+    model_paths.table_entries(dataset, key)  # a table not defined for this dataset: one line listing those that are
+    return key
+
+
 def table_runs(table: Table, dataset: str) -> list[str]:
     """The run folder names the table's entries name, in table order."""
-    entries = model_paths.table_entries(dataset, table.paths.format(dataset=dataset))
-    return list(dict.fromkeys(run for entry in entries for run in entry.runs))
+    return model_paths.table_runs(table_key(table, dataset))
 
 
-def table_needs(table: Table, dataset: str) -> list[tuple[str, str, tuple[str, ...]]]:
+def table_needs(table: Table, dataset: str, budget: str = "paper") -> list[tuple[str, str, tuple[str, ...]]]:
     """(what, name, needed_by) of everything the table's runs need, dependencies first (model_paths.training_order):
     the runs, the runs they train beside (ProoD's classifier) and the mixtures (CCU's)."""
-    return model_paths.training_order(table_runs(table, dataset))
+    return [(what, name, users) for what, name, users, _ in model_paths.table_plan(table_key(table, dataset), budget)]
 
 
 @dataclass
@@ -163,31 +162,32 @@ class Step:
     argv: list[str] = field(default_factory=list)
 
 
-def _train_step(run: str, users: tuple[str, ...], base: list[str], budget: Budget, run_dir: Path) -> Step | None:
+def _train_step(run: str, users: tuple[str, ...], base: list[str], flags: list[str], run_dir: Path) -> Step | None:
     """The step that trains (or resumes) one run, or None (with a note) when it finished earlier."""
     state = run_state(run_dir)
     if state == "finished":
         print(f"{run_dir}: finished earlier, kept")
         return None
-    flags, seed = model_paths.run_flags(run)
-    kind = run.rpartition("-s")[0]
-    argv = [*base, "--seed", str(seed), "--name", run, *flags, *budget.train, *budget.per_kind.get(kind, ()),
-            "--no-progress"] + (["--resume"] if state == "interrupted" else [])
+    kind, seed = model_paths.run_kind(run)
+    argv = [*base, "--seed", str(seed), "--name", run, *flags, "--no-progress"] + \
+        (["--resume"] if state == "interrupted" else [])
     why = f"; needed by {', '.join(users)}" if users else ""
-    return Step(f"train {run} ({state}{why})", f"train {kind}", lambda: _train(argv, run_dir), argv)
+    return Step(f"train {run} ({state}{why})", f"train {kind}", lambda: train_run(argv, run_dir), argv)
 
 
 def _training_steps(args: Namespace, table: Table, budget: Budget, base: list[str]) -> list[Step]:
-    """Each mixture fit and run the table needs and that is not finished, dependencies first."""
+    """Each mixture fit and run the table needs and that is not finished, dependencies first, with the flags
+    model_paths gives it at the budget (the budget's own train.py flags before those of the run's kind)."""
     steps = []
-    for what, name, users in table_needs(table, args.dataset):
+    for what, name, users, flags in model_paths.table_plan(table_key(table, args.dataset), args.budget):
         folder = roots(args)[0] / args.dataset / name
+        shortened = flags.shortened.get(args.budget, ())
         if what == "gmm":
             if not (folder / "gmm.pt").exists():
-                argv = [*base, "--name", name, *budget.gmm]
+                argv = [*base, "--name", name, *flags.flags, *shortened]
                 steps.append(Step(f"gen_gmm {name} (needed by {', '.join(users)})", "gen_gmm",
-                                  lambda argv=argv, folder=folder: _gen_gmm(argv, folder), argv))
-        elif (step := _train_step(name, users, base, budget, folder)) is not None:
+                                  lambda argv=argv, folder=folder: fit_gmm(argv, folder), argv))
+        elif (step := _train_step(name, users, base, [*flags.flags, *budget.train, *shortened], folder)) is not None:
             steps.append(step)
     return steps
 
@@ -216,7 +216,9 @@ def plan(args: Namespace, table: Table, budget: Budget) -> list[Step]:
     return steps
 
 
-def _gen_gmm(argv: list[str], gmm_dir: Path) -> None:
+def fit_gmm(argv: list[str], gmm_dir: Path) -> None:
+    """gen_gmm.py with `argv` into gmm_dir, which has no gmm.pt: the one rule of every training driver (this and
+    scripts/demo.py) for a fit that is missing or was stopped."""
     import gen_gmm
 
     if gmm_dir.exists() and not any(gmm_dir.iterdir()):
@@ -226,7 +228,9 @@ def _gen_gmm(argv: list[str], gmm_dir: Path) -> None:
     gen_gmm.main(gen_gmm.get_args_parser().parse_args(argv))
 
 
-def _train(argv: list[str], run_dir: Path) -> None:
+def train_run(argv: list[str], run_dir: Path) -> None:
+    """train.py with `argv` (which says --resume for an interrupted run) into run_dir, which is not finished: the one
+    rule of every training driver (this and scripts/demo.py) for a run that is missing, stale or interrupted."""
     import train
 
     if run_state(run_dir) == "stale":  # stopped before its first checkpoint: nothing to resume, keep it aside
@@ -273,11 +277,12 @@ def caption(args: Namespace, table: Table, budget: Budget) -> str:
     text = f"{table.what}. In-distribution {args.dataset}; budget `{args.budget}`"
     if args.budget == "paper":
         return text + " (the papers' settings).\n\n"
-    needs = table_needs(table, args.dataset)
-    kinds = {name.rpartition("-s")[0] for what, name, _ in needs if what == "run"}
-    parts = [("train.py", budget.train), *[(f"train.py ({kind} runs)", flags) for kind, flags in budget.per_kind.items()
-                                           if kind in kinds],
-             ("gen_gmm.py", budget.gmm if any(what == "gmm" for what, _, _ in needs) else ()),
+    needs = model_paths.table_plan(table_key(table, args.dataset), args.budget)
+    kinds = {model_paths.run_kind(name)[0] for what, name, _, _ in needs if what == "run"}
+    book = model_paths.training(args.budget, table_key(table, args.dataset))
+    parts = [("train.py", budget.train), *[(f"train.py ({kind} runs)", flags.shortened.get(args.budget, ()))
+                                           for kind, flags in book.runs.items() if kind in kinds],
+             ("gen_gmm.py", book.gmm.shortened.get(args.budget, ()) if any(w == "gmm" for w, *_ in needs) else ()),
              ("evaluate.py", budget.evaluate if table.evaluate is not None else ()),
              (f"gen_attack_stats.py --study {table.study}", budget.studies.get(table.study, ()))]
     return text + " (shortened: " + "; ".join(f"{what} {shlex.join(flags)}" for what, flags in parts if flags) \
@@ -326,19 +331,63 @@ def list_tables() -> str:
     return "\n".join(lines)
 
 
+def chosen_table(args: Namespace) -> Table:
+    """TABLES[args.table], or with --train-only and no table the runs of --paths (default: --dataset's table)."""
+    if args.paths is not None and (args.table is not None or not args.train_only):
+        raise UserError("--paths names the runs to train without a table: pass it with --train-only and no table")
+    if args.table is not None:
+        return TABLES[args.table]
+    if not args.train_only:
+        raise UserError(f"name a table: one of {', '.join(sorted(TABLES))} (reproduce.py --list shows the runs each "
+                        "trains), or pass --train-only")
+    key = args.paths or args.dataset
+    if args.paths is not None:
+        model_paths.table_entries(args.dataset, key)  # an unknown key: one line listing the keys
+    if key.partition("/")[0] != args.dataset:
+        raise UserError(f"--paths {key} is a table of {key.partition('/')[0]}, not of --dataset {args.dataset}; "
+                        f"pass --dataset {key.partition('/')[0]}")
+    return Table(f"the runs of model_paths.MODEL_PATHS[{key!r}]", key)
+
+
+def train_only(args: Namespace, table: Table, budget: Budget) -> None:
+    """--train-only: the training steps of the plan (what the table needs and is not finished), nothing after."""
+    label = f"{args.table or table_key(table, args.dataset)} {args.dataset} budget={args.budget} (training only)"
+    if args.ood:
+        print("note: --train-only evaluates nothing; --ood is not used")
+    steps = plan(args, Table(table.what, table.paths), budget)  # no evaluation, no study
+    if args.dry_run:
+        return print_plan(steps)
+    run_steps(steps, label, _finished_runs_eta(args, table))
+    return None
+
+
+def print_plan(steps: list[Step]) -> None:
+    """--dry-run: the numbered titles of the steps."""
+    print("\n".join(f"{i}. {step.title}" for i, step in enumerate(steps, 1)) or "nothing to train")
+
+
+def _finished_runs_eta(args: Namespace, table: Table) -> Eta:
+    """An Eta that has timed, from their logs, the kinds of the table's runs finished earlier under this budget."""
+    eta = Eta()
+    dataset_dir = roots(args)[0] / args.dataset
+    eta.record_finished_runs(dataset_dir, {name: f"train {model_paths.run_kind(name)[0]}" for what, name, _
+                                           in table_needs(table, args.dataset, args.budget)
+                                           if what == "run" and run_state(dataset_dir / name) == "finished"})
+    return eta
+
+
 def main(args: Namespace) -> Path | None:
     if args.list:
         print(list_tables())
         return None
-    if args.table is None:
-        raise cli.UserError(f"name a table: one of {', '.join(sorted(TABLES))} (reproduce.py --list shows the "
-                            "runs each trains)")
-    table, budget = TABLES[args.table], BUDGETS[args.budget]
+    table, budget = chosen_table(args), BUDGETS[args.budget]
     data.dataset_info(args.dataset)  # unknown names fail before anything runs
     table_runs(table, args.dataset)  # a table not defined for this dataset: one line listing those that are
     if args.dataset not in table_datasets(table):  # defined, but without the entry its step needs (moons: no CCU)
         raise UserError(f"{args.table} needs a {table.needs_label} entry, which model_paths.MODEL_PATHS has not for "
                         f"{args.dataset}; datasets it runs on: {', '.join(table_datasets(table))}")
+    if args.train_only:
+        return train_only(args, table, budget)
     for key in data.unique_sets(args.ood):  # one NAME for two sets, unreadable NAME=PATH files: fail before
         # anything is trained or written
         data.check_dataset(key, like=args.dataset, root=resolve_data_root(args.data_root))
@@ -347,14 +396,8 @@ def main(args: Namespace) -> Path | None:
     label = f"{args.table} {args.dataset} budget={args.budget}"
     steps = plan(args, table, budget)
     if args.dry_run:
-        print("\n".join(f"{i}. {step.title}" for i, step in enumerate(steps, 1)) or "nothing to train")
-        return None
-    eta = Eta()  # runs finished earlier under this budget time their kind before anything runs
-    dataset_dir = roots(args)[0] / args.dataset
-    eta.record_finished_runs(dataset_dir, {name: f"train {name.rpartition('-s')[0]}" for what, name, _
-                                           in table_needs(table, args.dataset)
-                                           if what == "run" and run_state(dataset_dir / name) == "finished"})
-    run_steps(steps, label, eta)
+        return print_plan(steps)
+    run_steps(steps, label, _finished_runs_eta(args, table))  # runs finished earlier time their kind first
     out = write_table(args, args.table, table, budget)
     print(out.read_text())
     print(f"wrote {out}")

@@ -1,7 +1,10 @@
 """The main job on built-in data: train the demo models on scikit-learn's 8x8 digits, evaluate them on the
 digits OOD sets, and print the comparison table. CPU, a few minutes; `make demo` runs it.
 
-Runs that already finished are reused and interrupted ones are resumed, so the demo can be re-run safely.
+Which runs it trains and with which flags is the registry's: the digits table of model_paths.MODEL_PATHS at the
+demo's budget (model_paths.DEMO_RUN_FLAGS, DEMO_GMM_FLAGS). Runs that already finished are reused, interrupted ones
+are resumed and starts killed before their first checkpoint are moved aside (reproduce.py's rule), so the demo can
+be re-run safely.
 """
 from __future__ import annotations
 
@@ -15,26 +18,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import evaluate  # noqa: E402
 import gen_attack_stats  # noqa: E402
-import gen_gmm  # noqa: E402
-import train  # noqa: E402
+import model_paths  # noqa: E402
+import reproduce  # noqa: E402
 from utils.resume import run_state  # noqa: E402
 
-# (run name, train.py flags) in training order; model_paths.MODEL_PATHS["digits"] names them in the table.
-# Attacks are shortened (10 PGD steps instead of 40 in training) so the whole demo stays within minutes on a laptop CPU.
-DEMO_RUNS: list[tuple[str, list[str]]] = [
-    ("plain-s0", ["--method", "plain", "--epochs", "20"]),
-    ("gan-s0", ["--method", "gan", "--epochs", "10"]),  # G and D make a step ~4x plain's: half the epochs
-    ("ceda-s0", ["--method", "ceda", "--epochs", "20"]),
-    ("acet-s0", ["--method", "acet", "--attack-steps", "10", "--epochs", "20"]),
-    ("ddu-s0", ["--method", "plain", "--arch", "resnet_small", "--arch-kwargs", '{"bn_momentum": 0.1}',
-                "--spectral-norm-coeff", "3", "--mod",
-                "--epochs", "20", "--val-fraction", "0.1"]),
-    ("ccu-s0", ["--method", "ccu", "--gmm", "gmm-s0", "--out-data", "natural_patches", "--epochs", "20"]),
-    # ProoD over the plain run with --method prood's digits defaults (model_params.PROOD_PARAMS): only its
-    # certified discriminator trains, on uniform noise at MNIST's eps 0.3
-    ("prood-s0", ["--method", "prood", "--classifier", "plain-s0"]),
-]
-GMM_FLAGS = ["--n-components", "20", "--out-data", "natural_patches", "--n-out", "3000", "--no-augment"]
+TABLE = "digits"  # the model_paths.MODEL_PATHS key the demo trains and evaluates, at budget model_paths.DEMO_BUDGET
+# What the demo does after training, at its budget (global to every run, as reproduce.BUDGETS' evaluate/studies)
 ATTACK_FLAGS = ["--n-seeds", "200", "--restarts", "5", "--steps", "100"]
 GAUC_FLAGS = ["--ood", "uniform", "natural_patches", "--n-ood", "100", "--apgd-steps", "20", "--apgd-restarts",
               "1", "--pgd-steps", "10"]
@@ -57,7 +46,9 @@ def tiny(args: argparse.Namespace, step: str) -> list[str]:
 def train_once(name: str, flags: list[str], runs_root: str) -> None:
     """Train a demo run unless it is complete; resume it if it was interrupted."""
     run_dir = Path(runs_root) / "digits" / name
-    argv = ["--dataset", "digits", "--seed", "0", "--name", name, "--runs-root", runs_root, "--no-progress", *flags]
+    _, seed = model_paths.run_kind(name)
+    argv = ["--dataset", "digits", "--seed", str(seed), "--name", name, "--runs-root", runs_root, "--no-progress",
+            *flags]
     state = run_state(run_dir)
     if state == "finished":
         print(f"{run_dir}: finished earlier, reused")
@@ -65,15 +56,25 @@ def train_once(name: str, flags: list[str], runs_root: str) -> None:
     if state == "interrupted":
         argv.append("--resume")
     start = time.perf_counter()
-    train.main(train.get_args_parser().parse_args(argv))
+    reproduce.train_run(argv, run_dir)
     print(f"{run_dir}: trained in {time.perf_counter() - start:.0f}s")
 
 
-def fit_gmm_once(runs_root: str, extra_flags: list[str] = ()) -> None:
-    if (Path(runs_root) / "digits" / "gmm-s0" / "gmm.pt").exists():
+def fit_gmm_once(name: str, flags: list[str], runs_root: str) -> None:
+    """Fit a demo mixture unless its gmm.pt exists."""
+    gmm_dir = Path(runs_root) / "digits" / name
+    if (gmm_dir / "gmm.pt").exists():
         return
-    gen_gmm.main(gen_gmm.get_args_parser().parse_args(
-        ["--dataset", "digits", "--name", "gmm-s0", "--runs-root", runs_root, *GMM_FLAGS, *extra_flags]))
+    reproduce.fit_gmm(["--dataset", "digits", "--name", name, "--runs-root", runs_root, *flags], gmm_dir)
+
+
+def train_table(args: argparse.Namespace) -> None:
+    """Every run and mixture of the demo's table, dependencies first (model_paths.table_plan)."""
+    for what, name, _, flags in model_paths.table_plan(TABLE, model_paths.DEMO_BUDGET):
+        if what == "gmm":
+            fit_gmm_once(name, [*flags.flags, *tiny(args, "gmm")], args.runs_root)
+        else:
+            train_once(name, [*flags.flags, *tiny(args, "train")], args.runs_root)
 
 
 def ddu_figure_scores(args: argparse.Namespace) -> None:
@@ -87,9 +88,7 @@ def ddu_figure_scores(args: argparse.Namespace) -> None:
 
 def main(args: argparse.Namespace) -> None:
     start = time.perf_counter()
-    fit_gmm_once(args.runs_root, tiny(args, "gmm"))
-    for name, flags in DEMO_RUNS:
-        train_once(name, [*flags, *tiny(args, "train")], args.runs_root)
+    train_table(args)
     common = ["--dataset", "digits", "--runs-root", args.runs_root]
     print("\n== OOD detection on digits (evaluate.py) ==")
     evaluate.main(evaluate.get_args_parser().parse_args(

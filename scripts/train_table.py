@@ -1,58 +1,39 @@
-"""Train every run that a dataset's paper table names in model_paths.MODEL_PATHS, in order.
+"""Deprecated: `python reproduce.py --train-only` trains what a table needs (this forwards to it).
 
-    python scripts/train_table.py --dataset MNIST --data-root ../shared/datasets --dry-run   # print the commands
-    python scripts/train_table.py --dataset CIFAR10 --download -- --epochs 100               # extra train.py flags
-    python scripts/train_table.py --dataset CIFAR10 --paths CIFAR10/ddu --download            # DDU's 5 seeds
-
-What a run needs is made first: CCU's mixtures (gen_gmm.py, run gmm-s0), ProoD's classifier run (oe-s0).
-Finished runs are skipped; interrupted ones are resumed.
+    python scripts/train_table.py --dataset MNIST --dry-run
+        = python reproduce.py --train-only --dataset MNIST --dry-run
+    python scripts/train_table.py --dataset CIFAR10 --paths CIFAR10/ddu
+        = python reproduce.py --train-only --dataset CIFAR10 --paths CIFAR10/ddu
 """
 from __future__ import annotations
 
 import argparse
 import shlex
-import subprocess
 import sys
 from pathlib import Path
 
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from model_paths import run_flags, table_entries, training_order  # noqa: E402
-from utils.resume import run_state  # noqa: E402
+import reproduce  # noqa: E402
+from utils.cli import UserError  # noqa: E402
 
 
-def commands(args: argparse.Namespace) -> list[list[str]]:
-    """The gen_gmm.py and train.py commands still to run, everything a run needs (model_paths.training_order: CCU's
-    mixtures, ProoD's classifier run) before the run."""
-    common = ["--dataset", args.dataset, "--runs-root", args.runs_root]
-    if args.data_root:
-        common += ["--data-root", args.data_root]
-    download = ["--download"] if args.download else []
-    runs = list(dict.fromkeys(run for entry in table_entries(args.dataset, args.paths) for run in entry.runs))
-    todo = []
-    for what, name, _ in training_order(runs):
-        folder = Path(args.runs_root) / args.dataset / name
-        if what == "gmm":
-            if not folder.exists():
-                todo.append([sys.executable, "gen_gmm.py", *common, "--name", name])
-            continue
-        flags, seed = run_flags(name)
-        state = run_state(folder)
-        if state == "finished":
-            continue
-        resume = ["--resume"] if state == "interrupted" else []
-        todo.append([sys.executable, "train.py", *common, *download, "--seed", str(seed), "--name", name, *flags,
-                     *resume, *args.train_flags])
-    return todo
+def reproduce_argv(args: argparse.Namespace) -> list[str]:
+    """The reproduce.py command line that does what these flags asked for."""
+    if args.train_flags:
+        raise UserError(f"extra train.py flags ({' '.join(args.train_flags)}) are no longer taken: pick a "
+                        "reproduce.py --budget, or train single runs with train.py")
+    return (["--train-only", "--dataset", args.dataset, "--runs-root", args.runs_root]
+            + (["--paths", args.paths] if args.paths else []) + (["--data-root", args.data_root] if args.data_root
+                                                                   else [])
+            + (["--download"] if args.download else []) + (["--dry-run"] if args.dry_run else []))
 
 
 def main(args: argparse.Namespace) -> None:
-    for command in commands(args):
-        print("$", shlex.join(command), flush=True)
-        if not args.dry_run:
-            subprocess.run(command, cwd=ROOT, check=True)
+    argv = reproduce_argv(args)
+    print(f"scripts/train_table.py is deprecated; running: python reproduce.py {shlex.join(argv)}", file=sys.stderr)
+    reproduce.main(reproduce.get_args_parser().parse_args(argv))
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -63,7 +44,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--download", action=argparse.BooleanOptionalAction, default=False)
     parser.add_argument("--dry-run", action=argparse.BooleanOptionalAction, default=False)
-    parser.add_argument("train_flags", nargs="*", help="extra train.py flags, after --")
+    parser.add_argument("train_flags", nargs="*", help="no longer taken (refused with a message)")
     return parser
 
 

@@ -315,8 +315,8 @@ def test_out_of_range_fractions_are_refused_by_the_parser(capsys):
 
 
 def test_prood_defaults_per_dataset_and_the_demo_uses_them():
+    import model_paths
     import train
-    from scripts import demo
 
     def resolve(*argv):
         return train.resolve(train.get_args_parser().parse_args(["--method", "prood", *argv]))
@@ -329,4 +329,4 @@ def test_prood_defaults_per_dataset_and_the_demo_uses_them():
     assert (explicit.epochs, explicit.out_data, explicit.discriminator_width) == (5, "acet_noise", 1.0)
     cifar = resolve("--dataset", "CIFAR10")
     assert (cifar.epochs, cifar.discriminator_width) == (100, 1.0)
-    assert dict(demo.DEMO_RUNS)["prood-s0"] == ["--method", "prood", "--classifier", "plain-s0"]
+    assert model_paths.DEMO_RUN_FLAGS["prood"].flags == ("--method", "prood", "--classifier", "plain-s0")

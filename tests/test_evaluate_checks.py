@@ -126,7 +126,7 @@ def test_missing_runs_of_a_real_dataset_table_use_model_paths_run_flags():
         "  python train.py --dataset MNIST --seed 0 --name ccu-s0 --data-root ../data --method ccu --gmm gmm-s0 "
         "--out-data natural_patches",
         "  python train.py --dataset MNIST --seed 3 --name plain-s3 --data-root ../data --method plain"]
-    assert "python scripts/train_table.py --dataset MNIST --data-root ../data" in message
+    assert "python reproduce.py --train-only --dataset MNIST --data-root ../data" in message
 
 
 def test_runs_are_checked_before_anything_is_scored(two_runs, tmp_path):

@@ -215,7 +215,6 @@ def test_kill_and_resume_is_bit_identical_for_classifier_generator_and_discrimin
 
 def test_gan_column_between_de_and_odin_and_its_run_flags_resolve_on_every_dataset():
     import model_paths
-    from scripts import demo
 
     for dataset in ("MNIST", "FMNIST", "SVHN", "CIFAR10", "CIFAR100"):
         labels = [entry.label for entry in model_paths.MODEL_PATHS[dataset]]
@@ -225,7 +224,8 @@ def test_gan_column_between_de_and_odin_and_its_run_flags_resolve_on_every_datas
         assert opts.method == "gan" and GAN_ARCHS[opts.gan_arch][0] == opts.input_size
         assert opts.arch == ("lenet" if dataset == "MNIST" else "vgg13_nobn")
     assert "GAN" in [entry.label for entry in model_paths.MODEL_PATHS["digits"]]
-    assert "gan-s0" in dict(demo.DEMO_RUNS)
+    assert "gan-s0" in model_paths.table_runs("digits")
+    assert model_paths.run_flags("gan-s0", model_paths.DEMO_BUDGET, "digits")[0][:2] == ["--method", "gan"]
 
 
 def test_auxiliary_update_averages_gradients_over_processes(tmp_path):

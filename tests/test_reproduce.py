@@ -184,10 +184,8 @@ def test_a_table_without_the_entry_its_study_needs_is_refused(tmp_path, capsys):
     assert not any(tmp_path.iterdir())
 
 
-def test_train_table_makes_what_each_run_needs_first(tmp_path):
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import train_table
-
-    args = train_table.get_args_parser().parse_args(["--dataset", "digits", "--runs-root", str(tmp_path)])
-    names = [command[command.index("--name") + 1] for command in train_table.commands(args)]
+def test_train_only_makes_what_each_run_needs_first(tmp_path):
+    args = reproduce.get_args_parser().parse_args(["--train-only", "--dataset", "digits", "--runs-root", str(tmp_path)])
+    steps = reproduce.plan(args, reproduce.chosen_table(args), reproduce.BUDGETS[args.budget])
+    names = [step.argv[step.argv.index("--name") + 1] for step in steps]
     assert names == ["plain-s0", "gan-s0", "ceda-s0", "acet-s0", "ddu-s0", "gmm-s0", "ccu-s0", "oe-s0", "prood-s0"]

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import gen_gmm
+import reproduce
 import train
-from scripts import train_table
 from utils import cli, methods
 from utils.checkpoints import CheckpointError
 from utils.plots import gan as gan_plot
@@ -226,7 +226,8 @@ def test_damaged_checkpoints_are_one_line_in_the_table_drivers(runs, capsys, dam
         torch.save(saved, path)
     with pytest.raises(CheckpointError, match=expected.replace("(", r"\(")):
         run_state(path.parent)
-    err = one_line_error(capsys, train_table, ["--dataset", "digits", "--runs-root", str(runs), "--dry-run"])
+    err = one_line_error(capsys, reproduce, ["--train-only", "--dataset", "digits", "--runs-root", str(runs),
+                                             "--dry-run"])
     assert expected in err
 
 

@@ -2,20 +2,18 @@
 
 A paper table (model_paths.MODEL_PATHS) whose runs are missing is answered with the list of the missing runs,
 each with the `train.py` command that makes it (model_paths.run_flags; for the digits table, the flags of
-the demo, scripts/demo.py), instead of a traceback after an hour of
+the demo's budget, model_paths.DEMO_RUN_FLAGS), instead of a traceback after an hour of
 scoring the runs that happen to exist. Every error here is one the user can fix: a ValueError or
 FileNotFoundError subclass with a message that says what to do (exit status 2 in evaluate.py).
 """
 from __future__ import annotations
 
-import functools
-import importlib.util
 import json
 import shlex
 from pathlib import Path
 
-from model_paths import TableEntry, run_flags
-from utils.runs import REPO_ROOT
+import model_paths
+from model_paths import TableEntry
 
 
 class MissingRunsError(FileNotFoundError):
@@ -43,34 +41,30 @@ def run_dataset(run_dir: Path) -> str:
 
 
 def runs_dataset(runs: list[str]) -> str:
-    """The one dataset that the runs given with --runs were trained on (the default of --dataset)."""
+    """The one dataset that the runs given with --runs were trained on (the default of --dataset of evaluate.py and
+    of the studies of gen_attack_stats.py): a RunCheckError when they mix datasets or a folder has no readable
+    config.json naming one."""
     datasets = {run: run_dataset(Path(run)) for run in runs}
     if len(set(datasets.values())) > 1:
         listed = ", ".join(f"{run} ({dataset})" for run, dataset in datasets.items())
-        raise RunCheckError(f"--runs mixes datasets: {listed}; evaluate the runs of one dataset at a time")
+        raise RunCheckError(f"--runs mixes datasets: {listed}; pass the runs of one dataset at a time")
     return next(iter(datasets.values()))
 
 
-@functools.lru_cache(maxsize=1)
-def demo_flags() -> tuple[dict[str, list[str]], list[str]]:
-    """The demo's own train.py flags per run and its gen_gmm.py flags (scripts/demo.py, the digits table), read
-    from the demo itself so the two never disagree; empty if the demo no longer defines them."""
-    spec = importlib.util.spec_from_file_location("_demo", REPO_ROOT / "scripts" / "demo.py")
-    demo = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(demo)
-    return dict(getattr(demo, "DEMO_RUNS", [])), list(getattr(demo, "GMM_FLAGS", []))
+def hint_budget(table: str) -> str:
+    """The budget whose flags the hints name: the demo's for the digits table (what `make demo` trains, the
+    default of evaluate.py --dataset digits), else the papers'."""
+    return model_paths.DEMO_BUDGET if model_paths.DEMO_BUDGET in model_paths.table_budgets(table) else "paper"
 
 
 def train_flags(run: str, table: str) -> tuple[list[str], int] | None:
-    """train.py flags and seed of a table's run: the demo's for the digits table, else model_paths.run_flags."""
-    if table == "digits":
-        flags, seed = demo_flags()[0].get(run), run.rpartition("-s")[2]
-        if flags is not None:
-            return flags, int(seed) if seed.isdigit() else 0
-    try:
-        return run_flags(run)
-    except ValueError:
-        return None
+    """train.py flags and seed of a table's run at the hint budget (model_paths.run_flags), else the papers'."""
+    for budget in dict.fromkeys((hint_budget(table), "paper")):
+        try:
+            return model_paths.run_flags(run, budget, table)
+        except ValueError:
+            continue
+    return None
 
 
 def train_command(run: str, dataset: str, table: str, runs_root: str, data_root: str | None) -> str:
@@ -96,7 +90,7 @@ def missing_runs_message(missing: list[str], entries: list[TableEntry], dataset:
              f"(labels: {', '.join(e.label for e in entries if set(e.runs) & set(missing))}); train them with:"]
     flags = [(train_flags(run, table) or ([], 0))[0] for run in missing]
     gmms = sorted({run_flags[run_flags.index("--gmm") + 1] for run_flags in flags if "--gmm" in run_flags})
-    gmm_flags = demo_flags()[1] if table == "digits" else []
+    gmm_flags = list(model_paths.training(hint_budget(table), table).gmm.flags)
     for gmm in gmms:
         if not (Path(runs_root) / dataset / gmm / "gmm.pt").exists():
             where = ([] if runs_root == "runs" else ["--runs-root", runs_root]) + ([] if not data_root else
@@ -108,11 +102,11 @@ def missing_runs_message(missing: list[str], entries: list[TableEntry], dataset:
     if started:
         lines.append(f"  ({', '.join(started)}: the folder exists without model.pt, a start that ended before its "
                      "first checkpoint; delete it first)")
-    lines.append(f"or all at once: python scripts/train_table.py --dataset {dataset}"
+    lines.append(f"or all at once: python reproduce.py --train-only --dataset {dataset}"
                  + ("" if table == dataset else f" --paths {table}")
                  + (f" --runs-root {runs_root}" if runs_root != "runs" else "")
                  + (f" --data-root {data_root}" if data_root else ""))
-    if table == "digits":
+    if hint_budget(table) == model_paths.DEMO_BUDGET:
         lines[-1] = (f"or all at once (the demo): python scripts/demo.py --runs-root {runs_root} "
                      "--results-root results")
     lines.append("or pass --skip-missing-runs to score the entries whose runs exist")

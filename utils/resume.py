@@ -205,7 +205,7 @@ def resume_record(after_epoch: int, changes: dict) -> dict:
 
 def run_state(run_dir: Path) -> str:
     """"finished", "interrupted" (a checkpoint of an unfinished run), "stale" (files but no checkpoint yet) or
-    "missing": what reproduce.py, scripts/train_table.py and scripts/demo.py decide to train, resume or keep by.
+    "missing": what reproduce.py (also with --train-only) and scripts/demo.py decide to train, resume or keep by.
 
     The checkpoint is read like every other (utils.checkpoints.read_run_checkpoint: weights only, of this run); a
     truncated or foreign file, or one without its epoch count, is a utils.checkpoints.CheckpointError (one line)."""

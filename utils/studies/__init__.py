@@ -14,9 +14,8 @@ def add_common_args(parser, data_root: bool = True) -> None:
 
 
 def dataset_of_runs(runs) -> "str | None":
-    """The dataset in the config.json of the first of `runs` (run folders), None when there is none."""
-    import json
-    from pathlib import Path
+    """The one dataset the run folders were trained on (utils.preflight.runs_dataset: mixed datasets are refused);
+    None when there are no runs."""
+    from utils.preflight import runs_dataset
 
-    config = Path(runs[0]) / "config.json" if runs else None
-    return json.loads(config.read_text()).get("dataset") if config is not None and config.exists() else None
+    return runs_dataset([str(run) for run in runs]) if runs else None
