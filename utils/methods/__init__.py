@@ -1,7 +1,16 @@
-"""Training objectives for `train.py --method NAME`: one loss function per method, one training loop."""
+"""Training objectives for `train.py --method NAME`: one loss function per method, one training loop.
+
+A method is one file under utils/methods/: its loss, its flags with their ranges (`base.FlagGroup`; flags that
+several methods read are declared once in `shared.py`) and its defaults, in a `base.Method`. Adding one is that
+file, one line in METHODS below, a test and its docs/methods.md section: train.py builds its parser, checks
+the ranges and takes the defaults from this registry.
+"""
 from __future__ import annotations
 
-from utils.methods.base import Method
+import argparse
+from typing import Any
+
+from utils.methods.base import FlagGroup, Method
 from utils.methods.ccu import CCU_METHODS
 from utils.methods.certified import CERTIFIED_METHODS
 from utils.methods.edl import EDL_METHODS
@@ -23,6 +32,27 @@ def get_method(name: str) -> Method:
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; valid: {', '.join(sorted(METHODS))}")
     return METHODS[name]
+
+
+def flag_groups() -> dict[FlagGroup, list[str]]:
+    """Every flag group of the registered methods, once, in registry order -> the methods that read it."""
+    groups: dict[FlagGroup, list[str]] = {}
+    for name, method in METHODS.items():
+        for group in method.flags:
+            groups.setdefault(group, []).append(name)
+    return groups
+
+
+def add_method_args(parser: argparse.ArgumentParser) -> None:
+    """One argument group per flag group, titled with the methods that read it (all methods' flags, so that
+    every run's config.json has the same keys whatever its method)."""
+    for group, names in flag_groups().items():
+        group.add(parser.add_argument_group(f"{group.title} (--method {', '.join(names)})"))
+
+
+def method_ranges() -> dict[str, Any]:
+    """The allowed values of every method flag (argparse dest -> utils.cli.Range)."""
+    return {dest: allowed for group in flag_groups() for dest, allowed in group.ranges.items()}
 
 
 def load_auxiliary(run_dir, device="cpu"):
