@@ -32,6 +32,7 @@ from model_paths import TableEntry, table_entries
 from utils import cli, evaluation, preflight, tables
 from utils.cli import AT_LEAST_ONE, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE
 from utils.amp import AMP_DTYPES, check_amp, default_amp, set_attack_amp
+from utils.attacks import NORMS, PGD_DEFAULTS
 from utils.detectors import DETECTORS
 from utils.metrics import FPR_CONVENTIONS
 from utils.progress import add_progress_flag
@@ -78,10 +79,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--adv-sets", default="", help="comma list of attack-made OOD sets, e.g. adv_noise,adv_samples")
     p.add_argument("--n-ood", type=int, default=10000, help="samples per OOD set (at most)")
     p.add_argument("--n-adv", type=int, default=1000, help="test images used to seed each adversarial set")
-    p.add_argument("--attack-eps", type=float, default=0.3)
-    p.add_argument("--attack-steps", type=int, default=80)
-    p.add_argument("--attack-step-size", type=float, default=None)
-    p.add_argument("--attack-norm", default="linf", choices=["linf", "l2"])
+    p.add_argument("--attack-eps", type=float, default=PGD_DEFAULTS.eps)
+    p.add_argument("--attack-steps", type=int, default=PGD_DEFAULTS.eval_steps)
+    p.add_argument("--attack-step-size", type=float, default=PGD_DEFAULTS.step_size)
+    p.add_argument("--attack-norm", default=PGD_DEFAULTS.norm, choices=list(NORMS))
     p.add_argument("--amp", default=None, choices=sorted(AMP_DTYPES),
                    help="precision of the attacks (default: bf16 on CUDA where supported, else off)")
     p.add_argument("--amp-scores", action=argparse.BooleanOptionalAction, default=False,

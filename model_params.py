@@ -1,12 +1,26 @@
-"""Per-dataset training defaults (see docs/methods.md). Numbers and names only; nothing runs at import.
+"""The classifier's training defaults per dataset, and named recipes (see docs/methods.md). Numbers and names
+only; nothing runs at import.
 
-`train.py` flags that default to None take their value from `PARAMS[dataset]`, then from `METHOD_PARAMS[method]`
-(what a training objective's original code always used), then from `RECIPES[name]` when `--recipe` names one,
-so one file lists every default of the paper reproductions.
+This file holds `PARAMS` (per dataset: architecture, optimiser, lr, epochs, batches, schedule, augmentation,
+training out-distribution, ...), `NORMALIZATIONS` and `RECIPES` (`--recipe NAME`). A `train.py` flag that
+defaults to None takes, in this order (later wins, a flag given on the command line over all):
+
+1. `PARAMS[dataset]`;
+2. the method's `defaults` (`utils.methods.base.Method.defaults`; ACET/CEDA's weight decay in
+   `utils/methods/noise.py`);
+3. `RECIPES[recipe]` for that dataset, when `--recipe` names one;
+4. the method's `dataset_defaults(dataset)`: `GAN_PARAMS` in `utils/methods/gan.py`, `PROOD_PARAMS` in
+   `utils/methods/certified.py`.
+
+Every other default lives with what it configures, once: a method's own flags in its file under
+`utils/methods/` (GOOD/ProoD's eps, kappa and ramps: `CERTIFIED_EPS`, `GOOD_KAPPA`, `RAMPS` in
+`utils/methods/certified.py`), the flags several methods share in `utils/methods/shared.py`, the PGD attack's
+(eps 0.3, 40 steps; 80 in evaluate.py) in `utils.attacks.PGD_DEFAULTS`, and each script's own flags in its parser.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
+from typing import Any, Mapping
 
 
 @dataclass(frozen=True)
@@ -75,15 +89,6 @@ PARAMS: dict[str, Params] = {
                     weight_decay=0.0, augment="none", out_data="uniform", arch_kwargs={"widths": [100, 100]}),
 }
 
-# What a training objective's original code always used, whatever the dataset (before any --recipe).
-METHOD_PARAMS: dict[str, dict] = {
-    # ACET/CEDA (Hein et al. 2019): the loss adds 5e-4 * sum ||W||^2 over weights and biases, whose gradient
-    # 1e-3 * W is coupled L2 weight decay 1e-3 (utils/methods/noise.py)
-    "ceda": dict(weight_decay=1e-3),
-    "acet": dict(weight_decay=1e-3),
-}
-
-
 @dataclass(frozen=True)
 class Recipe:
     """Named alternative defaults (`train.py --recipe NAME`): `common` for every dataset, `per_dataset` on top."""
@@ -127,81 +132,14 @@ RECIPES: dict[str, Recipe] = {
 }
 
 
-def get_params(dataset: str, recipe: str | None = None, method: str | None = None) -> Params:
-    """PARAMS[dataset], then METHOD_PARAMS[method], then RECIPES[recipe] for that dataset."""
+def get_params(dataset: str, recipe: str | None = None, method_defaults: Mapping[str, Any] | None = None) -> Params:
+    """PARAMS[dataset], then a method's `defaults` (`utils.methods.base.Method.defaults`), then RECIPES[recipe]
+    for that dataset."""
     if dataset not in PARAMS:
         raise ValueError(f"no defaults for dataset {dataset!r}; model_params.PARAMS has: {', '.join(PARAMS)}")
-    params = replace(PARAMS[dataset], **METHOD_PARAMS.get(method, {}))
+    params = replace(PARAMS[dataset], **(method_defaults or {}))
     if recipe is None:
         return params
     if recipe not in RECIPES:
         raise ValueError(f"unknown recipe {recipe!r}; valid: {', '.join(RECIPES)}")
     return replace(params, **RECIPES[recipe].overrides(dataset))
-
-
-
-# Defaults that a training method adds or replaces per dataset: `train.py --method M` takes the flags of
-# METHOD_DATASET_PARAMS[M][dataset] over PARAMS/METHOD_PARAMS/RECIPES (explicit flags win over all).
-@dataclass(frozen=True)
-class GANParams:
-    """The confident-classifier GAN (Lee, Lee, Lee, Shin, ICLR 2018, arXiv 1711.09325): its generator and
-    discriminator (`train.py --gan-*`), and `classifier`, the PARAMS fields it replaces under `--method gan`."""
-    gan_arch: str                                 # models.gan.GAN_ARCHS: "dcgan32", "dcgan28", "dcgan8"
-    gan_beta: float = 1.0                         # weight of KL(U || softmax(f(G(z)))) for G and the classifier
-    gan_latent_dim: int = 100                     # z ~ N(0, I_100)
-    gan_width: int = 64                           # DCGAN ngf = ndf
-    gan_lr: float = 2e-4                          # Adam, G and D
-    gan_betas: tuple[float, float] = (0.5, 0.999)
-    classifier: dict = field(default_factory=dict)
-
-
-# The original's classifier: Adam 2e-4 (default betas), no weight decay, lr x0.1 at epoch 60 of 100, batch 128,
-# no augmentation. CCU's GAN baseline: LeNet on MNIST, VGG-13 on its other datasets (a ResNet did not converge):
-# the original's VGG-13, without batch norm and with a 512-512-K head, dropout 0.5 (models.vgg.vgg13_nobn).
-_GAN_CLASSIFIER = dict(optimizer="adam", lr=2e-4, epochs=100, milestones=(0.6,), gamma=0.1, weight_decay=0.0,
-                       batch_size=128, augment="none")
-_GAN_VGG = dict(_GAN_CLASSIFIER, arch="vgg13_nobn", dropout=0.5, arch_kwargs={})
-
-GAN_PARAMS: dict[str, GANParams] = {
-    "MNIST": GANParams("dcgan28", classifier=_GAN_CLASSIFIER),
-    "FMNIST": GANParams("dcgan28", classifier=_GAN_VGG),
-    "SVHN": GANParams("dcgan32", classifier=_GAN_VGG),
-    "CIFAR10": GANParams("dcgan32", gan_beta=0.1, classifier=dict(_GAN_VGG, batch_size=64)),
-    "CIFAR100": GANParams("dcgan32", gan_beta=0.1, classifier=_GAN_VGG),  # not in the original: as CIFAR-10
-    # built-in 8x8 digits: a narrow G/D, the dataset's own classifier defaults (the demo's budget)
-    "digits": GANParams("dcgan8", gan_width=32),
-}
-
-
-
-@dataclass(frozen=True)
-class ProodParams:
-    """ProoD (Meinke, Bitterwolf, Hein, NeurIPS 2022, arXiv 2106.04260) per dataset: PARAMS fields and ProoD flags
-    it replaces under `--method prood`; None keeps the dataset's default."""
-    epochs: int | None = None
-    out_data: str | None = None
-    discriminator_width: float = 1.0          # ProoD's S CNN at its published widths
-
-
-# Measured on digits (eps 0.3, uniform noise, kappa and eps ramped over the first 30% as the original): at the
-# dataset's 15 epochs the discriminator ends at a constant output (no noise point certified); at 60 epochs two
-# stand-alone runs certified 92% and 98% of uniform-noise points below 0.5, but train.py's seed-0 run collapsed
-# to a constant d (docs/methods.md#prood: open). A quarter-width S CNN keeps 60 epochs within CPU minutes.
-PROOD_PARAMS: dict[str, ProodParams] = {
-    **{name: ProodParams() for name in PARAMS},
-    "digits": ProodParams(epochs=60, out_data="uniform", discriminator_width=0.25),
-}
-
-METHOD_DATASET_PARAMS: dict[str, dict] = {"gan": GAN_PARAMS, "prood": PROOD_PARAMS}
-
-
-def method_params(method: str, dataset: str) -> dict:
-    """The flags `--method method` sets by default on `dataset` (empty for methods without own defaults)."""
-    if method not in METHOD_DATASET_PARAMS:
-        return {}
-    if dataset not in METHOD_DATASET_PARAMS[method]:
-        raise ValueError(f"no {method} defaults for dataset {dataset!r}; model_params.METHOD_DATASET_PARAMS[{method!r}] "
-                         f"has: {', '.join(METHOD_DATASET_PARAMS[method])}")
-    params = asdict(METHOD_DATASET_PARAMS[method][dataset])
-    flat = {**{k: v for k, v in params.items() if k != "classifier"}, **params.get("classifier", {})}
-    return {key: value for key, value in flat.items() if value is not None}

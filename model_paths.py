@@ -142,7 +142,7 @@ RUN_FLAGS: dict[str, RunFlags] = {
     "ccus": RunFlags(("--method", "ccus", "--gmm", "gmm-s0", "--out-data", "uniform")),
     "ddu": RunFlags(("--method", "plain", "--recipe", "ddu"), {"small": ("--arch", "resnet_small"),
                                                                "tiny": ("--arch", "resnet_small")}),
-    # classifier, G and D settings per dataset come from model_params.GAN_PARAMS (LeNet on MNIST, else VGG-13)
+    # classifier, G and D settings per dataset come from utils.methods.gan.GAN_PARAMS (LeNet on MNIST, else VGG-13)
     "gan": RunFlags(("--method", "gan")),
     # ProoD's discriminator trains beside the finished OE run of the same table (trained before it: training_order)
     "prood": RunFlags(("--method", "prood", "--classifier", "oe-s0", "--out-data", "natural_patches"),
@@ -168,7 +168,7 @@ DEMO_RUN_FLAGS: dict[str, RunFlags] = {
     "ddu": RunFlags(("--method", "plain", "--arch", "resnet_small", "--arch-kwargs", '{"bn_momentum": 0.1}',
                      "--spectral-norm-coeff", "3", "--mod", "--epochs", "20", "--val-fraction", "0.1")),
     "ccu": RunFlags(("--method", "ccu", "--gmm", "gmm-s0", "--out-data", "natural_patches", "--epochs", "20")),
-    # ProoD over the plain run with --method prood's digits defaults (model_params.PROOD_PARAMS): only its
+    # ProoD over the plain run with --method prood's digits defaults (utils.methods.certified.PROOD_PARAMS): only its
     # certified discriminator trains, on uniform noise at MNIST's eps 0.3
     "prood": RunFlags(("--method", "prood", "--classifier", "plain-s0")),
 }

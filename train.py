@@ -1,8 +1,9 @@
 """Train one model with one method: `python train.py --dataset digits --method plain --seed 0`.
 
-Every method of the five papers (plain, ceda, acet, oe, ccu, ccus, edl, ...) is one loss function in
-`utils/methods/`; this script is the one training loop. Flags that default to None take the dataset's
-defaults from `model_params.PARAMS` (or a named `--recipe`). The run goes to `<runs-root>/<dataset>/<name>/`:
+Every method of the five papers (plain, ceda, acet, oe, ccu, ccus, edl, ...) is one file in `utils/methods/`:
+its loss, its flags (one group below per method) and its defaults; this script is the one training loop. Flags
+that default to None take the dataset's defaults from `model_params.PARAMS` (or a named `--recipe`), then the
+method's (see model_params.py for the order). The run goes to `<runs-root>/<dataset>/<name>/`:
 config.json (written before training), model.pt (atomic, every epoch), log.jsonl and tb/ (TensorBoard).
 Under `torchrun --nproc_per_node N train.py ...` it trains data-parallel; only rank 0 writes.
 
@@ -34,9 +35,8 @@ from data.device_loader import DeviceDataset, load_train_set
 from utils import amp, checkpoints, cli, training
 from utils.cli import AT_LEAST_ONE, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, UNIT, UNIT_OPEN_HIGH, Range
 from utils.distributed import wrap_ddp
-from utils.methods import METHODS, get_method
+from utils.methods import METHODS, add_method_args, get_method, method_ranges
 from utils.resume import has_checkpoint, resume_config, resume_record
-from utils.methods import certified as certified_methods
 from utils.progress import add_progress_flag, wanted
 from utils.runs import (append_jsonl, prepare_run_dir, provenance, resolve_data_root, run_folder, trim_log,
                         write_json)
@@ -48,12 +48,11 @@ DATASET_DEFAULTS = ("arch", "optimizer", "lr", "epochs", "batch_size", "test_bat
 
 # Allowed values of the numeric flags, checked before any folder is made (None = unset, allowed).
 SEED_RANGE = Range(0, 2**32 - 1, integer=True)  # what numpy's seed takes (torch's and Python's take more)
+# The methods' own flags carry their ranges (`utils.methods.method_ranges`).
 TRAIN_RANGES = {"seed": SEED_RANGE, "epochs": AT_LEAST_ONE, "batch_size": AT_LEAST_ONE, "test_batch_size": AT_LEAST_ONE,
                 "max_batches": AT_LEAST_ONE, "num_workers": NON_NEGATIVE_INT, "lr": POSITIVE, "momentum": UNIT,
                 "weight_decay": NON_NEGATIVE, "milestones": UNIT, "gamma": POSITIVE, "val_fraction": UNIT_OPEN_HIGH,
-                "dropout": UNIT_OPEN_HIGH, "spectral_norm_coeff": POSITIVE, "out_frac": POSITIVE,
-                "attack_eps": NON_NEGATIVE, "attack_steps": NON_NEGATIVE_INT, "attack_step_size": POSITIVE,
-                "oe_lambda": NON_NEGATIVE, "gmm_lr": NON_NEGATIVE, "loglam": Range()}
+                "dropout": UNIT_OPEN_HIGH, "spectral_norm_coeff": POSITIVE}
 EXIT_DIVERGED = 3
 
 
@@ -105,25 +104,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     speed.add_argument("--device-data", action=argparse.BooleanOptionalAction, default=None,
                    help="hold in-memory sets on --device and augment batches there (default: where it applies)")
     add_progress_flag(p)
-    g = p.add_argument_group("out-distribution and method options")
-    g.add_argument("--out-data", default=None, type=data.dataset_arg,
-                   help="training out-distribution: a data key, or NAME=PATH (an image folder or a .npz of uint8 images)")
-    g.add_argument("--out-frac", type=float, default=1.0, help="out batch size relative to the clean batch")
-    g.add_argument("--out-loss", default="max_conf", choices=["max_conf", "uniform_conf"])
-    g.add_argument("--attack-eps", type=float, default=0.3)
-    g.add_argument("--attack-steps", type=int, default=40)
-    g.add_argument("--attack-step-size", type=float, default=None, help="default: eps / steps")
-    g.add_argument("--attack-norm", default="linf", choices=["linf", "l2"])
-    g.add_argument("--attack-random-start", action=argparse.BooleanOptionalAction, default=True)
-    g.add_argument("--oe-lambda", type=float, default=0.5)
-    g.add_argument("--edl-variance", default="ccu", choices=["ccu", "paper"],
-                   help="EDL variance term p(1-p)/S as CCU's code, or /(S+1) as the EDL paper")
-    g.add_argument("--gmm", default=None, help="gen_gmm.py run folder (ccu, ccus)")
-    g.add_argument("--gmm-lr", type=float, default=1e-5)
-    g.add_argument("--loglam", type=float, default=0.0)
-    add_gan_args(p)
     cli.add_debug_flag(p)
-    certified_methods.add_args(g)  # good / prood
+    add_method_args(p)  # each method's flags (utils/methods/), one group per method or shared set
     return p
 
 
@@ -132,24 +114,16 @@ def parser_defaults() -> dict:
     return vars(get_args_parser().parse_args([]))
 
 
-def add_gan_args(p: argparse.ArgumentParser) -> None:
-    """Flags of `--method gan`; None takes model_params.GAN_PARAMS[dataset]."""
-    g = p.add_argument_group("confident-classifier GAN (--method gan)")
-    g.add_argument("--gan-arch", default=None, help="generator/discriminator: a key of models.gan.GAN_ARCHS")
-    g.add_argument("--gan-beta", type=float, default=None, help="weight of KL(U || softmax(f(G(z))))")
-    g.add_argument("--gan-latent-dim", type=int, default=None)
-    g.add_argument("--gan-width", type=int, default=None, help="DCGAN base width (ngf = ndf)")
-    g.add_argument("--gan-lr", type=float, default=None, help="Adam lr of G and D")
-    g.add_argument("--gan-betas", type=float, nargs=2, default=None, help="Adam betas of G and D")
-
-
 def resolve(args: Namespace) -> Namespace:
     """Fill None flags from the dataset's defaults and add the data shape; the result is saved as config."""
     opts = Namespace(**vars(args))
     opts.dataset = args.dataset or "digits"
     opts.num_classes, shape = data.dataset_info(opts.dataset)
-    params = asdict(model_params.get_params(opts.dataset, args.recipe, opts.method))
-    method_defaults = model_params.method_params(opts.method, opts.dataset)  # e.g. gan: G/D and its classifier
+    method = get_method(opts.method)  # a clear error before anything is written
+    params = asdict(model_params.get_params(opts.dataset, args.recipe, method.defaults))
+    by_dataset = method.dataset_defaults(opts.dataset) if method.dataset_defaults else {}
+    # e.g. gan: G/D and its classifier; None keeps the dataset's
+    method_defaults = {key: value for key, value in by_dataset.items() if value is not None}
     params.update(method_defaults)
     if args.arch is not None and args.arch != params["arch"]:
         params["arch_kwargs"] = {}  # the dataset's arch options belong to its default architecture
@@ -173,7 +147,6 @@ def resolve(args: Namespace) -> Namespace:
     run_folder(opts.runs_root, opts.dataset, opts.name)  # one folder name, a runs root that is a folder
     opts.run_id = secrets.token_hex(8)  # names this run in its config.json and every checkpoint (utils.checkpoints)
     opts.data_root = resolve_data_root(args.data_root)
-    get_method(opts.method)  # a clear error before anything is written
     return opts
 
 
@@ -204,7 +177,7 @@ def main(args: Namespace) -> Path:
         opts, changes, saved_extras = resume_config(args, parser_defaults(), get_args_parser())
     else:
         opts, changes, saved_extras = resolve(args), {}, {}
-    cli.check_ranges(opts, TRAIN_RANGES)
+    cli.check_ranges(opts, {**TRAIN_RANGES, **method_ranges()})
     opts.amp = getattr(opts, "amp", None) or amp.default_amp(opts.device)  # runs saved before --amp existed: none
     amp.check_amp(opts.amp, opts.device)
     device = training.init_distributed(opts.device)

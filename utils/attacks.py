@@ -57,6 +57,23 @@ CONF_OBJECTIVES: dict[str, Objective] = {"max_conf": max_log_conf, "uniform_conf
 NORMS = ("linf", "l2")
 
 
+@dataclass(frozen=True)
+class PGDDefaults:
+    """The one home of the PGD defaults: ACET's adversarial noise (arXiv 1812.05720) is L-inf PGD with eps 0.3,
+    40 steps of eps / steps, from a random start. train.py's `--attack-*` flags (`utils.methods.shared.ATTACK`),
+    `attack_options` and ACET's loss read `steps`; evaluate.py's adversarial sets attack twice as long
+    (`eval_steps`), as ACET's evaluation does."""
+    eps: float = 0.3
+    steps: int = 40
+    eval_steps: int = 80
+    step_size: Optional[float] = None   # None: eps / steps
+    norm: str = "linf"
+    random_start: bool = True
+
+
+PGD_DEFAULTS = PGDDefaults()
+
+
 @contextmanager
 def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     """Run `model` in eval mode and restore each submodule's own training flag (not just the root's)."""
@@ -195,8 +212,10 @@ class AdvBatch:
 
 def attack_options(opts) -> dict:
     """The PGD settings carried by a config namespace (attack_eps, attack_steps, attack_step_size, attack_norm)."""
-    return dict(eps=float(getattr(opts, "attack_eps", 0.3)), steps=int(getattr(opts, "attack_steps", 40)),
-                step_size=getattr(opts, "attack_step_size", None), norm=getattr(opts, "attack_norm", "linf"))
+    return dict(eps=float(getattr(opts, "attack_eps", PGD_DEFAULTS.eps)),
+                steps=int(getattr(opts, "attack_steps", PGD_DEFAULTS.steps)),
+                step_size=getattr(opts, "attack_step_size", PGD_DEFAULTS.step_size),
+                norm=getattr(opts, "attack_norm", PGD_DEFAULTS.norm))
 
 
 def adv_noise_set(model: nn.Module, x_in: torch.Tensor, y_in: torch.Tensor, opts) -> AdvBatch:

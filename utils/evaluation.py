@@ -36,9 +36,9 @@ def build_detector(entry: TableEntry, loaded: list, train_set: Dataset, tune_set
     every evaluation set of this call.
     """
     options = dict(entry.options)
-    tune_ood = options.pop("tune_ood", args.tune_ood if entry.detector in TUNABLE else None)
-    criterion = options.pop("tune_criterion", args.tune_criterion)
     cls = get_detector_class(entry.detector)
+    tune_ood = options.pop("tune_ood", args.tune_ood if cls.tunable else None)
+    criterion = options.pop("tune_criterion", args.tune_criterion)
     detector = cls(loaded if entry.is_ensemble else loaded[0], **options)
     if type(detector).fit is not Detector.fit:  # it has statistics of the training set to fit
         detector.fit(DataLoader(train_set, batch_size=args.batch_size))
@@ -53,9 +53,6 @@ def build_detector(entry: TableEntry, loaded: list, train_set: Dataset, tune_set
         recorded.update(tune_ood=name, tuned=choice)
         print(f"{entry.label}: tuned on {name}: {choice}")
     return detector, recorded
-
-
-TUNABLE = ("odin", "mahalanobis")
 
 
 def split_for_tuning(sets: dict[str, Dataset], n: int) -> tuple[dict, dict]:
@@ -281,7 +278,8 @@ def evaluate_entries(entries: list[TableEntry], args: Namespace, ood_sets: list[
     shown = {data.set_name(name) for name in ood_sets}
     ood_sets = ood_sets + [name for name in dict.fromkeys(wanted) if name and data.set_name(name) not in shown]
     sets = load_sets(args, ood_sets)
-    tuning = any(e.detector in TUNABLE and (args.tune_ood or "tune_ood" in e.options) for e in entries)
+    tuning = any(get_detector_class(e.detector).tunable and (args.tune_ood or "tune_ood" in e.options)
+                 for e in entries)
     sets, tune_sets = split_for_tuning(sets, args.tune_n) if tuning else (sets, {})
     args.tuning = tuning
     rows = []

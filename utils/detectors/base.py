@@ -29,9 +29,19 @@ class Detector:
     Detectors that only need the penultimate features and the logits of one forward pass set
     `needs_grad = False` and implement `from_outputs`; evaluation then runs the network once per batch and feeds
     every such detector. Detectors that need input gradients or several passes override `confidence`.
+
+    What evaluation needs to know about a detector, it declares here (nothing lists detector names elsewhere):
+    `tunable` (it has `tune(loader_in, loader_out, criterion=, fpr_convention=)`, which evaluate.py calls on
+    `--tune-ood`), `returns_probability` (its confidence is a probability, so CCU's attack table reports its log;
+    a detector whose option changes that sets it per instance), `needs_features` (it reads the penultimate
+    features, not only logits or the input) and `ensemble` (it is built from the list of a table entry's runs).
     """
 
     needs_grad: bool = False
+    tunable: bool = False
+    returns_probability: bool = False
+    needs_features: bool = False
+    ensemble: bool = False
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model

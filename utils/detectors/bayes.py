@@ -91,6 +91,7 @@ class MCDropout(Detector):
     """
 
     needs_grad = True
+    returns_probability = True  # with score "max_prob" (per instance)
 
     def __init__(self, model: nn.Module, samples: int = 10, score: str = "max_prob") -> None:
         super().__init__(model)
@@ -98,6 +99,7 @@ class MCDropout(Detector):
             raise ValueError(f"MC dropout needs samples >= 1, got {samples}")
         self.samples = int(samples)
         self.score = check_choice("MC-dropout score", score, SCORES)
+        self.returns_probability = self.score == "max_prob"
 
     @torch.no_grad()
     def sample_probs(self, x: torch.Tensor) -> torch.Tensor:
@@ -118,6 +120,8 @@ class Ensemble(Detector):
     """
 
     needs_grad = True
+    ensemble = True
+    returns_probability = True  # with score "max_prob" (per instance)
 
     def __init__(self, models: Union[nn.Module, Sequence[nn.Module]], score: str = "max_prob") -> None:
         members = [models] if isinstance(models, nn.Module) else list(models)
@@ -126,6 +130,7 @@ class Ensemble(Detector):
         super().__init__(members[0])
         self.models = members
         self.score = check_choice("ensemble score", score, SCORES)
+        self.returns_probability = self.score == "max_prob"
 
     @torch.no_grad()
     def member_logits(self, x: torch.Tensor) -> torch.Tensor:

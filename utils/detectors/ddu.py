@@ -131,6 +131,7 @@ class DDU(Detector):
     """
 
     needs_grad = False
+    needs_features = True  # the class Gaussians live in feature space (not for score "softmax_entropy")
 
     def __init__(self, model: nn.Module, score: str = "density", priors: str = "equal",
                  jitters: Iterable[float] | None = None) -> None:
@@ -140,6 +141,7 @@ class DDU(Detector):
         if priors not in PRIORS:
             raise ValueError(f"unknown DDU priors {priors!r}; valid: {', '.join(PRIORS)}")
         self.score, self.priors = score, priors
+        self.needs_features = score != "softmax_entropy"
         self.jitters = None if jitters is None else list(jitters)
         self.means_ = self.cholesky_ = self.log_priors_ = None
         self.jitter_: float | None = None

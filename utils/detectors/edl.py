@@ -21,9 +21,12 @@ class EDL(Detector):
     On a model not trained with EDL the formulas still run but alpha = exp(logits) has no evidential meaning.
     """
 
+    returns_probability = True  # with score "max_prob" (per instance)
+
     def __init__(self, model: nn.Module, score: str = "max_prob") -> None:
         super().__init__(model)
         self.score = check_choice("EDL score", score, EDL_SCORES)
+        self.returns_probability = self.score == "max_prob"
 
     def from_outputs(self, features: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         log_alpha = logits.double()

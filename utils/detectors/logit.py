@@ -12,6 +12,8 @@ class MSP(Detector):
     For the CCU model, whose outputs are log-probabilities, this is exactly CCU's confidence exp(log-conf).
     """
 
+    returns_probability = True
+
     def from_outputs(self, features: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         return logits.softmax(dim=1).amax(dim=1)
 

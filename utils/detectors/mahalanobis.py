@@ -44,6 +44,9 @@ class Mahalanobis(Detector):
     and `from_outputs` works; `needs_grad` is an instance attribute that follows eps (also after `tune`).
     """
 
+    tunable = True
+    needs_features = True
+
     def __init__(self, model: nn.Module, eps: float = 0.0, gradient: str = "sign",
                  clip: Optional[bool] = None, ridge: float = 0.0) -> None:
         super().__init__(model)

@@ -116,6 +116,8 @@ class ODIN(Detector):
     """
 
     needs_grad = True
+    tunable = True
+    returns_probability = True
 
     def __init__(self, model: nn.Module, temperature: float = 1000.0, eps: float = 0.0014,
                  gradient: str = "sign", clip: Optional[bool] = None) -> None:

@@ -134,6 +134,7 @@ class HeadDetector(Detector):
     on first use (nothing of the training set is needed, so evaluation does not call a fit)."""
 
     needs_grad = False
+    needs_features = True
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)

@@ -1,9 +1,11 @@
-"""The training-method interface: one loss function per method, plus optional hooks for the training loop."""
+"""The training-method interface: one loss function per method, its flags (with their ranges) and defaults, plus
+optional hooks for the training loop."""
 from __future__ import annotations
 
+import argparse
 from argparse import Namespace
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import torch
 from torch import nn
@@ -76,6 +78,19 @@ class Auxiliary:
             scheduler.load_state_dict(checkpoint["aux_schedulers"][name])
 
 
+@dataclass(frozen=True, eq=False)  # compared and hashed by identity: a group shared by methods is added once
+class FlagGroup:
+    """train.py flags declared together: `add(group)` adds them (with their defaults) to an argparse argument
+    group that train.py titles `title` plus the methods that reference it; `ranges` are their allowed numbers
+    (`utils.cli.Range` by argparse dest), checked before any run folder is made, also on `--resume`.
+
+    A method lists the groups it reads in `Method.flags`: its own, and shared ones (`utils.methods.shared`)."""
+
+    title: str
+    add: Callable[[argparse._ArgumentGroup], None]
+    ranges: Mapping[str, Any] = field(default_factory=dict)
+
+
 # aux_step(model, aux, x, y, x_out, opts) -> the out batch for the classifier's loss (or None)
 AuxStepFn = Callable[[nn.Module, Auxiliary, torch.Tensor, torch.Tensor, Optional[torch.Tensor], Namespace],
                      Optional[torch.Tensor]]
@@ -86,6 +101,13 @@ class Method:
     """A training objective for `train.py --method`.
 
     loss: the objective on one batch (see `LossFn`).
+    flags: the `FlagGroup`s of the flags the method reads (its own and shared ones); train.py's parser holds
+        the flags of every registered method, so every run's config.json has the same keys.
+    defaults: `model_params.Params` fields the method replaces on every dataset, before `--recipe` (ACET's
+        weight decay).
+    dataset_defaults: optional `fn(dataset) -> {flag dest: value}`, the method's defaults on that dataset, over
+        the dataset's, the method's `defaults` and `--recipe` (the GAN's classifier and G/D); None values keep
+        the dataset's. Flags given on the command line win over all of them.
     uses_out_data: the loop draws an out-distribution batch `x_out` from `--out-data` for every step.
     wrap_model: optional `fn(model, opts, init) -> model` applied after the backbone is built (CCU wraps it).
         With init=True (start of training) it may read other run folders named in opts (CCU's `--gmm`); with
@@ -108,6 +130,9 @@ class Method:
     """
 
     loss: LossFn
+    flags: tuple[FlagGroup, ...] = ()
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+    dataset_defaults: Optional[Callable[[str], Mapping[str, Any]]] = None
     uses_out_data: bool = False
     wrap_model: Optional[Callable] = None
     param_groups: Optional[Callable] = None

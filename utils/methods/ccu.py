@@ -17,6 +17,7 @@ slices `[B+1:]` and silently drops the first out sample).
 """
 from __future__ import annotations
 
+import argparse
 import math
 from argparse import Namespace
 from pathlib import Path
@@ -27,10 +28,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.ccu import CCUModel, build_ccu, load_gmm_state
-from utils.methods.base import Method
+from utils.cli import NON_NEGATIVE, Range
+from utils.methods.base import FlagGroup, Method
+from utils.methods.shared import OUT_DATA
 
 LOG_VAR_MARGIN = math.log(4.0)   # sigma_out^2 >= 4 * max sigma_in^2 (docs/methods.md#ccu-training)
 GMM_FILE = "gmm.pt"
+GMM_LR = 1e-5                    # the mixtures' means and log-variances train at this lr, without weight decay
+
+
+def _add_ccu(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--gmm", default=None, help="gen_gmm.py run folder (ccu, ccus)")
+    group.add_argument("--gmm-lr", type=float, default=GMM_LR)
+    group.add_argument("--loglam", type=float, default=0.0)
+
+
+CCU_FLAGS = FlagGroup("CCU mixtures", _add_ccu, ranges={"gmm_lr": NON_NEGATIVE, "loglam": Range()})
 
 
 def _core(model: nn.Module) -> CCUModel:
@@ -127,7 +140,7 @@ def ccu_param_groups(model: nn.Module, opts: Namespace) -> list[dict]:
     """Base network at (lr, weight_decay); each mixture's means and log-variances at (gmm_lr, 0)."""
     core = _core(model)
     groups = [{"params": list(core.base.parameters()), "lr": opts.lr, "weight_decay": opts.weight_decay}]
-    gmm_lr = float(getattr(opts, "gmm_lr", 1e-5))
+    gmm_lr = float(getattr(opts, "gmm_lr", GMM_LR))
     for gmm in core.gmms():
         groups.append({"params": [gmm.mu, gmm.logvar], "lr": gmm_lr, "weight_decay": 0.0})
     return groups
@@ -141,9 +154,9 @@ def clamp_out_variances(model: nn.Module, opts: Optional[Namespace] = None) -> N
         core.gmm_out.logvar.clamp_(min=float(core.gmm_in.logvar.max()) + LOG_VAR_MARGIN)
 
 
-CCU = Method(loss=ccu_loss, uses_out_data=True, wrap_model=_wrapper(ccus=False),
+CCU = Method(loss=ccu_loss, flags=(OUT_DATA, CCU_FLAGS), uses_out_data=True, wrap_model=_wrapper(ccus=False),
              param_groups=ccu_param_groups, after_step=clamp_out_variances)
-CCUS = Method(loss=ccu_loss, uses_out_data=True, wrap_model=_wrapper(ccus=True),
+CCUS = Method(loss=ccu_loss, flags=(OUT_DATA, CCU_FLAGS), uses_out_data=True, wrap_model=_wrapper(ccus=True),
               param_groups=ccu_param_groups, after_step=clamp_out_variances)
 
 CCU_METHODS: dict[str, Method] = {"ccu": CCU, "ccus": CCUS}

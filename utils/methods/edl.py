@@ -16,6 +16,7 @@ alpha / S = p, so every softmax-based metric, detector and attack of the project
 """
 from __future__ import annotations
 
+import argparse
 from argparse import Namespace
 from typing import Optional
 
@@ -23,9 +24,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from utils.methods.base import Method
+from utils.methods.base import FlagGroup, Method
 
 EDL_VARIANCES = {"ccu": 0.0, "paper": 1.0}  # the variance term's denominator is S + this
+
+
+def _add_edl(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--edl-variance", default="ccu", choices=list(EDL_VARIANCES),
+                       help="EDL variance term p(1-p)/S as CCU's code, or /(S+1) as the EDL paper")
 
 
 class EDLModel(nn.Module):
@@ -69,6 +75,6 @@ def edl_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_out: Optional
     return (error + spread).mean(), log_alpha
 
 
-EDL = Method(loss=edl_loss, wrap_model=wrap_edl)
+EDL = Method(loss=edl_loss, flags=(FlagGroup("evidential deep learning", _add_edl),), wrap_model=wrap_edl)
 
 EDL_METHODS: dict[str, Method] = {"edl": EDL}

@@ -12,7 +12,7 @@ with KL(U || p) = -log K - (1/K) sum_k log p_k per sample, averaged over the bat
 `K * kl_div(log_softmax(f(G(z))), U)`, a mean over all N*K elements times K: the same per-sample KL). beta is
 `--gan-beta` (1; 0.1 on CIFAR). G and D: DCGAN (`models.gan`), Adam `--gan-lr` 2e-4 with betas (0.5, 0.999), the
 classifier's lr schedule (x0.1 at 60% of the epochs). The classifier's settings (LeNet on MNIST, VGG-13 on the
-other datasets, Adam 2e-4, 100 epochs, no weight decay) are `model_params.GAN_PARAMS`.
+other datasets, Adam 2e-4, 100 epochs, no weight decay) and G/D's are `GAN_PARAMS` below (`--gan-*`).
 
 G and D are the method's auxiliary networks (`utils.methods.base.Auxiliary`): `gan_step` runs the D and G updates
 and hands f's loss the fresh samples G(z') as its out batch. As in the original, f sees the clean and the
@@ -23,17 +23,76 @@ the loss is BCE-with-logits; the 28x28 and 8x8 G/D are ours.
 """
 from __future__ import annotations
 
+import argparse
 import math
 from argparse import Namespace
 from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from utils.methods.base import Auxiliary, Method
+from utils.cli import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, UNIT_OPEN_HIGH
+from utils.methods.base import Auxiliary, FlagGroup, Method
 from utils.distributed import unwrap
+
+
+@dataclass(frozen=True)
+class GANParams:
+    """The confident-classifier GAN (Lee, Lee, Lee, Shin, ICLR 2018, arXiv 1711.09325): its generator and
+    discriminator (`train.py --gan-*`), and `classifier`, the PARAMS fields it replaces under `--method gan`."""
+    gan_arch: str                                 # models.gan.GAN_ARCHS: "dcgan32", "dcgan28", "dcgan8"
+    gan_beta: float = 1.0                         # weight of KL(U || softmax(f(G(z)))) for G and the classifier
+    gan_latent_dim: int = 100                     # z ~ N(0, I_100)
+    gan_width: int = 64                           # DCGAN ngf = ndf
+    gan_lr: float = 2e-4                          # Adam, G and D
+    gan_betas: tuple[float, float] = (0.5, 0.999)
+    classifier: dict = field(default_factory=dict)
+
+
+# The original's classifier: Adam 2e-4 (default betas), no weight decay, lr x0.1 at epoch 60 of 100, batch 128,
+# no augmentation. CCU's GAN baseline: LeNet on MNIST, VGG-13 on its other datasets (a ResNet did not converge):
+# the original's VGG-13, without batch norm and with a 512-512-K head, dropout 0.5 (models.vgg.vgg13_nobn).
+_GAN_CLASSIFIER = dict(optimizer="adam", lr=2e-4, epochs=100, milestones=(0.6,), gamma=0.1, weight_decay=0.0,
+                       batch_size=128, augment="none")
+_GAN_VGG = dict(_GAN_CLASSIFIER, arch="vgg13_nobn", dropout=0.5, arch_kwargs={})
+
+GAN_PARAMS: dict[str, GANParams] = {
+    "MNIST": GANParams("dcgan28", classifier=_GAN_CLASSIFIER),
+    "FMNIST": GANParams("dcgan28", classifier=_GAN_VGG),
+    "SVHN": GANParams("dcgan32", classifier=_GAN_VGG),
+    "CIFAR10": GANParams("dcgan32", gan_beta=0.1, classifier=dict(_GAN_VGG, batch_size=64)),
+    "CIFAR100": GANParams("dcgan32", gan_beta=0.1, classifier=_GAN_VGG),  # not in the original: as CIFAR-10
+    # built-in 8x8 digits: a narrow G/D, the dataset's own classifier defaults (the demo's budget)
+    "digits": GANParams("dcgan8", gan_width=32),
+}
+
+
+def gan_defaults(dataset: str) -> dict:
+    """The flags `--method gan` sets by default on `dataset`: G/D's and the classifier's (`GAN_PARAMS`)."""
+    if dataset not in GAN_PARAMS:
+        raise ValueError(f"no gan defaults for dataset {dataset!r}; utils.methods.gan.GAN_PARAMS has: "
+                         f"{', '.join(GAN_PARAMS)}")
+    params = asdict(GAN_PARAMS[dataset])
+    classifier = params.pop("classifier")
+    return {**params, **classifier}
+
+
+def _add_gan(group: argparse._ArgumentGroup) -> None:
+    """Flags of `--method gan`; None takes GAN_PARAMS[dataset]."""
+    group.add_argument("--gan-arch", default=None, help="generator/discriminator: a key of models.gan.GAN_ARCHS")
+    group.add_argument("--gan-beta", type=float, default=None, help="weight of KL(U || softmax(f(G(z))))")
+    group.add_argument("--gan-latent-dim", type=int, default=None)
+    group.add_argument("--gan-width", type=int, default=None, help="DCGAN base width (ngf = ndf)")
+    group.add_argument("--gan-lr", type=float, default=None, help="Adam lr of G and D")
+    group.add_argument("--gan-betas", type=float, nargs=2, default=None, help="Adam betas of G and D")
+
+
+GAN_FLAGS = FlagGroup("confident-classifier GAN", _add_gan,
+                      ranges={"gan_beta": NON_NEGATIVE, "gan_latent_dim": AT_LEAST_ONE, "gan_width": AT_LEAST_ONE,
+                              "gan_lr": POSITIVE, "gan_betas": UNIT_OPEN_HIGH})
 
 
 def kl_uniform_to_softmax(logits: torch.Tensor) -> torch.Tensor:
@@ -113,4 +172,5 @@ def gan_step(model: nn.Module, aux: Auxiliary, x: torch.Tensor, y: torch.Tensor,
         return generator(generator.sample_latent(len(x), x.device))
 
 
-GAN_METHODS: dict[str, Method] = {"gan": Method(loss=gan_loss, auxiliary=build_gan, aux_step=gan_step)}
+GAN_METHODS: dict[str, Method] = {"gan": Method(loss=gan_loss, flags=(GAN_FLAGS,), dataset_defaults=gan_defaults,
+                                                auxiliary=build_gan, aux_step=gan_step)}

@@ -9,7 +9,8 @@ CEDA / ACET (docs/methods.md#ceda), with B clean samples (x_i, y_i) and n_out ou
           = uniform_conf  CE(f(z), uniform) = -(1/K) sum_k log softmax_k(f(z))      (`--out-loss uniform_conf`)
 
 CEDA uses z^ = z. ACET uses z^ = argmax of l_out over the eps-ball around z intersected with [0,1]^d, found by
-`utils.attacks.confidence_attack` (L-inf eps 0.3, 40 steps of eps/40, random start, keep best; `--attack-*`).
+`utils.attacks.confidence_attack` (`--attack-*`; defaults `utils.attacks.PGD_DEFAULTS`: L-inf eps 0.3, 40 steps
+of eps/40, random start, keep best).
 
 Outlier Exposure:  L = mean_i CE(f(x_i), y_i) + lambda * mean_j CE(f(z_j), uniform),  lambda = `--oe-lambda` 0.5.
 
@@ -27,6 +28,7 @@ coupled (L2, not AdamW) weight decay 1e-3 applied to all parameters, biases incl
 """
 from __future__ import annotations
 
+import argparse
 from argparse import Namespace
 from typing import Optional
 
@@ -34,8 +36,27 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from utils.attacks import CONF_OBJECTIVES, confidence_attack
-from utils.methods.base import Method
+from utils.attacks import CONF_OBJECTIVES, PGD_DEFAULTS, attack_options, confidence_attack
+from utils.cli import NON_NEGATIVE
+from utils.methods.base import FlagGroup, Method
+from utils.methods.shared import ATTACK, OUT_DATA
+
+# ACET/CEDA (Hein et al. 2019): the loss adds 5e-4 * sum ||W||^2 over weights and biases, whose gradient
+# 1e-3 * W is coupled L2 weight decay 1e-3 (module docstring); it replaces the dataset's, before any --recipe.
+NOISE_DEFAULTS = {"weight_decay": 1e-3}
+OE_LAMBDA = 0.5
+
+
+def _add_out_loss(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--out-loss", default="max_conf", choices=list(CONF_OBJECTIVES))
+
+
+def _add_oe(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--oe-lambda", type=float, default=OE_LAMBDA)
+
+
+OUT_LOSS = FlagGroup("CEDA / ACET out loss", _add_out_loss)
+OE = FlagGroup("Outlier Exposure", _add_oe, ranges={"oe_lambda": NON_NEGATIVE})
 
 
 def out_loss_fn(opts: Namespace):
@@ -81,11 +102,8 @@ def acet_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_out: Optiona
     """
     name, _ = out_loss_fn(opts)
     z = _noise_from_batch(x, x_out)
-    z_adv = confidence_attack(model, z, eps=float(getattr(opts, "attack_eps", 0.3)),
-                              steps=int(getattr(opts, "attack_steps", 40)),
-                              step_size=getattr(opts, "attack_step_size", None),
-                              norm=getattr(opts, "attack_norm", "linf"),
-                              random_start=bool(getattr(opts, "attack_random_start", True)), loss=name)
+    z_adv = confidence_attack(model, z, **attack_options(opts), loss=name,
+                              random_start=bool(getattr(opts, "attack_random_start", PGD_DEFAULTS.random_start)))
     return _joint_loss(model, x, y, z_adv, opts)
 
 
@@ -102,12 +120,12 @@ def oe_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_out: Optional[
     logits = model(torch.cat([x, x_out]))
     logits_in, logits_out = logits[: len(x)], logits[len(x):]
     to_uniform = -F.log_softmax(logits_out, dim=1).mean(dim=1)
-    loss = F.cross_entropy(logits_in, y) + float(getattr(opts, "oe_lambda", 0.5)) * to_uniform.mean()
+    loss = F.cross_entropy(logits_in, y) + float(getattr(opts, "oe_lambda", OE_LAMBDA)) * to_uniform.mean()
     return loss, logits_in
 
 
 NOISE_METHODS: dict[str, Method] = {
-    "ceda": Method(loss=ceda_loss, uses_out_data=True),
-    "acet": Method(loss=acet_loss, uses_out_data=True),
-    "oe": Method(loss=oe_loss, uses_out_data=True),
+    "ceda": Method(loss=ceda_loss, flags=(OUT_DATA, OUT_LOSS), defaults=NOISE_DEFAULTS, uses_out_data=True),
+    "acet": Method(loss=acet_loss, flags=(OUT_DATA, OUT_LOSS, ATTACK), defaults=NOISE_DEFAULTS, uses_out_data=True),
+    "oe": Method(loss=oe_loss, flags=(OUT_DATA, OE), uses_out_data=True),
 }

@@ -30,19 +30,15 @@ from utils.detectors.bayes import Ensemble, MCDropout, as_one_network, dropout_a
 from utils.detectors.mahalanobis import Mahalanobis
 from utils.detectors.odin import ODIN
 
-# detectors whose confidence is a probability: the table reports its log (CCU's log-confidence)
-PROBABILITY_DETECTORS = ("msp", "odin", "edl")
-
 
 class EntryModel(nn.Module):
     """One column of Table 1: a network (or ensemble) with its entry's detector; see the module docstring."""
 
-    def __init__(self, network: nn.Module, detector: Detector, detector_name: str) -> None:
+    def __init__(self, network: nn.Module, detector: Detector) -> None:
         super().__init__()
         self.network, self.detector = network, detector
-        score = getattr(detector, "score", "max_prob")
-        self.log_space = score == "max_prob" and (detector_name in PROBABILITY_DETECTORS
-                                                  or isinstance(detector, Ensemble))
+        # a detector whose confidence is a probability: the table reports its log (CCU's log-confidence)
+        self.log_space = detector.returns_probability
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if isinstance(self.detector, MCDropout):   # the MC-averaged prediction
@@ -91,8 +87,8 @@ def entry_model(dirs: Iterable[Path], detector: str, options: dict, dataset: str
     loaded = [methods.load_run(d, device=device) for d in dirs]
     options = {k: v for k, v in options.items() if k not in ("tune_ood", "tune_criterion")}
     cls = get_detector_class(detector)
-    det = cls(loaded if detector == "ensemble" else loaded[0], **options)
+    det = cls(loaded if cls.ensemble else loaded[0], **options)
     if type(det).fit is not Detector.fit:
         det.fit(_fit_loader(dataset, data_root, getattr(loaded[0], "run_config", {}), batch_size))
     network = as_one_network(loaded)
-    return EntryModel(network, det, detector).to(device).eval()
+    return EntryModel(network, det).to(device).eval()
