@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from utils.detectors.base import Detector
-from utils.detectors.odin import check_choice
+from utils.detectors.common import check_choice
 
 ENTROPY_EPS = 1e-12  # DDU's constant inside every log (docs/methods.md#ensembles)
 SCORES = ("max_prob", "entropy", "mutual_info", "variance")
