@@ -74,7 +74,7 @@ def load_sets(args: Namespace, ood_sets: list[str]) -> dict[str, Dataset]:
             sets[data.set_name(name)] = data.get_dataset(name, "test", root=args.data_root, like=args.dataset, n=args.n_ood,
                                           seed=args.seed, download=args.download)
         except FileNotFoundError as error:
-            if not args.skip_missing:
+            if not args.skip_missing_ood:
                 raise
             print(f"skipping OOD set {name}: {error}")
     return sets
