@@ -68,6 +68,11 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "(default: a hash of the run folders); with --table, rebuilds that table")
     p.add_argument("--skip-missing-runs", action=argparse.BooleanOptionalAction, default=False,
                    help="score the paper table's entries whose runs exist instead of listing the missing ones")
+    p.add_argument("--skip-missing-ood", action=argparse.BooleanOptionalAction, default=False,
+                   help="skip OOD sets whose files are missing instead of stopping")
+    # the old spelling (before --skip-missing-runs existed beside it) still works, with a warning
+    cli.add_alias(p, "--skip-missing", "--skip-missing-ood", dest="skip_missing_ood")
+    cli.add_alias(p, "--no-skip-missing", "--no-skip-missing-ood", dest="skip_missing_ood")
     p.add_argument("--runs-root", default="runs")
     p.add_argument("--paths", default=None, help="key of model_paths.MODEL_PATHS (default: --dataset), e.g. CIFAR10/ddu")
     p.add_argument("--detectors", default=None,
@@ -92,8 +97,6 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "key or NAME=PATH")
     p.add_argument("--tune-n", type=int, default=1000, help="held-out samples of in- and tuning set")
     p.add_argument("--tune-criterion", default="fpr95", choices=["fpr95", "auroc"])
-    p.add_argument("--skip-missing", action=argparse.BooleanOptionalAction, default=False,
-                   help="skip OOD sets whose files are missing instead of stopping")
     p.add_argument("--fpr-convention", default="id", choices=sorted(FPR_CONVENTIONS))
     p.add_argument("--batch-size", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)

@@ -122,7 +122,7 @@ RECIPES: dict[str, Recipe] = {
                   {name: dict(arch="lenet") for name in _GREY}),
     # ODIN's networks (arXiv 1706.02690) take inputs normalised with its CIFAR statistics. Its repository ships
     # weights, not training code; these are the DenseNet-BC and Wide-ResNet papers' CIFAR recipes, which the
-    # ODIN paper says it follows (without their Nesterov momentum; see the README).
+    # ODIN paper says it follows (without their Nesterov momentum; see docs/methods.md#odin-networks).
     "odin-densenet": Recipe(dict(arch="densenet_bc100", optimizer="sgd", lr=0.1, epochs=300, batch_size=64,
                                  weight_decay=1e-4, milestones=(0.5, 0.75), augment="ddu", dropout=0.0,
                                  normalize="odin")),

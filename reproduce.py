@@ -202,7 +202,7 @@ def plan(args: Namespace, table: Table, budget: Budget) -> list[Step]:
     if table.evaluate is not None:
         ood = list(dict.fromkeys([*data.OOD_TEST.get(args.dataset, []), *args.ood]))
         argv = [*common, *data_flags, *results, "--paths", table.paths.format(dataset=args.dataset),
-                "--skip-missing", "--no-progress", "--no-print", *table.evaluate, *budget.evaluate] + \
+                "--skip-missing-ood", "--no-progress", "--no-print", *table.evaluate, *budget.evaluate] + \
             (["--ood", *ood] if ood else [])
         steps.append(Step("evaluate.py", "evaluate.py", lambda: _evaluate(argv, args.budget), argv))
     if table.study is not None:

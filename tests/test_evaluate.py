@@ -146,3 +146,21 @@ def test_mc_dropout_rows_do_not_depend_on_what_ran_before(tmp_path, monkeypatch)
         rows = [json.loads(line) for line in (results / "ood" / "digits.jsonl").read_text().splitlines()]
         aurocs.append({row["ood"]: row["auroc"] for row in rows})
     assert aurocs[0] == aurocs[1] and 0.0 < min(aurocs[0].values())
+
+
+def test_skip_missing_ood_and_its_old_spelling(digits_run, tmp_path, capsys):
+    """--skip-missing-ood skips OOD sets whose files are missing; the old --skip-missing does the same and warns once."""
+    parser = evaluate.get_args_parser()
+    for argv, expected, warned in ([[], False, False], [["--skip-missing-ood"], True, False],
+                                   [["--no-skip-missing-ood"], False, False], [["--skip-missing"], True, True],
+                                   [["--skip-missing", "--no-skip-missing"], False, True]):
+        assert parser.parse_args(argv).skip_missing_ood is expected, argv
+        err = capsys.readouterr().err
+        assert err.count("deprecated") == (len(argv) if warned else 0), (argv, err)
+    assert "--skip-missing-ood" in parser.format_help() and "--skip-missing " not in parser.format_help()
+    run_eval(["--dataset", "digits", "--runs", str(digits_run / "digits" / "plain-s0"), "--ood", "FMNIST,uniform",
+              "--n-ood", "50", "--table-name", "t", "--data-root", str(tmp_path), "--results-root", str(tmp_path),
+              "--skip-missing-ood"])
+    assert "skipping OOD set FMNIST" in capsys.readouterr().out
+    rows = [json.loads(line) for line in (tmp_path / "ood" / "digits_adhoc_t.jsonl").read_text().splitlines()]
+    assert {row["ood"] for row in rows} == {"uniform"}, {row["ood"] for row in rows}

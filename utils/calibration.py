@@ -46,8 +46,3 @@ def collect_logits(model: nn.Module, loader: Iterable, device: torch.device | st
         labels.append(torch.as_tensor(y).cpu())
     return torch.cat(logits), torch.cat(labels)
 
-
-def fit_temperature_on_loader(model: nn.Module, val_loader: Iterable,
-                              device: torch.device | str | None = None) -> float:
-    """fit_temperature on a model's logits over a validation loader (DDU: the 10% held-out training split)."""
-    return fit_temperature(*collect_logits(model, val_loader, device))

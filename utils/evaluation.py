@@ -16,9 +16,8 @@ import data
 from model_paths import TableEntry
 from utils import methods, metrics
 from utils.cli import UserError
-from utils.detectors import get_detector_class
+from utils.detectors import fitted_detector, get_detector_class
 from utils.detectors.bayes import as_one_network  # the network itself, or an ensemble's averaged probabilities
-from utils.detectors.base import Detector
 from utils.runs import file_hash, git_sha, now, write_atomically
 from utils.store import KEYS, locked, read_rows, upsert_rows
 from utils.calibration import collect_logits, fit_temperature
@@ -36,12 +35,9 @@ def build_detector(entry: TableEntry, loaded: list, train_set: Dataset, tune_set
     every evaluation set of this call.
     """
     options = dict(entry.options)
-    cls = get_detector_class(entry.detector)
-    tune_ood = options.pop("tune_ood", args.tune_ood if cls.tunable else None)
+    tune_ood = options.pop("tune_ood", args.tune_ood if get_detector_class(entry.detector).tunable else None)
     criterion = options.pop("tune_criterion", args.tune_criterion)
-    detector = cls(loaded if entry.is_ensemble else loaded[0], **options)
-    if type(detector).fit is not Detector.fit:  # it has statistics of the training set to fit
-        detector.fit(DataLoader(train_set, batch_size=args.batch_size))
+    detector = fitted_detector(entry.detector, loaded, options, lambda: train_set, args.batch_size)
     recorded = dict(entry.options)
     if tune_ood and hasattr(detector, "tune"):
         name = data.set_name(tune_ood)  # sets are keyed by the name tables show (NAME of NAME=PATH)
@@ -74,7 +70,7 @@ def load_sets(args: Namespace, ood_sets: list[str]) -> dict[str, Dataset]:
             sets[data.set_name(name)] = data.get_dataset(name, "test", root=args.data_root, like=args.dataset, n=args.n_ood,
                                           seed=args.seed, download=args.download)
         except FileNotFoundError as error:
-            if not args.skip_missing:
+            if not args.skip_missing_ood:
                 raise
             print(f"skipping OOD set {name}: {error}")
     return sets
@@ -110,10 +106,16 @@ def adversarial_sets(model, sets: dict[str, Dataset], adv_sets: list[str], args:
     return made
 
 
+def run_train_split(config: dict, dataset: str, root: str | None) -> Dataset:
+    """The run's own training split of `dataset`, without the validation part its config held out."""
+    fraction, seed = float(config.get("val_fraction") or 0.0), int(config.get("seed", 0))
+    return data.get_dataset(dataset, "train", root=root, val_fraction=fraction, seed=seed)
+
+
 def run_splits(config: dict, args: Namespace) -> tuple[Dataset, Dataset | None]:
     """The run's own training split (without its held-out validation part) and that validation split."""
     fraction, seed = float(config.get("val_fraction") or 0.0), int(config.get("seed", 0))
-    train = data.get_dataset(args.dataset, "train", root=args.data_root, val_fraction=fraction, seed=seed)
+    train = run_train_split(config, args.dataset, args.data_root)
     val = data.get_dataset(args.dataset, "val", root=args.data_root, val_fraction=fraction, seed=seed) \
         if fraction > 0 else None
     return train, val

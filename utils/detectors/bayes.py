@@ -17,15 +17,41 @@ import torch.nn.functional as F
 from torch import nn
 
 from utils.detectors.base import Detector
-from utils.detectors.odin import check_choice
+from utils.detectors.common import check_choice
 
 ENTROPY_EPS = 1e-12  # DDU's constant inside every log (docs/methods.md#ensembles)
 SCORES = ("max_prob", "entropy", "mutual_info", "variance")
 _DROPOUT_TYPES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
 
 
-def _entropy(probs: torch.Tensor) -> torch.Tensor:
-    return -(probs * torch.log(probs + ENTROPY_EPS)).sum(dim=-1)
+def entropy(probs: torch.Tensor, eps: float = ENTROPY_EPS, bits: bool = False) -> torch.Tensor:
+    """-sum_k p_k log(p_k + eps) over the last axis, in nats, or in bits (log2) with `bits`; (..., K) -> (...)."""
+    log = torch.log2 if bits else torch.log
+    return -(probs * log(probs + eps)).sum(dim=-1)
+
+
+def mutual_information(probs: torch.Tensor, eps: float = ENTROPY_EPS, bits: bool = False,
+                       predictive_entropy: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """max(H(mean_s p_s) - mean_s H(p_s), 0) of (S, N, K) probabilities -> (N,) (Depeweg et al. 2018, eq. 7-8).
+
+    MI >= 0 since the entropy is concave, but the difference of two equal entropies can round to -2e-16 (identical
+    samples), hence the clamp. `predictive_entropy` is H(mean_s p_s) where the caller has it already (the toy
+    study's, clamped at 0)."""
+    if predictive_entropy is None:
+        predictive_entropy = entropy(probs.mean(dim=0), eps, bits)
+    return (predictive_entropy - entropy(probs, eps, bits).mean(dim=0)).clamp_min(0.0)
+
+
+def class_variance(probs: torch.Tensor, reduce: str = "sum") -> torch.Tensor:
+    """Population variance over the S samples of each class probability, summed (CCU's MCD score) or averaged
+    (`reduce="mean"`, Know your limits) over the K classes; (S, N, K) -> (N,)."""
+    variance = probs.var(dim=0, unbiased=False)
+    return variance.sum(dim=-1) if check_choice("reduction", reduce, ("sum", "mean")) == "sum" else variance.mean(dim=-1)
+
+
+def max_mean_prob(probs: torch.Tensor) -> torch.Tensor:
+    """max_k mean_s p_s(k) of (S, N, K) probabilities -> (N,)."""
+    return probs.mean(dim=0).amax(dim=-1)
 
 
 def predictive_confidence(probs: torch.Tensor, score: str) -> torch.Tensor:
@@ -34,22 +60,19 @@ def predictive_confidence(probs: torch.Tensor, score: str) -> torch.Tensor:
     With p_bar = mean_s p_s (computed in float64):
     * "max_prob": max_k p_bar_k (CCU's DE baseline, as a probability instead of its log);
     * "entropy": -PE, PE = -sum_k p_bar_k log(p_bar_k + 1e-12) (DDU's m2 for ensembles);
-    * "mutual_info": -MI, MI = max(PE - mean_s H(p_s), 0), each entropy with the +1e-12 (DDU's m1). MI >= 0
-      since the entropy is concave, but the float64 difference of two equal entropies can round to -2e-16
-      (identical members), hence the clamp;
+    * "mutual_info": -MI, MI = max(PE - mean_s H(p_s), 0), each entropy with the +1e-12 (DDU's m1);
     * "variance": -sum_k Var_s p_s(k), population variance over the S samples (CCU's MCD score,
       docs/methods.md#mc-dropout; CCU also multiplies by 1000 and places it at the argmax class, neither of which changes the ranking).
     """
     probs = probs.double()
-    mean = probs.mean(dim=0)
     if score == "max_prob":
-        return mean.amax(dim=1)
+        return max_mean_prob(probs)
     if score == "entropy":
-        return -_entropy(mean)
+        return -entropy(probs.mean(dim=0))
     if score == "mutual_info":
-        return -(_entropy(mean) - _entropy(probs).mean(dim=0)).clamp_min(0.0)
+        return -mutual_information(probs)
     if score == "variance":
-        return -probs.var(dim=0, unbiased=False).sum(dim=1)
+        return -class_variance(probs)
     raise ValueError(f"unknown score {score!r}; valid: {', '.join(SCORES)}")
 
 

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from utils.detectors.base import Detector
-from utils.detectors.odin import check_choice
+from utils.detectors.common import check_choice
 
 EDL_SCORES = ("max_prob", "uncertainty")
 

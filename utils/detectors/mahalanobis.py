@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from utils.detectors.base import Detector
-from utils.detectors.odin import (GRADIENTS, check_choice, input_gradient, model_device, perturb,
-                                  select_setting, step_direction, sweep_loader)
+from utils.detectors.common import (GRADIENTS, check_choice, input_gradient, model_device, perturb,
+                                    select_setting, step_direction, sweep_loader)
 
 # Lee et al.'s noise magnitudes, which CCU's single_maha.py also searches (docs/methods.md#mahalanobis).
 MAHALANOBIS_EPS_GRID: tuple[float, ...] = (0.0, 0.0005, 0.001, 0.0014, 0.002, 0.005, 0.01)

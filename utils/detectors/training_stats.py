@@ -13,14 +13,10 @@ import torch
 from torch import nn
 
 from utils.detectors.base import Detector, model_outputs
+from utils.detectors.common import model_device
 
 # (N_query x N_bank) similarity blocks of at most this many entries: memory stays ~256 MiB in float32
 KNN_BLOCK = 1 << 26
-
-
-def model_device(model: nn.Module) -> torch.device:
-    parameter = next(model.parameters(), None)
-    return torch.device("cpu") if parameter is None else parameter.device
 
 
 @torch.no_grad()

@@ -22,13 +22,13 @@ from typing import Iterable
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader
 
-from utils.detectors import get_detector_class
+from utils.detectors import fitted_detector
 from utils.detectors.base import Detector, model_outputs
 from utils.detectors.bayes import Ensemble, MCDropout, as_one_network, dropout_active, predictive_confidence
 from utils.detectors.mahalanobis import Mahalanobis
 from utils.detectors.odin import ODIN
+from utils.evaluation import run_train_split
 
 
 class EntryModel(nn.Module):
@@ -71,14 +71,6 @@ class EntryModel(nn.Module):
         return self._to_log(self.detector.confidence(x).detach().double()).float()
 
 
-def _fit_loader(dataset: str, data_root: str, config: dict, batch_size: int) -> DataLoader:
-    import data  # noqa: PLC0415
-
-    train = data.get_dataset(dataset, "train", root=data_root, val_fraction=float(config.get("val_fraction") or 0),
-                             seed=int(config.get("seed", 0)))
-    return DataLoader(train, batch_size=batch_size)
-
-
 def entry_model(dirs: Iterable[Path], detector: str, options: dict, dataset: str, data_root: str,
                 device: str, batch_size: int = 500) -> EntryModel:
     """Load an entry's run(s), build its detector (fitted on the run's training split where it needs to be)."""
@@ -86,9 +78,7 @@ def entry_model(dirs: Iterable[Path], detector: str, options: dict, dataset: str
 
     loaded = [methods.load_run(d, device=device) for d in dirs]
     options = {k: v for k, v in options.items() if k not in ("tune_ood", "tune_criterion")}
-    cls = get_detector_class(detector)
-    det = cls(loaded if cls.ensemble else loaded[0], **options)
-    if type(det).fit is not Detector.fit:
-        det.fit(_fit_loader(dataset, data_root, getattr(loaded[0], "run_config", {}), batch_size))
+    config = getattr(loaded[0], "run_config", {})
+    det = fitted_detector(detector, loaded, options, lambda: run_train_split(config, dataset, data_root), batch_size)
     network = as_one_network(loaded)
     return EntryModel(network, det).to(device).eval()

@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from utils.detectors import bayes
+
 MOONS_SEED = 123
 
 
@@ -55,18 +57,17 @@ def entropy(probs: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     """Predictive entropy in bits of the mean prediction: -sum_k pbar_k log2(pbar_k + eps); (S, N, K) -> (N,).
 
     Clamped at 0: with the eps a certain prediction would give -log2(1 + eps) < 0."""
-    mean = probs.mean(0)
-    return (-(mean * torch.log2(mean + eps)).sum(-1)).clamp_min(0.0) + 0.0  # + 0.0 turns -0.0 into 0.0
+    return bayes.entropy(probs.mean(0), eps, bits=True).clamp_min(0.0) + 0.0  # + 0.0 turns -0.0 into 0.0
 
 
 def max_prob(probs: torch.Tensor) -> torch.Tensor:
     """1 - max_k pbar_k (an uncertainty: 0 = certain); (S, N, K) -> (N,)."""
-    return 1.0 - probs.mean(0).amax(-1)
+    return 1.0 - bayes.max_mean_prob(probs)
 
 
 def class_variance(probs: torch.Tensor) -> torch.Tensor:
     """Mean over classes of the (population) variance across the S samples: mean_k Var_s[p_sk]; (S,N,K) -> (N,)."""
-    return probs.var(0, unbiased=False).mean(-1)
+    return bayes.class_variance(probs, reduce="mean")
 
 
 def mutual_information(probs: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -74,8 +75,7 @@ def mutual_information(probs: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
 
     Non-negative by concavity of the entropy (clamped at 0 against rounding) and 0 when all samples agree.
     """
-    member_entropy = -(probs * torch.log2(probs + eps)).sum(-1).mean(0)
-    return (entropy(probs, eps) - member_entropy).clamp_min(0.0)
+    return bayes.mutual_information(probs, eps, bits=True, predictive_entropy=entropy(probs, eps))
 
 
 def mutual_information_original(probs: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -84,19 +84,12 @@ def mutual_information_original(probs: torch.Tensor, eps: float = 1e-8) -> torch
     reproduce the published colour range; do not use as an uncertainty."""
     class_mean = probs.mean(-1)  # (S, N): 1/K for every sample
     sample_entropy = -(class_mean * torch.log2(class_mean + eps)).sum(0)
-    member_entropy = -(probs * torch.log2(probs + eps)).sum(-1).mean(0)
-    return sample_entropy - member_entropy
+    return sample_entropy - bayes.entropy(probs, eps, bits=True).mean(0)
 
 
 SCORES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "entropy": entropy, "max_prob": max_prob, "var": class_variance, "mutual_information": mutual_information,
 }
-
-
-def get_score(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    if name not in SCORES:
-        raise ValueError(f"unknown score {name!r}; valid: {', '.join(SCORES)}")
-    return SCORES[name]
 
 
 # ---------------------------------------------------------------------------------------------------- layers
