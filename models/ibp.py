@@ -12,17 +12,25 @@ box [l, u] = [clip(x - eps, 0, 1), clip(x + eps, 0, 1)]:
   which is never looser than u_k - l_l (bounding each logit), and gives the confidence bound
       log max_y p(y|z) <= max_k -log sum_l exp(-ud_kl)      (ud_kk = 0).
 
-Any other layer raises `UnsupportedLayerError`: a bound is never computed loosely or wrongly.
-`confidence_upper_bound` returns 1.0 for a model it cannot bound (the trivial bound). It evaluates in the
+The layers of a network are found in forward order (`layer_sequence`): an explicit list of layers, a model's
+`ibp_layers()`, an `nn.Sequential` (nested ones flattened), the adapters of the backbones below, and otherwise a
+torch.fx trace of any network whatever its class or attribute names, accepted when it is a chain (each operation
+takes the previous one's output; F.relu, flatten and x.view(x.size(0), -1) are mapped to their layers). Any
+other layer or operation raises `UnsupportedLayerError` naming the first one it cannot bound: a bound is never
+computed loosely or wrongly. `confidence_upper_bound` returns the trivial bound 1.0 for such a model only when
+the caller asks for it (`trivial_ok=True`, as the GAUC study does: "no certificate"). It evaluates in the
 `dtype` it is given: float64 by default here; the GAUC study passes its `--precision` (float32 by default, as
 GOOD's and ProoD's evaluations), so that the bound and the confidences it is compared with are rounded alike.
 Training-time bounds (GOOD, ProoD) run in the inputs' dtype (float32) and need not be certificates.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+import operator
+from contextlib import contextmanager
+from typing import Callable, Iterator, Optional, Sequence, Union
 
 import torch
+import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
