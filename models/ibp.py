@@ -25,16 +25,15 @@ Training-time bounds (GOOD, ProoD) run in the inputs' dtype (float32) and need n
 """
 from __future__ import annotations
 
-import operator
 from contextlib import contextmanager
 from typing import Callable, Iterator, Optional, Sequence, Union
 
 import torch
-import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
 from models.common import Normalize
+from models.layer_chain import NotAChainError, Reshape, chain_layers
 from models.good import NegativeLinear
 from models.lenet import LeNet
 from models.mlp import MLP
@@ -123,23 +122,47 @@ LAYER_BOUNDS: list[tuple[type, Callable]] = [
     (nn.Flatten, _monotone), (Normalize, _normalize), (nn.BatchNorm1d, _batch_norm), (nn.BatchNorm2d, _batch_norm),
     (nn.Identity, _monotone), (nn.Dropout, _dropout),
     (NegativeLinear, _linear),  # ProoD's discriminator head, W = -exp(V): an affine layer
+    (Reshape, _monotone),  # x.view / x.reshape in a traced chain: the same re-indexing of both bounds
 ]
+SUPPORTED = ", ".join(kind.__name__ for kind, _ in LAYER_BOUNDS)
 
 
-def layer_sequence(model: nn.Module) -> list[nn.Module]:
-    """The layers whose composition is `model.forward`, for models IBP can follow: an `nn.Sequential`, a model
-    with `ibp_layers()` (the GOOD CNNs), or one of the registered adapters (mlp, lenet) below."""
+Layers = Union[nn.Module, Sequence[nn.Module]]
+
+
+def _rule(module: nn.Module) -> Optional[Callable]:
+    """The bound function of a supported layer (exact type), None for any other module."""
+    return next((bound for kind, bound in LAYER_BOUNDS if type(module) is kind), None)
+
+
+def layer_sequence(model: Layers) -> list[nn.Module]:
+    """The layers whose composition is `model.forward`, in order, nested nn.Sequential flattened: an explicit
+    list of layers, a model with `ibp_layers()` (the GOOD CNNs), an `nn.Sequential`, one of the adapters (mlp,
+    lenet) below, or any other network whose torch.fx trace is a chain (`models.layer_chain`). A network that is
+    none of these raises UnsupportedLayerError naming the first operation that cannot be bounded."""
+    if isinstance(model, (list, tuple)):
+        return _flat(model)
     model = getattr(model, "module", model)  # DDP / DataParallel
     if hasattr(model, "ibp_layers"):
-        return list(model.ibp_layers())
+        return _flat(model.ibp_layers())
     if isinstance(model, nn.Sequential):
-        return list(model)
+        return _flat(model)
     adapter = _ADAPTERS.get(type(model))
-    if adapter is None:
-        raise UnsupportedLayerError(f"IBP cannot follow {type(model).__name__}: it needs an nn.Sequential, an "
-                                    "ibp_layers() method or an adapter (known: "
-                                    f"{', '.join(kind.__name__ for kind in _ADAPTERS)})")
-    return adapter(model)
+    if adapter is not None:
+        return _flat(adapter(model))
+    if _rule(model) is not None:
+        return [model]
+    try:
+        return _flat(chain_layers(model, lambda module: _rule(module) is not None))
+    except NotAChainError as error:
+        raise UnsupportedLayerError(f"IBP cannot follow {error}; supported layers: {SUPPORTED}") from error
+
+
+def _flat(layers) -> list[nn.Module]:
+    out = []
+    for layer in layers:
+        out += _flat(layer) if type(layer) is nn.Sequential else [layer]
+    return out
 
 
 # Adapters mirror the forward pass of existing backbones layer by layer; `confidence_upper_bound` checks at run
@@ -151,27 +174,28 @@ _ADAPTERS: dict[type, Callable[[nn.Module], list[nn.Module]]] = {
 
 
 def _bound_layer(module: nn.Module, lower: torch.Tensor, upper: torch.Tensor):
-    if isinstance(module, nn.Sequential):
-        return interval_bounds(module, lower, upper)
-    for kind, bound in LAYER_BOUNDS:
-        if type(module) is kind:
-            return bound(module, lower, upper)
-    raise UnsupportedLayerError(f"IBP does not support layer {type(module).__name__}; supported: "
-                                f"{', '.join(kind.__name__ for kind, _ in LAYER_BOUNDS)}")
+    bound = _rule(module)
+    if bound is not None:
+        return bound(module, lower, upper)
+    return _bound_sequence(layer_sequence(module), lower, upper)  # a network inside the network, or refused
 
 
-def interval_bounds(module: nn.Module, lower: torch.Tensor, upper: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Elementwise bounds of module(z) over every z with lower <= z <= upper (batched, any device).
-
-    `module` is a supported layer, an nn.Sequential of them, or a model `layer_sequence` can follow. The
-    computation runs in lower's dtype; parameters are cast to it.
-    """
-    if bool((lower > upper).any()):
-        raise ValueError("interval_bounds needs lower <= upper elementwise")
-    layers = [module] if any(type(module) is kind for kind, _ in LAYER_BOUNDS) else layer_sequence(module)
+def _bound_sequence(layers: list[nn.Module], lower: torch.Tensor, upper: torch.Tensor):
     for layer in layers:
         lower, upper = _bound_layer(layer, lower, upper)
     return lower, upper
+
+
+def interval_bounds(module: Layers, lower: torch.Tensor, upper: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Elementwise bounds of module(z) over every z with lower <= z <= upper (batched, any device).
+
+    `module` is a supported layer, a list of layers applied in order, or a network `layer_sequence` can follow
+    (any chain of supported layers). The computation runs in lower's dtype; parameters are cast to it. A layer or
+    operation that cannot be bounded raises UnsupportedLayerError naming it.
+    """
+    if bool((lower > upper).any()):
+        raise ValueError("interval_bounds needs lower <= upper elementwise")
+    return _bound_sequence(layer_sequence(module), lower, upper)
 
 
 def input_box(x: torch.Tensor, eps: float, dtype: Optional[torch.dtype] = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -182,15 +206,14 @@ def input_box(x: torch.Tensor, eps: float, dtype: Optional[torch.dtype] = None) 
     return (x - eps).clamp(0.0, 1.0), (x + eps).clamp(0.0, 1.0)
 
 
-def logit_difference_bounds(model: nn.Module, lower: torch.Tensor, upper: torch.Tensor) -> torch.Tensor:
+def logit_difference_bounds(model: Layers, lower: torch.Tensor, upper: torch.Tensor) -> torch.Tensor:
     """(N, K, K) ud with ud[n, k, l] >= f_k(z) - f_l(z) for every z in the box (ud[n, k, k] = 0): IBP up to
     the penultimate layer, then the last Linear layer elided into logit differences."""
     layers = layer_sequence(model)
     last = layers[-1]
     if type(last) is not nn.Linear:
         raise UnsupportedLayerError(f"the elision bound needs a Linear last layer, got {type(last).__name__}")
-    for layer in layers[:-1]:
-        lower, upper = _bound_layer(layer, lower, upper)
+    lower, upper = _bound_sequence(layers[:-1], lower, upper)
     centre, radius = _centre_radius(lower, upper)
     weight, bias = _layer_weight(last, lower.dtype)
     weight_diff = weight[:, None, :] - weight[None, :, :]                  # (K, K, H): W_k - W_l
@@ -206,13 +229,18 @@ def log_confidence_bound_from_differences(ud: torch.Tensor) -> torch.Tensor:
     return (-torch.logsumexp(-ud, dim=2)).amax(dim=1)
 
 
-def _check_sequence(model: nn.Module, x: torch.Tensor) -> None:
+def _apply_sequence(layers: list[nn.Module], x: torch.Tensor) -> torch.Tensor:
+    """x through the layers exactly as _bound_sequence walks them (networks inside expanded the same way)."""
+    for layer in layers:
+        x = layer(x) if _rule(layer) is not None else _apply_sequence(layer_sequence(layer), x)
+    return x
+
+
+def _check_sequence(model: Layers, x: torch.Tensor) -> None:
     """The layer sequence must reproduce the model's output, or the bound would be of another network."""
     with torch.no_grad():
-        out = x
-        for layer in layer_sequence(model):
-            out = layer(out)
-        expected = model(x)
+        out = _apply_sequence(layer_sequence(model), x)
+        expected = model(x) if isinstance(model, nn.Module) else out
     if out.shape != expected.shape or not torch.allclose(out, expected, rtol=1e-4, atol=1e-4):
         raise UnsupportedLayerError(f"the IBP layer sequence of {type(model).__name__} does not reproduce its "
                                     "forward pass; refusing to bound it")
@@ -225,18 +253,32 @@ def round_up_to(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.where(below, torch.nextafter(rounded, torch.full_like(rounded, float("inf"))), rounded)
 
 
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Run `model` in eval mode and restore each submodule's own training flag (not just the root's)."""
+    modes = [module.training for module in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, mode in zip(model.modules(), modes):
+            module.training = mode
+
+
 @torch.no_grad()
-def confidence_upper_bound(model: nn.Module, x: torch.Tensor, eps: float,
-                           dtype: torch.dtype = torch.float64) -> torch.Tensor:
+def confidence_upper_bound(model: Layers, x: torch.Tensor, eps: float, dtype: torch.dtype = torch.float64,
+                           trivial_ok: bool = False) -> torch.Tensor:
     """(N,) upper bound of max_y softmax(model(z))_y over the clipped eps-ball around each x, computed in `dtype`.
 
     IBP (with the elided last layer) runs in `dtype`: box, parameters and every operation. Models with their own
     certificate (`model.confidence_upper_bound(x, eps)`: ProoD, CCU) compute it in float64; it is rounded up to
-    `dtype`. A model IBP cannot follow gets the trivial bound 1.0. The model is bounded in eval mode (as it is
-    evaluated).
+    `dtype`. `model` may also be a list of layers applied in order. A model IBP cannot follow raises
+    UnsupportedLayerError naming the first layer or operation it cannot bound; with `trivial_ok=True` it gets
+    the trivial bound 1.0 instead (a caller that records it as "no certificate"). The model is bounded in eval
+    mode (as it is evaluated).
     """
-    from utils.attacks import eval_mode
-
+    if isinstance(model, (list, tuple)):
+        model = nn.Sequential(*model)
     core = getattr(model, "module", model)
     with eval_mode(core):
         if hasattr(core, "confidence_upper_bound"):
@@ -245,5 +287,7 @@ def confidence_upper_bound(model: nn.Module, x: torch.Tensor, eps: float,
             _check_sequence(core, x)
             ud = logit_difference_bounds(core, *input_box(x, eps, dtype))
         except UnsupportedLayerError:
+            if not trivial_ok:
+                raise
             return torch.ones(x.shape[0], dtype=dtype, device=x.device)
     return log_confidence_bound_from_differences(ud).exp().clamp(max=1.0)
