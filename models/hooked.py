@@ -10,7 +10,6 @@ network itself.
 """
 from __future__ import annotations
 
-import inspect
 from typing import Optional
 
 import torch
@@ -123,8 +122,10 @@ def with_features(network: nn.Module, layer: Optional[str] = None) -> nn.Module:
 
 
 def has_feature_contract(network: nn.Module) -> bool:
-    """forward_with_features(x), or features(x) and head(f) methods (a `features` submodule, as torchvision's
+    """forward_with_features(x), or features(x) and head(f) functions (a `features` submodule, as torchvision's
     VGG has, is not the contract: its output is not the penultimate vector)."""
-    if inspect.ismethod(getattr(network, "forward_with_features", None)):
-        return True
-    return all(inspect.ismethod(getattr(network, name, None)) for name in ("features", "head"))
+    def is_function(name: str) -> bool:
+        value = getattr(network, name, None)
+        return callable(value) and not isinstance(value, nn.Module)
+
+    return is_function("forward_with_features") or (is_function("features") and is_function("head"))
