@@ -235,3 +235,23 @@ def test_model_flags_without_model_and_model_with_runs_are_refused(trained, tmp_
             cli.run(evaluate.main, evaluate.get_args_parser(), [*FAST, "--dataset", "digits", *argv,
                                                                 "--results-root", str(tmp_path)])
         assert message in capsys.readouterr().err
+
+
+def test_a_features_submodule_is_not_the_contract():
+    """torchvision's VGG has `features` (a submodule giving conv maps) and no head: it gets features by hook."""
+
+    class VGGLike(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.features = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.Flatten())
+            self.classifier = nn.Sequential(nn.Linear(128, 16), nn.ReLU(), nn.Linear(16, 10))
+
+        def forward(self, x):
+            return self.classifier(self.features(x))
+
+    net = VGGLike().eval()
+    x = torch.rand(4, 1, 8, 8)
+    detector = DETECTORS["vim"](net)
+    with torch.no_grad():
+        assert torch.equal(detector.model.features(x), net.classifier[1](net.classifier[0](net.features(x))))
+        assert torch.equal(detector.model.head(detector.model.features(x)), net(x))
