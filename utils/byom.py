@@ -84,7 +84,8 @@ def build_network(spec: str) -> nn.Module:
     path = Path(file)
     if not path.is_file() or path.suffix != ".py":
         raise UserError(f"--model: {path} is not a Python file (.py); give FILE.py:CALLABLE")
-    module_spec = importlib.util.spec_from_file_location(f"byom_{hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:8]}", path)
+    unique = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:8]  # two files of one name stay apart
+    module_spec = importlib.util.spec_from_file_location(f"byom_{unique}", path)
     module = importlib.util.module_from_spec(module_spec)
     try:
         module_spec.loader.exec_module(module)
