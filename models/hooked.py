@@ -94,10 +94,11 @@ class HookedFeatures(nn.Module):
         if self._head_matches is None:
             raise RuntimeError("the head of a hooked network is known after one forward pass: call features(x)")
         if not self._head_matches:
-            raise ValueError(f"the output of {type(self.network).__name__} is not its last nn.Linear applied to "
-                             f"the features of {self.features_layer or 'the input of ' + str(self.last_linear_name)!r}"
-                             ": this detector needs the last layer's weight and bias; use a logit or feature-only "
-                             "detector, or the default features layer")
+            source = (f"the output of {self.features_layer!r}" if self.features_layer is not None
+                      else f"the input of {self.last_linear_name!r}")
+            raise ValueError(f"the output of {type(self.network).__name__} is not its last nn.Linear "
+                             f"({self.last_linear_name!r}) applied to its features ({source}): this detector needs "
+                             "the last layer's weight and bias; use a logit or feature-only detector")
         return dict(self.network.named_modules())[self.last_linear_name](features)
 
     def ibp_layers(self) -> list[nn.Module]:

@@ -150,7 +150,8 @@ def test_a_named_features_layer_and_an_unknown_one(trained):
 
     hooked = with_features(net, "hidden_a")
     assert torch.equal(hooked.features(x[:4]), net.hidden_a(x[:4].flatten(1)))
-    with pytest.raises(ValueError, match="not its last nn.Linear applied to the features of .hidden_a."):
+    with pytest.raises(ValueError, match=r"not its last nn.Linear \('classifier'\) applied to its features \(the "
+                                         r"output of 'hidden_a'\)"):
         hooked.head(hooked.features(x[:4]))
     with pytest.raises(ValueError, match="'nope' is not a module of DigitsNet; valid: hidden_a, hidden_b"):
         with_features(net, "nope")
