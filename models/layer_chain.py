@@ -66,6 +66,8 @@ def chain_layers(model: nn.Module, is_leaf: Callable[[nn.Module], bool]) -> list
             (batch_nodes if _is_batch(node, shape_nodes) else shape_nodes).add(node)
         else:
             layer = _as_layer(node, modules, current, batch_nodes)
+            if node.op == "call_module" and not is_leaf(modules[node.target]):
+                layer = None  # a torch.nn layer the tracer keeps whole but that has no bound
             if layer is None:
                 raise NotAChainError(f"{name}: cannot bound {describe(node, modules)}")
             layers.append(layer)

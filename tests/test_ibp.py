@@ -215,6 +215,13 @@ def test_an_operation_ibp_cannot_bound_is_named():
 
     with pytest.raises(UnsupportedLayerError, match=r"Gated: cannot bound function tanh \(in forward itself\)"):
         confidence_upper_bound(Gated().eval(), torch.rand(2, 1, 8, 8), 0.01)
+    class Squashed(_OwnNames):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stack.append(nn.Sigmoid())
+
+    with pytest.raises(UnsupportedLayerError, match=r"Squashed: cannot bound module 'stack.1' \(Sigmoid\)"):
+        layer_sequence(Squashed())
     inner = nn.Sequential(nn.Linear(4, 4), nn.Sequential(nn.ReLU(), nn.Sigmoid()))
     with pytest.raises(UnsupportedLayerError, match="Sigmoid"):
         interval_bounds(inner, torch.zeros(1, 4), torch.ones(1, 4))
