@@ -3,6 +3,11 @@
     python evaluate.py --dataset digits                 # the runs of model_paths.MODEL_PATHS["digits"]
     python evaluate.py --dataset MNIST --runs runs/MNIST/plain-s0 --detectors msp,energy
     python evaluate.py --dataset digits --table         # results/tables/digits_ood.md from rows alone
+    python evaluate.py --dataset digits --model net.py:build --weights net.pt --detectors msp,mahalanobis
+
+`--model FILE.py:CALLABLE --weights W.pt` scores a network trained elsewhere (docs/byom.md): its rows go to an
+ad-hoc table as those of --runs, labelled "<--name>:<detector>" and keyed by the hash of its weights. From
+Python, `evaluate.evaluate_model(net, "digits", detectors=["msp"])` returns the same rows.
 
 Every (model, detector, OOD set) gives one long-format row in results/ood/<DATASET>.jsonl with every metric of
 utils/metrics.py; per-sample confidences are cached in results/scores/<DATASET>/ (keyed by the checkpoint's
@@ -24,12 +29,14 @@ import hashlib
 import re
 from argparse import Namespace
 from pathlib import Path
+from typing import Optional, Sequence
 
 import torch
+from torch import nn
 
 import data
 from model_paths import TableEntry, table_entries
-from utils import cli, evaluation, preflight, tables
+from utils import byom, cli, evaluation, preflight, tables
 from utils.cli import AT_LEAST_ONE, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE
 from utils.amp import AMP_DTYPES, check_amp, default_amp, set_attack_amp
 from utils.attacks import NORMS, PGD_DEFAULTS
@@ -105,6 +112,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--download", action=argparse.BooleanOptionalAction, default=False)
     p.add_argument("--results-root", default="results")
     add_progress_flag(p)
+    byom.add_model_args(p)
     t = p.add_argument_group("tables (--table reads result rows only; no model is loaded)")
     t.add_argument("--table", action=argparse.BooleanOptionalAction, default=False)
     t.add_argument("--layout", default="ccu", choices=sorted(tables.LAYOUTS))
@@ -161,11 +169,12 @@ def ood_set_keys(args: Namespace, adv_sets: list[str]) -> list[str]:
 
 
 def rows_name(args: Namespace) -> str:
-    """<DATASET> for the paper table; <DATASET>_adhoc_<NAME> for --runs (or --table --table-name NAME)."""
-    if not args.runs and not args.table_name:
+    """<DATASET> for the paper table; <DATASET>_adhoc_<NAME> for --runs or --model (or --table --table-name
+    NAME); NAME defaults to a hash of the run folders, or of the network's name."""
+    if not args.runs and not args.table_name and not getattr(args, "model", None):
         return args.dataset
-    name = args.table_name or hashlib.sha256("\n".join(sorted(distinct_runs(args.runs)))
-                                            .encode()).hexdigest()[:8]
+    scored = "\n".join(sorted(distinct_runs(args.runs))) if args.runs else f"model\n{external_name(args)}"
+    name = args.table_name or hashlib.sha256(scored.encode()).hexdigest()[:8]
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
         raise ValueError(f"--table-name {name!r}: use letters, digits, '_', '-' and '.' only")
     return f"{args.dataset}_adhoc_{name}"
@@ -190,9 +199,73 @@ def checked_entries(args: Namespace) -> list[TableEntry]:
     return entries
 
 
+def external_name(args: Namespace) -> str:
+    return args.name or byom.model_name(args.model)
+
+
+def external_entries(args: Namespace, name: str) -> list[TableEntry]:
+    """One entry per detector (default msp) of a network from elsewhere, labelled "<name>:<detector>"."""
+    detectors = [d for d in (args.detectors or "msp").split(",") if d]
+    for det in detectors:
+        if det not in DETECTORS:
+            raise ValueError(f"unknown detector {det!r}; valid: {', '.join(sorted(DETECTORS))}")
+    return [TableEntry(label=f"{name}:{det}", runs=(name,), detector=det) for det in detectors]
+
+
+def prepare_scoring(args: Namespace) -> tuple[list[str], list[str]]:
+    """Resolve roots and precision, check the attack-made and OOD sets: (OOD sets, attack-made sets)."""
+    args.data_root_given, args.data_root = args.data_root, resolve_data_root(args.data_root)
+    args.amp = args.amp or default_amp(args.device)
+    check_amp(args.amp, args.device)
+    set_attack_amp(args.amp)
+    adv_sets = [name for name in args.adv_sets.split(",") if name]
+    evaluation.check_adv_sets(adv_sets)
+    return ood_set_keys(args, adv_sets), adv_sets
+
+
+def score_external(external: byom.ExternalNetwork, args: Namespace, ood_sets: list[str],
+                   adv_sets: list[str]) -> list[dict]:
+    """The rows of a network from elsewhere, written to its ad-hoc table (CLI and evaluate_model alike)."""
+    entries = external_entries(args, external.name)
+    return evaluation.evaluate_network(external.network, external.name, external.checkpoint, entries, args,
+                                       ood_sets, adv_sets)
+
+
+def evaluate_model(model: nn.Module, dataset: str, ood: Optional[Sequence[str]] = None,
+                   detectors: Sequence[str] = ("msp",), adv_sets: Sequence[str] = (), name: str = "model",
+                   features_layer: Optional[str] = None, normalize: Optional[str] = None, **flags) -> list[dict]:
+    """Score `model` (any nn.Module mapping [0, 1] pixels of `dataset` to logits) as
+    `evaluate.py --model ... --name NAME` does, and return the same rows (also written to the results store).
+
+    ood: OOD set keys or NAME=PATH (default data.OOD_TEST[dataset]); detectors: keys of
+    utils.detectors.DETECTORS; adv_sets: attack-made sets (adv_noise, adv_samples); features_layer: the module
+    of named_modules() whose output are the features (default the input of the last nn.Linear); normalize: a key
+    of model_params.NORMALIZATIONS put in front. Any other flag of evaluate.py by its name, e.g.
+    `results_root="results"`, `n_ood=1000`, `device="cpu"`, `tune_ood="uniform"`.
+    """
+    args = get_args_parser().parse_args(["--dataset", dataset])
+    unknown = sorted(set(flags) - set(vars(args)))
+    if unknown:
+        raise TypeError(f"evaluate_model: unknown flag(s) {unknown}; valid: {', '.join(sorted(vars(args)))}")
+    vars(args).update(flags, ood=None if ood is None else list(ood), detectors=",".join(detectors),
+                      adv_sets=",".join(adv_sets), name=name, model=f"<python>:{name}", print_table=False)
+    check_numbers(args)
+    check_results_root(args.results_root)
+    data.dataset_info(dataset)
+    args.rows_name = rows_name(args)
+    ood_sets, adv = prepare_scoring(args)
+    network = byom.prepare_network(model.to(args.device), features_layer, normalize)
+    byom.check_output_width(network, dataset, args.device, f"evaluate_model({name!r})")
+    external = byom.ExternalNetwork(name, network, byom.weights_hash(network))
+    return score_external(external, args, ood_sets, adv)
+
+
 def main(args: Namespace) -> None:
     check_numbers(args)  # before any model or set is loaded
     check_results_root(args.results_root)
+    byom.check_model_flags(args)
+    if args.model and args.runs:
+        raise cli.UserError("--model and --runs: score a network from elsewhere and run folders in two calls")
     if args.dataset is None:
         args.dataset = preflight.runs_dataset(args.runs) if args.runs else "digits"
     data.dataset_info(args.dataset)  # unknown names fail before anything runs
@@ -204,15 +277,15 @@ def main(args: Namespace) -> None:
         if args.print_table:
             print(text)
         return
-    args.data_root_given, args.data_root = args.data_root, resolve_data_root(args.data_root)
-    args.amp = args.amp or default_amp(args.device)
-    check_amp(args.amp, args.device)
-    set_attack_amp(args.amp)
-    adv_sets = [name for name in args.adv_sets.split(",") if name]
-    evaluation.check_adv_sets(adv_sets)
-    ood_sets = ood_set_keys(args, adv_sets)
-    entries = checked_entries(args)
-    rows = evaluation.evaluate_entries(entries, args, ood_sets, adv_sets)
+    ood_sets, adv_sets = prepare_scoring(args)
+    if args.model:
+        external_entries(args, external_name(args))  # unknown detectors fail before the network is loaded
+        external = byom.load_external(args, args.dataset, args.device)
+        entries = external_entries(args, external.name)
+        rows = score_external(external, args, ood_sets, adv_sets)
+    else:
+        entries = checked_entries(args)
+        rows = evaluation.evaluate_entries(entries, args, ood_sets, adv_sets)
     print(f"wrote {len(rows)} rows to {evaluation.rows_path(args)}")
     labels = _labels(args) or list(dict.fromkeys(entry.label for entry in entries))
     text = tables.write_tables(args.dataset, args.results_root, args.layout, args.metrics.split(","), labels,

@@ -1,6 +1,6 @@
 """The plain CNNs of GOOD (Bitterwolf, Meinke, Hein, NeurIPS 2020, arXiv 2007.08473) and ProoD's discriminator
 (Meinke, Bitterwolf, Hein, NeurIPS 2022, arXiv 2106.04260): 3x3 'same' convolutions, ReLU, no batch norm, so
-interval bound propagation (`utils/ibp.py`) stays tight.
+interval bound propagation (`models/ibp.py`) stays tight.
 
     S  (ProoD's discriminator): C128 -> C256 s2 -> C256 -> AvgPool2 -> FC128 -> FC K
     L  (GOOD, MNIST):           C64 -> C64 -> C128 s2 -> C128 -> C128 -> FC512 -> FC K
@@ -102,7 +102,7 @@ class GoodCNN(Backbone):
         return self.fc(features)
 
     def ibp_layers(self) -> list[nn.Module]:
-        """The layers whose composition is forward (for `utils.ibp`)."""
+        """The layers whose composition is forward (for `models.ibp`)."""
         return [self.normalize, *self.body, self.fc]
 
 

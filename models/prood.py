@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.ibp import input_box, interval_bounds
+
 
 class ProodModel(nn.Module):
     """ProoD around a classifier (any architecture) and a discriminator with one output (a GOOD CNN)."""
@@ -67,9 +69,7 @@ class ProodModel(nn.Module):
 
     @torch.no_grad()
     def confidence_upper_bound(self, x: torch.Tensor, eps: float) -> torch.Tensor:
-        """(N,) float64: sigmoid(u_d) + (1 - sigmoid(u_d)) / K, u_d bounded by IBP in float64 (utils/ibp.py)."""
-        from utils.ibp import input_box, interval_bounds
-
+        """(N,) float64: sigmoid(u_d) + (1 - sigmoid(u_d)) / K, u_d bounded by IBP in float64 (models/ibp.py)."""
         _, upper = interval_bounds(self.discriminator, *input_box(x, eps, torch.float64))
         gate = torch.sigmoid(upper.squeeze(1) + self.bias_shift.double())
         return gate + (1.0 - gate) / self.num_classes

@@ -371,6 +371,21 @@ def test_attack_study_end_to_end(tmp_path, monkeypatch):
             if line]
     assert sorted(r["seeds"] for r in rows) == ["mine", "mine", "uniform", "uniform"]
     assert all(r["n_seeds"] == 6 for r in rows if r["seeds"] == "mine")
+    # a network from elsewhere (--model): attacked inside CCU's balls beside CCU, keyed by its weights' hash
+    from tests.conftest import ROOT
+    from tests.test_byom import build_net
+    from utils.byom import prepare_network, weights_hash
+
+    net = build_net()
+    torch.save(net.state_dict(), tmp_path / "net.pt")
+    gen_attack_stats.main(["--study", "ccu", "--ccu-run", str(tmp_path / "runs" / "ccu"), "--model",
+                           f"{ROOT / 'tests' / 'test_byom.py'}:build_net", "--weights", str(tmp_path / "net.pt"),
+                           "--name", "mine", "--n-seeds", "6", "--restarts", "1", "--steps", "2", "--n-test", "100",
+                           "--results-root", str(tmp_path / "byom"), "--device", "cpu"])
+    rows = [__import__("json").loads(line) for line in (tmp_path / "byom" / "attacks" / "digits.jsonl").read_text()
+            .splitlines()]
+    assert [r["label"] for r in rows] == ["CCU", "mine"]
+    assert rows[1]["checkpoints"] == [weights_hash(prepare_network(net))] and 0 <= rows[1]["te"] <= 100
 
 
 def test_attack_table_has_no_mmc_for_scores_that_are_not_probabilities():

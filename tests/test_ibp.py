@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from models import MODELS
@@ -148,7 +149,7 @@ def test_confidence_upper_bound_holds_under_attack_for_registry_models(arch, sha
     assert (confidence_upper_bound(model, x, 0.0) - model(x).softmax(1).amax(1).double()).abs().max() < 1e-5
 
 
-def test_unsupported_layers_are_refused_and_the_model_gets_the_trivial_bound():
+def test_unsupported_layers_are_refused_and_the_model_gets_the_trivial_bound_only_when_asked():
     with pytest.raises(UnsupportedLayerError, match="Tanh"):
         interval_bounds(nn.Sequential(nn.Linear(3, 3), nn.Tanh()), torch.zeros(1, 3), torch.ones(1, 3))
     with pytest.raises(UnsupportedLayerError, match="eval mode"):
@@ -156,9 +157,11 @@ def test_unsupported_layers_are_refused_and_the_model_gets_the_trivial_bound():
     with pytest.raises(UnsupportedLayerError, match="not monotone"):
         interval_bounds(nn.LeakyReLU(-0.5), torch.zeros(1, 3), torch.ones(1, 3))
     resnet = MODELS["resnet_small"](num_classes=3, in_channels=3, input_size=8, units=1, widths=(4, 8, 16)).eval()
-    with pytest.raises(UnsupportedLayerError, match="ResNetSmall"):
+    with pytest.raises(UnsupportedLayerError, match="ResNetSmall: cannot bound function add in module 'stages.0.0'"):
         layer_sequence(resnet)
-    bound = confidence_upper_bound(resnet, torch.rand(5, 3, 8, 8), 0.01)
+    with pytest.raises(UnsupportedLayerError, match="ResNetSmall"):  # no silent 1.0 a user reads as certified
+        confidence_upper_bound(resnet, torch.rand(5, 3, 8, 8), 0.01)
+    bound = confidence_upper_bound(resnet, torch.rand(5, 3, 8, 8), 0.01, trivial_ok=True)
     assert torch.equal(bound, torch.ones(5, dtype=torch.float64))
     with pytest.raises(ValueError, match="lower <= upper"):
         interval_bounds(nn.ReLU(), torch.ones(1, 2), torch.zeros(1, 2))
@@ -170,4 +173,55 @@ def test_a_drifted_layer_sequence_is_refused_not_bounded(monkeypatch):
     assert (confidence_upper_bound(model, x, 0.01) < 1).all()
     # a sequence that skips the ReLU: same shapes, another function
     monkeypatch.setattr(model, "ibp_layers", lambda: [nn.Flatten(), model.body[0], model.fc], raising=False)
-    assert torch.equal(confidence_upper_bound(model, x, 0.01), torch.ones(4, dtype=torch.float64))
+    with pytest.raises(UnsupportedLayerError, match="does not reproduce its forward pass"):
+        confidence_upper_bound(model, x, 0.01)
+    assert torch.equal(confidence_upper_bound(model, x, 0.01, trivial_ok=True), torch.ones(4, dtype=torch.float64))
+
+
+class _OwnNames(nn.Module):
+    """A ReLU chain of its own class and attribute names, with functional relu and a view (not models/)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv_a = nn.Conv2d(1, 3, 3, padding=1)
+        self.stack = nn.Sequential(nn.Sequential(nn.Linear(3 * 8 * 8, 16), nn.ReLU()))
+        self.out = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.conv_a(x))
+        return self.out(self.stack(x.view(x.size(0), -1)))
+
+
+def test_any_relu_chain_is_followed_whatever_its_names_and_a_list_of_layers_gives_the_same_bound():
+    torch.manual_seed(0)
+    model = _OwnNames().eval()
+    x = torch.rand(6, 1, 8, 8)
+    layers = [model.conv_a, nn.ReLU(), nn.Flatten(), model.stack[0][0], nn.ReLU(), model.out]
+    assert [type(layer).__name__ for layer in layer_sequence(model)] == ["Conv2d", "ReLU", "Reshape", "Linear",
+                                                                         "ReLU", "Linear"]
+    bound = confidence_upper_bound(model, x, 0.02)
+    assert (bound < 1).all() and torch.equal(bound, confidence_upper_bound(layers, x, 0.02))
+    _, log_conf = pgd_maximize(model, x, lambda o: o.log_softmax(1).amax(1), 0.02, steps=40, step_size=0.005)
+    assert (log_conf.double().exp() <= bound + 1e-6).all()
+    lower, upper = interval_bounds(model, *input_box(x, 0.0))
+    assert torch.allclose(lower.float(), model(x), atol=1e-5) and torch.allclose(upper.float(), model(x), atol=1e-5)
+
+
+def test_an_operation_ibp_cannot_bound_is_named():
+    class Gated(_OwnNames):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.stack(torch.flatten(F.relu(self.conv_a(x)), 1))
+            return self.out(torch.tanh(h))
+
+    with pytest.raises(UnsupportedLayerError, match=r"Gated: cannot bound function tanh \(in forward itself\)"):
+        confidence_upper_bound(Gated().eval(), torch.rand(2, 1, 8, 8), 0.01)
+    class Squashed(_OwnNames):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stack.append(nn.Sigmoid())
+
+    with pytest.raises(UnsupportedLayerError, match=r"Squashed: cannot bound module 'stack.1' \(Sigmoid\)"):
+        layer_sequence(Squashed())
+    inner = nn.Sequential(nn.Linear(4, 4), nn.Sequential(nn.ReLU(), nn.Sigmoid()))
+    with pytest.raises(UnsupportedLayerError, match="Sigmoid"):
+        interval_bounds(inner, torch.zeros(1, 4), torch.ones(1, 4))

@@ -30,14 +30,6 @@ FLOORS: Tuple[Tuple[str, Tuple[str, ...]], ...] = (
 FLOOR_ORDER = ("ground", "registries", "utils core", "methods and detectors", "evaluation pipeline",
                "studies and plots", "scripts")
 
-# Known upward imports being removed on another branch. Each entry names who removes it; the lead deletes the
-# entry at that merge, and the test then holds the line without exceptions.
-ALLOWED_UPWARD = {
-    # issue 21, branch p21: the interval-bound core moves down to models/, and models/prood.py imports it there.
-    ("models.prood", "utils.ibp"),
-}
-
-
 def module_files() -> Dict[str, Path]:
     """Every project module (dotted name -> file): the packages, the top-level scripts, scripts/, benchmarks/."""
     files: Dict[str, Path] = {}
@@ -117,7 +109,7 @@ def upward_imports(graph: Dict[str, Dict[str, int]]) -> List[str]:
     for module, edges in graph.items():
         level = FLOOR_ORDER.index(floor_of(module))
         for target, line in edges.items():
-            if (module, target) not in ALLOWED_UPWARD and FLOOR_ORDER.index(floor_of(target)) > level:
+            if FLOOR_ORDER.index(floor_of(target)) > level:
                 found.append(f"{module}:{line} -> {target}")
     return sorted(found)
 
@@ -172,13 +164,6 @@ def test_no_upward_imports():
 def test_no_import_cycles():
     found = cycles(import_graph(module_files()))
     assert found == [], f"{len(found)} import cycles:\n" + "\n".join(" <-> ".join(c) for c in found)
-
-
-def test_allow_list_entries_still_exist():
-    """A stale exception hides nothing but invites new ones: each allowed import must still be in the code."""
-    graph = import_graph(module_files())
-    stale = [pair for pair in ALLOWED_UPWARD if pair[1] not in graph.get(pair[0], {})]
-    assert stale == []
 
 
 def test_the_analysis_sees_imports_inside_functions_and_relative_ones(tmp_path):

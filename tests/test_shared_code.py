@@ -13,6 +13,8 @@ import torch
 
 import models
 from model_paths import TableEntry
+from utils import methods
+from utils.checkpoints import save_checkpoint
 from utils.detectors import bayes, fitted_detector
 from utils.detectors.base import Detector
 from utils.studies import toy
@@ -88,7 +90,7 @@ def _run(tmp_path: Path, name: str, seed: int) -> Path:
               "arch_kwargs": {"widths": [16]}, "seed": seed}
     torch.manual_seed(seed)
     folder = tmp_path / "digits" / name
-    models.save_checkpoint(folder / "model.pt", {"model": models.build_model(config).state_dict(), "config": config,
+    save_checkpoint(folder / "model.pt", {"model": models.build_model(config).state_dict(), "config": config,
                                                 "epoch": 0})
     return folder
 
@@ -99,7 +101,7 @@ def test_one_builder_gives_evaluation_and_the_ccu_study_the_same_detector(tmp_pa
     from utils.studies.ccu_targets import entry_model
 
     run = _run(tmp_path, "plain-s0", 0)
-    loaded = [models.load_run(run)]
+    loaded = [methods.load_run(run)]
     train = run_train_split(loaded[0].run_config, "digits", None)
     assert len(train) == len(data.get_dataset("digits", "train"))    # no validation part held out by this run
     counting = _Counting(train)
@@ -117,6 +119,6 @@ def test_one_builder_gives_evaluation_and_the_ccu_study_the_same_detector(tmp_pa
     torch.testing.assert_close(evaluated.confidence(x), expected)
     torch.testing.assert_close(column.detector.confidence(x), expected)
 
-    members = loaded + [models.load_run(_run(tmp_path, "plain-s1", 1))]
+    members = loaded + [methods.load_run(_run(tmp_path, "plain-s1", 1))]
     ensemble = fitted_detector("ensemble", members, {}, counting, 100)
     assert ensemble.models == members and counting.calls == 1

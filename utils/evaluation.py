@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 import data
@@ -239,9 +240,19 @@ def evaluate_group(runs: tuple, group_entries: list[TableEntry], sets: dict, tun
     # this process: a re-run, or reproduce.py after training in the same process, scores the same numbers
     torch.manual_seed(args.seed)
     loaded = [methods.load_run(run, device=device) for run in runs]
+    checkpoint = "+".join(file_hash(Path(run) / "model.pt") for run in runs)
+    run_name = "+".join(Path(run).name for run in runs)
+    return score_networks(loaded, run_name, checkpoint, group_entries, sets, tune_sets, adv_sets, args,
+                          desc=Path(runs[0]).name)
+
+
+def score_networks(loaded: list, run_name: str, checkpoint: str, group_entries: list[TableEntry], sets: dict,
+                   tune_sets: dict, adv_sets: list[str], args: Namespace, desc: str | None = None) -> list[dict]:
+    """Build every detector of the entries on the loaded network(s), score every set once, return the rows
+    (run folders and networks from elsewhere alike; `checkpoint` keys the rows)."""
+    device = torch.device(args.device)
     config = getattr(loaded[0], "run_config", {})
     train_set, val_set = run_splits(config, args)
-    checkpoint = "+".join(file_hash(Path(run) / "model.pt") for run in runs)
     built = {f"{e.label}|{e.detector}": build_detector(e, loaded, train_set, tune_sets, args) for e in group_entries}
     detectors = {key: detector for key, (detector, _) in built.items()}
     model = None if len(loaded) > 1 else loaded[0]
@@ -254,9 +265,8 @@ def evaluate_group(runs: tuple, group_entries: list[TableEntry], sets: dict, tun
     all_sets = {**sets, **adversarial_sets(as_one_network(loaded), sets, adv_sets, args)}
     scores = {name: score_dataset(model, detectors, dataset, args.batch_size, device, progress=args.progress,
                                   amp=getattr(args, "amp", "off") if getattr(args, "amp_scores", False) else "off",
-                                  desc=f"{Path(runs[0]).name} {name}", temperatures=temperatures)
+                                  desc=f"{desc or run_name} {name}", temperatures=temperatures)
               for name, dataset in all_sets.items()}
-    run_name = "+".join(Path(run).name for run in runs)
     rows = []
     for entry in group_entries:
         key = f"{entry.label}|{entry.detector}"
@@ -276,14 +286,7 @@ def evaluate_entries(entries: list[TableEntry], args: Namespace, ood_sets: list[
     are written to the store (utils.store, key KEYS["ood"]) as soon as it is scored, so a kill loses at most the
     group in progress; then the DDU JSON summaries (results/ddu/<DATASET>_<label>.json: mean, standard error
     and values over seeds). An error while scoring names the run folder(s) it came from."""
-    wanted = [args.tune_ood] + [e.options.get("tune_ood") for e in entries]
-    shown = {data.set_name(name) for name in ood_sets}
-    ood_sets = ood_sets + [name for name in dict.fromkeys(wanted) if name and data.set_name(name) not in shown]
-    sets = load_sets(args, ood_sets)
-    tuning = any(get_detector_class(e.detector).tunable and (args.tune_ood or "tune_ood" in e.options)
-                 for e in entries)
-    sets, tune_sets = split_for_tuning(sets, args.tune_n) if tuning else (sets, {})
-    args.tuning = tuning
+    sets, tune_sets = entry_sets(entries, args, ood_sets)
     rows = []
     for runs, group_entries in group_by_runs(entries, args).items():
         try:
@@ -292,6 +295,30 @@ def evaluate_entries(entries: list[TableEntry], args: Namespace, ood_sets: list[
             raise naming_run(error, runs) from error
         upsert_rows(rows_path(args), group_rows, KEYS["ood"])
         rows += group_rows
+    write_ddu_summaries(rows_path(args), {row["label"] for row in rows}, Path(args.results_root) / "ddu")
+    return rows
+
+
+def entry_sets(entries: list[TableEntry], args: Namespace, ood_sets: list[str]) -> tuple[dict, dict]:
+    """(evaluation sets, tuning sets): the test set, the OOD sets and the entries' tuning sets, split for
+    tuning when a tunable detector is tuned (args.tuning records it)."""
+    wanted = [args.tune_ood] + [e.options.get("tune_ood") for e in entries]
+    shown = {data.set_name(name) for name in ood_sets}
+    ood_sets = ood_sets + [name for name in dict.fromkeys(wanted) if name and data.set_name(name) not in shown]
+    sets = load_sets(args, ood_sets)
+    tuning = any(get_detector_class(e.detector).tunable and (args.tune_ood or "tune_ood" in e.options) for e in entries)
+    args.tuning = tuning
+    return split_for_tuning(sets, args.tune_n) if tuning else (sets, {})
+
+
+def evaluate_network(network: nn.Module, name: str, checkpoint: str, entries: list[TableEntry], args: Namespace,
+                     ood_sets: list[str], adv_sets: list[str]) -> list[dict]:
+    """Rows of one network from elsewhere (utils.byom): as a run's, with `name` as its run and no run config
+    (the whole training split fits the detectors, no validation temperature); written to the store."""
+    sets, tune_sets = entry_sets(entries, args, ood_sets)
+    torch.manual_seed(args.seed)  # after the network is built: the CLI and Python score the same draws
+    rows = score_networks([network], name, checkpoint, entries, sets, tune_sets, adv_sets, args)
+    upsert_rows(rows_path(args), rows, KEYS["ood"])
     write_ddu_summaries(rows_path(args), {row["label"] for row in rows}, Path(args.results_root) / "ddu")
     return rows
 

@@ -6,17 +6,25 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from models.hooked import with_features
+
 
 def model_outputs(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(penultimate features, logits of the model's own output) of one forward pass.
 
-    A model whose output is not head(features) (CCU: the GMMs enter the output) provides
-    `forward_with_features(x)`; every other model composes its features and head.
+    A model whose output is not head(features) (CCU: the GMMs enter the output, or a network given features by
+    a forward hook, `models.hooked`) provides `forward_with_features(x)`; every other model composes its
+    features and head.
     """
     if hasattr(model, "forward_with_features"):
         return model.forward_with_features(x)
     features = model.features(x)
     return features, model.head(features)
+
+
+def num_classes_of(model: nn.Module, features: torch.Tensor) -> int:
+    """The output width: a hooked network's (known after a pass, whatever its features layer), else head's."""
+    return getattr(model, "num_outputs", None) or model.head(features).shape[1]
 
 
 class Detector:
@@ -44,7 +52,9 @@ class Detector:
     ensemble: bool = False
 
     def __init__(self, model: nn.Module) -> None:
-        self.model = model
+        # any logits network works: one without features()/head() gets them by a forward hook (the input of its
+        # last nn.Linear; models.hooked.with_features(net, "NAME") chooses another module)
+        self.model = with_features(model) if isinstance(model, nn.Module) else model
 
     def fit(self, loader: Iterable) -> "Detector":
         """Fit detector statistics on a loader of (x, y) batches; the default has nothing to fit."""
@@ -52,6 +62,10 @@ class Detector:
 
     def from_outputs(self, features: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError(f"{type(self).__name__} needs the input, call confidence(x)")
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """(N,) confidences of a batch of inputs in [0, 1]: `confidence(x)`, higher = more in-distribution."""
+        return self.confidence(x)
 
     @torch.no_grad()
     def confidence(self, x: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from utils.detectors.base import Detector
+from utils.detectors.base import Detector, num_classes_of
 
 SCORES = ("density", "gmm_entropy", "softmax_entropy")
 PRIORS = ("equal", "class")
@@ -158,7 +158,7 @@ class DDU(Detector):
         for x, y in loader:
             features.append(self.model.features(x.to(device)).to(store, torch.float64))
             labels.append(torch.as_tensor(y).to(store))
-        num_classes = self.model.head(features[0][:1].to(torch.get_default_dtype())).shape[1]
+        num_classes = num_classes_of(self.model, features[0][:1].to(torch.get_default_dtype()))
         return self.fit_features(torch.cat(features), torch.cat(labels), num_classes)
 
     def fit_features(self, features: torch.Tensor, labels: torch.Tensor, num_classes: int | None = None

@@ -10,7 +10,7 @@ from typing import Iterable, Optional, Sequence
 import torch
 from torch import nn
 
-from utils.detectors.base import Detector
+from utils.detectors.base import Detector, num_classes_of
 from utils.detectors.common import (GRADIENTS, check_choice, input_gradient, model_device, perturb,
                                     select_setting, step_direction, sweep_loader)
 
@@ -83,7 +83,7 @@ class Mahalanobis(Detector):
                 raise ValueError("Mahalanobis.fit needs labelled in-distribution data (found label -1)")
             z = self.model.features(x).to(dtype)
             if shift is None:
-                num_classes = self.model.head(z[:1].to(x.dtype)).shape[1]
+                num_classes = num_classes_of(self.model, z[:1].to(x.dtype))
                 shift = z.mean(dim=0)
                 sums = torch.zeros(num_classes, z.shape[1], dtype=dtype, device=device)
                 counts = torch.zeros(num_classes, dtype=dtype, device=device)

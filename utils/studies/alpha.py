@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from utils.attacks import eval_mode
+from utils.byom import add_model_args, run_target, study_targets
 from utils.cli import AT_LEAST_ONE, UNIT_OPEN, Range
 from utils.progress import bar
 from utils.studies import add_common_args, dataset_of_runs
@@ -102,6 +103,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     import model_paths
 
     model_paths.add_run_args(parser, "study")
+    add_model_args(parser)
     parser.add_argument("--n", type=int, default=10000, help="uniform noise draws (paper: 10 000)")
     parser.add_argument("--target", type=float, default=0.999, help="confidence alpha must reach")
     parser.add_argument("--alpha-max", type=float, default=1e20)
@@ -164,11 +166,15 @@ def main(args: argparse.Namespace) -> None:
     dtype = torch.float64 if args.float64 else torch.float32
     generator = torch.Generator().manual_seed(args.seed)
     x = torch.rand((args.n, *shape), generator=generator, dtype=torch.float64).to(args.device, dtype)
+    targets = study_targets(args, lambda: [
+        run_target(label, [run_dir], lambda d=run_dir: methods.load_run(d, device=args.device))
+        for label, run_dir in _run_list(args)])
     rows = []
-    for label, run_dir in bar(_run_list(args), getattr(args, "progress", None), desc="models"):
-        model = methods.load_run(run_dir, device=args.device).to(dtype)
-        row = {"study": "alpha", "dataset": args.dataset, "label": label, "run": str(run_dir),
-               "checkpoint": runs.file_hash(run_dir / "model.pt"), "n": args.n, "target": args.target,
+    for target in bar(targets, getattr(args, "progress", None), desc="models"):
+        model, checkpoint = target.load()
+        model, label, run_dir = model.to(dtype), target.label, target.run
+        row = {"study": "alpha", "dataset": args.dataset, "label": label, "run": run_dir,
+               "checkpoint": checkpoint, "n": args.n, "target": args.target,
                "alpha_max": args.alpha_max, "overconf": args.overconf, "seed": args.seed,
                "float64": args.float64, **study_run(model, x, args), "git_sha": runs.git_sha(),
                "date": runs.now(), **getattr(args, "row_tags", {})}

@@ -9,6 +9,7 @@ import warnings
 import torch
 from torch import nn
 
+from utils.byom import add_model_args, run_target, study_targets
 from utils.cli import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, UNIT_OPEN
 from utils.limits import limit_analysis, numeric_confidence
 from utils.progress import bar
@@ -24,6 +25,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     import model_paths
 
     model_paths.add_run_args(parser, "audit")
+    add_model_args(parser)
     parser.add_argument("--n-directions", type=int, default=1000, help="directions d per source")
     parser.add_argument("--sources", nargs="+", default=list(AUDIT_SOURCES), choices=AUDIT_SOURCES,
                         help="gaussian: d ~ N(0, I); test: test images; noise: --noise images")
@@ -110,26 +112,27 @@ def audit_table(rows: list[dict]) -> str:
 
 
 def main(args: argparse.Namespace) -> None:
-    from pathlib import Path
-
     import data
     from utils import methods
     from utils import runs
 
-    run_list = _audit_runs(args)
     if args.dataset is None:
         args.dataset = dataset_of_runs(args.runs)
     if args.dataset is None:
         raise ValueError("pass --dataset (it names the result files and the shape of the directions)")
     _, shape = data.dataset_info(args.dataset)
+    targets = study_targets(args, lambda: [
+        run_target(label, [run_dir], lambda d=run_dir: methods.load_run(d, device=args.device))
+        for label, run_dir in _audit_runs(args)])
     directions = _audit_directions(args, shape)
     rows = []
-    for label, run_dir in bar(run_list, getattr(args, "progress", None), desc="models"):
-        model = methods.load_run(run_dir, device=args.device)
+    for target in bar(targets, getattr(args, "progress", None), desc="models"):
+        model, checkpoint = target.load()
+        label = target.label
         for source, d in directions.items():
             stats = audit_directions(model, d, args)
-            rows.append({"study": "audit", "dataset": args.dataset, "label": label, "run": str(run_dir),
-                         "checkpoint": runs.file_hash(Path(run_dir) / "model.pt"), "source": source,
+            rows.append({"study": "audit", "dataset": args.dataset, "label": label, "run": target.run,
+                         "checkpoint": checkpoint, "source": source,
                          **({"noise": data.set_name(args.noise)} if source == "noise" else {}),
                          "threshold": args.threshold, "alpha_check": args.alpha_check, "seed": args.seed, **stats,
                          "git_sha": runs.git_sha(), "date": runs.now(), **getattr(args, "row_tags", {})})

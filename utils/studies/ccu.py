@@ -33,10 +33,12 @@ from models.gmm import PCAMetric
 from utils.amp import attack_autocast
 from utils.attacks import eval_mode
 from utils.cli import AT_LEAST_ONE, NON_NEGATIVE_INT, POSITIVE, Range
+from utils.byom import add_model_args, load_external
 from utils.detectors.bayes import load_network
+from utils.detectors.logit import MSP
 from utils.progress import bar
 from utils.studies import add_common_args
-from utils.studies.ccu_targets import entry_model
+from utils.studies.ccu_targets import EntryModel, entry_model
 
 STUDY = "ccu_attack"
 RANGES = {"n_seeds": AT_LEAST_ONE, "restarts": AT_LEAST_ONE, "steps": NON_NEGATIVE_INT, "step_size": POSITIVE,
@@ -130,6 +132,7 @@ def attack_in_batches(model: nn.Module, seeds: torch.Tensor, radius: torch.Tenso
 
 def add_args(parser: argparse.ArgumentParser) -> None:
     model_paths.add_run_args(parser, "attack")
+    add_model_args(parser)
     parser.add_argument("--ccu-run", default=None, metavar="DIR",
                         help="CCU run whose certified radii bound the attack (default: the entry labelled CCU "
                              "in model_paths.MODEL_PATHS[dataset])")
@@ -162,9 +165,11 @@ def _ccu_run(args: argparse.Namespace) -> Path:
 
 def _targets(args: argparse.Namespace, ccu_dir: Path) -> list[tuple[str, list[Path], str, dict]]:
     """(label, run folders, detector, options) of every table entry: each gets its own column, scored by its own
-    detector (Base, ODIN and Maha share a network but not a score)."""
+    detector (Base, ODIN and Maha share a network but not a score); with --model and no --runs, CCU alone."""
     if args.runs:
         pairs = [(Path(d).name, [Path(d)], "msp", {}) for d in args.runs]
+    elif getattr(args, "model", None):
+        pairs = []
     else:
         pairs = [(entry.label, entry.run_dirs(args.runs_root, args.dataset), entry.detector, dict(entry.options))
                  for entry in model_paths.table_entries(args.dataset)]
@@ -247,6 +252,7 @@ def main(args: argparse.Namespace) -> None:
     args.dataset = args.dataset or getattr(ccu_model, "run_config", {}).get("dataset")
     data_root = runs.resolve_data_root(args.data_root)
     _, shape = data.dataset_info(args.dataset)
+    external = load_external(args, args.dataset, args.device)  # a network from elsewhere: checked before attacks
     seeds = _seeds(args, shape, data_root).to(args.device)
     radius = certified_radius(ccu_model, seeds, f=args.f).float()
     radius_median = float(np.median(radius.cpu().numpy()))
@@ -260,18 +266,19 @@ def main(args: argparse.Namespace) -> None:
               "radius_median": radius_median, "certified_pct": 100 * float((radius > 0).double().mean()),
               "git_sha": runs.git_sha(), "date": runs.now(), **getattr(args, "row_tags", {})}
     rows, dump = [], {"labels": [], "adv": [], "adv_log_conf": [], "in_log_conf": []}
-    for label, dirs, detector, options in bar(_targets(args, ccu_dir), getattr(args, "progress", None),
-                                              desc="models"):
-        model = entry_model(dirs, detector, options, args.dataset, data_root, args.device, args.test_batch_size)
+    targets = _targets(args, ccu_dir) + ([(external.name, [], "msp", {})] if external else [])
+    for label, dirs, detector, options in bar(targets, getattr(args, "progress", None), desc="models"):
+        model = (entry_model(dirs, detector, options, args.dataset, data_root, args.device, args.test_batch_size)
+                 if dirs else EntryModel(external.network, MSP(external.network), "msp").to(args.device).eval())
         in_scores, test_error = _test_scores(model, loader, args.device)
         adv, _ = attack_in_batches(model, seeds, radius, ccu_model.metric, args)
         adv_scores = torch.cat([reported_scores(model, batch.to(args.device))
                                 for batch in adv.split(args.batch_size)])
         probability = getattr(model, "log_space", True)  # CCU itself and the log-probability columns
         row = {**common, **attack_row(label, in_scores, test_error, adv_scores, probability),
-               "runs": [str(d) for d in dirs],
+               "runs": [str(d) for d in dirs] or [external.name],
                "detector": detector, "options": options,
-               "checkpoints": [runs.file_hash(d / "model.pt") for d in dirs]}
+               "checkpoints": [runs.file_hash(d / "model.pt") for d in dirs] or [external.checkpoint]}
         mmc = "n/a" if row["mmc"] is None else f"{row['mmc']:.1f}"
         print(f"{label:>10s}: TE {row['te']:.1f}  MMC {mmc}  SR {row['sr']:.1f}  AUC {row['auc']:.1f}")
         rows.append(row)

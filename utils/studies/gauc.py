@@ -73,6 +73,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     import model_paths
 
     model_paths.add_run_args(parser, "study")
+    from utils.byom import add_model_args
+
+    add_model_args(parser)
     from utils.methods.certified import CERTIFIED_EPS
 
     parser.add_argument("--eps", type=float, default=None, help=f"L-inf radius (default per dataset: {CERTIFIED_EPS})")
@@ -133,7 +136,7 @@ def ood_scores(model: nn.Module, x_out: torch.Tensor, eps: float, args: argparse
         x_adv, _ = worst_case_confidence(model, x, eps, args.apgd_steps, args.apgd_restarts, args.pgd_steps,
                                          args.pgd_step_size, generator, getattr(args, "pgd_restarts", 3))
         attacked.append(_confidences(scorer, x_adv, args.batch_size))
-        bound.append(confidence_upper_bound(scorer, x.to(dtype), eps, dtype).double().cpu())
+        bound.append(confidence_upper_bound(scorer, x.to(dtype), eps, dtype, trivial_ok=True).double().cpu())
     clean, attacked, bound = torch.cat(clean), torch.cat(attacked), torch.cat(bound)
     return {"clean": clean, "attacked": torch.maximum(attacked, clean), "bound": bound}
 
@@ -250,14 +253,17 @@ def _load(run_dirs: list[Path], device: str) -> nn.Module:
     return load_network(run_dirs, device)
 
 
-def study_model(label: str, run_dirs: list[Path], x_in: torch.Tensor, y_in: torch.Tensor, oods: dict,
-                eps: float, args: argparse.Namespace) -> list[dict]:
+def study_model(target, x_in: torch.Tensor, y_in: torch.Tensor, oods: dict, eps: float,
+                args: argparse.Namespace) -> list[dict]:
+    """The rows of one target (utils.byom.StudyTarget: run folders or a network from elsewhere)."""
     from utils import runs
 
     rows = []
-    for scored in score_model(_load(run_dirs, args.device), x_in, y_in, oods, eps, args, label):
-        row = {"study": STUDY, "dataset": args.dataset, "label": label, "run": ",".join(map(str, run_dirs)),
-               "checkpoint": ",".join(runs.file_hash(d / "model.pt") for d in run_dirs), **scored,
+    model, checkpoint = target.load()
+    label = target.label
+    for scored in score_model(model, x_in, y_in, oods, eps, args, label):
+        row = {"study": STUDY, "dataset": args.dataset, "label": label, "run": target.run,
+               "checkpoint": checkpoint, **scored,
                "git_sha": runs.git_sha(), "date": runs.now()}
         print(f"{label:>14s} {row['ood']:>15s}: AUC {row['auc_conservative']:.1f}  AAUC {row['aauc_conservative']:.1f}  "
               f"GAUC {row['gauc_conservative']:.1f} (conservative, {row['precision']})")
@@ -265,10 +271,23 @@ def study_model(label: str, run_dirs: list[Path], x_in: torch.Tensor, y_in: torc
     return rows
 
 
+def _table_targets(args: argparse.Namespace) -> list[tuple[str, list[Path]]]:
+    """(label, run folders) of --runs, else of the table's runs and ensembles (attacked on their averaged
+    probabilities)."""
+    import model_paths
+
+    targets = [(label, [run_dir]) for label, run_dir in
+               model_paths.distinct_runs(args.dataset, args.runs_root, args.runs, include_ensembles=False)]
+    if not args.runs:
+        targets += [(entry.label, entry.run_dirs(args.runs_root, args.dataset))
+                    for entry in model_paths.table_entries(args.dataset) if entry.is_ensemble]
+    return targets
+
+
 def main(args: argparse.Namespace) -> None:
     import data
-    import model_paths
     from utils import runs
+    from utils.byom import run_target, study_targets
     from utils.methods.certified import CERTIFIED_EPS
 
     if args.dataset is None:
@@ -284,13 +303,10 @@ def main(args: argparse.Namespace) -> None:
     for key in ood_keys:  # unknown names and unreadable NAME=PATH files fail before any attack
         data.check_dataset(key, like=args.dataset, root=data_root)
     oods = {data.set_name(key): _ood_points(key, args, data_root) for key in ood_keys}
-    targets = [(label, [run_dir]) for label, run_dir in
-               model_paths.distinct_runs(args.dataset, args.runs_root, args.runs, include_ensembles=False)]
-    if not args.runs:  # ensembles of the table are models too: attacked on their averaged probabilities
-        targets += [(entry.label, entry.run_dirs(args.runs_root, args.dataset))
-                    for entry in model_paths.table_entries(args.dataset) if entry.is_ensemble]
+    targets = study_targets(args, lambda: [run_target(label, dirs, lambda d=dirs: _load(d, args.device))
+                                           for label, dirs in _table_targets(args)])
     rows = []
-    for label, run_dirs in bar(targets, getattr(args, "progress", None), desc="models"):
-        rows += study_model(label, run_dirs, x_in, y_in, oods, eps, args)
+    for target in bar(targets, getattr(args, "progress", None), desc="models"):
+        rows += study_model(target, x_in, y_in, oods, eps, args)
     name = f"{args.dataset}_gauc"
     print(runs.record_study(args.results_root, name, name, rows, gauc_table))
