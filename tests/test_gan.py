@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 import data
+import models
 import train
 from models.gan import GAN_ARCHS, Discriminator, Generator
 from tests.test_train import train_full_and_killed
