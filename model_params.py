@@ -183,10 +183,9 @@ class ProodParams:
     discriminator_width: float = 1.0          # ProoD's S CNN at its published widths
 
 
-# Measured on digits (eps 0.3, uniform noise, kappa and eps ramped over the first 30% as the original): at the
-# dataset's 15 epochs the discriminator ends at a constant output (no noise point certified); at 60 epochs two
-# stand-alone runs certified 92% and 98% of uniform-noise points below 0.5, but train.py's seed-0 run collapsed
-# to a constant d (docs/methods.md#prood: open). A quarter-width S CNN keeps 60 epochs within CPU minutes.
+# Measured on digits (eps 0.3, uniform noise, utils/methods/certified.RAMPS["prood"]): with these defaults
+# train.py's seeds 0, 1 and 2 certify SEEDS_SHARE of uniform-noise points below 0.5 (docs/methods.md#prood).
+# A quarter-width S CNN keeps 60 epochs within CPU minutes.
 PROOD_PARAMS: dict[str, ProodParams] = {
     **{name: ProodParams() for name in PARAMS},
     "digits": ProodParams(epochs=60, out_data="uniform", discriminator_width=0.25),
