@@ -193,22 +193,7 @@ PROOD_PARAMS: dict[str, ProodParams] = {
 }
 
 
-@dataclass(frozen=True)
-class GoodParams:
-    """GOOD (Bitterwolf, Meinke, Hein, NeurIPS 2020, arXiv 2007.08473) per dataset: PARAMS fields it replaces under
-    `--method good`; None keeps the dataset's default."""
-    epochs: int | None = None
-
-
-# Measured on digits (eps 0.3, LeNet, ACET noise, the default ramps): at the dataset's 15 epochs the bound loss
-# stays near 10 (logit-difference bounds in the hundreds) and no uniform-noise point certifies; at 60 epochs 95%
-# of them get a bound below 0.5 (docs/methods.md#good).
-GOOD_PARAMS: dict[str, GoodParams] = {
-    **{name: GoodParams() for name in PARAMS},
-    "digits": GoodParams(epochs=60),
-}
-
-METHOD_DATASET_PARAMS: dict[str, dict] = {"gan": GAN_PARAMS, "prood": PROOD_PARAMS, "good": GOOD_PARAMS}
+METHOD_DATASET_PARAMS: dict[str, dict] = {"gan": GAN_PARAMS, "prood": PROOD_PARAMS}
 
 
 def method_params(method: str, dataset: str) -> dict:

@@ -360,7 +360,3 @@ def test_prood_defaults_per_dataset_and_the_demo_uses_them():
     cifar = resolve("--dataset", "CIFAR10")
     assert (cifar.epochs, cifar.discriminator_width) == (100, 1.0)
     assert dict(demo.DEMO_RUNS)["prood-s0"] == ["--method", "prood", "--classifier", "plain-s0"]
-    good = train.resolve(train.get_args_parser().parse_args(["--method", "good"]))
-    assert (good.dataset, good.epochs, good.arch) == ("digits", 60, "lenet")  # 15 epochs certified no noise point
-    mnist = train.resolve(train.get_args_parser().parse_args(["--method", "good", "--dataset", "MNIST"]))
-    assert mnist.epochs == 100
