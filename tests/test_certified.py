@@ -53,25 +53,57 @@ def test_ramp_factor_is_linear_between_the_fractions():
     assert ramp_factor(0, 10, (0.0, 0.0)) == 1.0 and ramp_factor(None, 10, (0.5, 1.0)) == 1.0
 
 
-def test_prood_schedule_is_the_originals_linear_ramp_then_hold():
-    """ProoD's schedule_long.yaml: create_piecewise_linear_schedule([0, 1, 1], [300, 1000]) for kappa and eps,
-    i.e. numpy.linspace(0, 1, 300) over epochs 0-299, then 1 for the other 70% of the 1000 epochs."""
-    opts = Namespace(dataset="digits", epochs=1000, ibp_eps=0.01, kappa=None, kappa_ramp=None, eps_ramp=None)
-    for epoch, factor in [(0, 0.0), (1, 1 / 299), (150, 150 / 299), (299, 1.0), (300, 1.0), (700, 1.0), (999, 1.0)]:
-        opts.epoch = epoch
+def test_prood_schedule_ramps_at_every_step_with_a_clean_start():
+    """kappa rises linearly from 0 over the first 30% of the steps (the original's schedule_long.yaml, without its
+    per-epoch steps); eps stays 0 for the first 10% and rises over 10-40%; both are held afterwards."""
+    opts = Namespace(dataset="digits", epochs=10, ibp_eps=0.3, kappa=None, kappa_ramp=None, eps_ramp=None)
+    for epoch, within, eps_factor, kappa_factor in [(0, 0.0, 0.0, 0.0), (0, 0.5, 0.0, 0.5 / 3), (1, 0.0, 0.0, 1 / 3),
+                                                    (2, 0.5, 0.5, 2.5 / 3), (3, 0.0, 2 / 3, 1.0), (4, 0.0, 1.0, 1.0),
+                                                    (9, 0.9, 1.0, 1.0)]:
+        opts.epoch, opts.epoch_progress = epoch, within
         eps, kappa = schedule(opts, "prood")
-        assert eps == pytest.approx(0.01 * factor, abs=1e-12) and kappa == pytest.approx(factor, abs=1e-12)
+        assert eps == pytest.approx(0.3 * eps_factor, abs=1e-12) and kappa == pytest.approx(kappa_factor, abs=1e-12)
+    opts.epoch = None
+    assert schedule(opts, "prood") == (0.3, 1.0)  # outside a training loop: the targets
+    explicit = Namespace(dataset="digits", epochs=1000, ibp_eps=0.01, kappa=None, kappa_ramp=None, eps_ramp=(0.0, 0.3))
     mean_eps = 0.0
     for epoch in range(1000):
-        opts.epoch = epoch
-        mean_eps += schedule(opts, "prood")[0] / 1000 / 0.01
-    assert mean_eps == pytest.approx(0.85, abs=1e-3)  # the original's mean eps over the run, 0.85 of the target
-    short = Namespace(dataset="digits", epochs=10, ibp_eps=0.3, kappa=None, kappa_ramp=None, eps_ramp=None)
-    factors = []
-    for epoch in range(10):
-        short.epoch = epoch
-        factors.append(schedule(short, "prood")[1])
-    assert factors == pytest.approx([0.0, 0.5, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0])
+        explicit.epoch, explicit.epoch_progress = epoch, 0.0
+        mean_eps += schedule(explicit, "prood")[0] / 1000 / 0.01
+    assert mean_eps == pytest.approx(0.85, abs=2e-3)  # --eps-ramp 0 0.3: the original's mean eps, 0.85 of the target
+
+
+def test_default_prood_keeps_its_discriminator_alive_through_the_first_epoch():
+    """The collapse of `--method prood` with its digits defaults (issue 19 item 5): with kappa = 0 for the whole
+    first epoch (the original's per-epoch ramp), or eps > 0 from the start, the in term alone kills every ReLU of
+    d within the first epoch (0% of its last features fire on noise afterwards) and d ends constant. The default
+    schedule must leave d firing on noise and separating it from digits after one epoch of train.py's loop."""
+    from utils import training
+    from utils.methods import get_method
+
+    torch.manual_seed(0)
+    classifier = models.MODELS["mlp"](**{**DIGITS, "input_size": (1, 8, 8)}, widths=(8,)).eval()
+    opts = Namespace(dataset="digits", in_channels=1, input_size=8, data_shape=(1, 8, 8), discriminator_arch="good_cnn_s",
+                     discriminator_width=0.25, prood_bias_shift=3.0, classifier=None, ibp_eps=None, kappa=None,
+                     kappa_ramp=None, eps_ramp=None, epochs=60, weight_decay=5e-4, epoch=0)
+    model = wrap_prood(classifier, opts, init=True)  # train.py's defaults on digits (PROOD_PARAMS, PARAMS)
+    model.freeze_classifier = True
+    for param in classifier.parameters():
+        param.requires_grad_(False)
+    optimizer = torch.optim.Adam(prood_param_groups(model, opts), lr=1e-3)
+    train_set = data.get_dataset("digits", "train")
+    loader = training.epoch_batches(train_set, 64, 0, 0, 0)
+    training.train_epoch(model, loader, optimizer, get_method("prood"), opts, lambda x: torch.rand_like(x),
+                         torch.device("cpu"), None, False)
+    model.eval()
+    x_test, _ = _digits(split="test")
+    noise = torch.rand(300, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        firing = float((model.discriminator.features(noise) > 0).float().mean())
+        d_in, d_noise = model.discriminator_logit(x_test), model.discriminator_logit(noise)
+    assert firing > 0.0, firing  # 0.0 with the per-epoch ramp from 0: every feature dead
+    separation = roc_auc_score([1] * len(d_in) + [0] * len(d_noise), torch.cat([d_in, d_noise]).numpy())
+    assert separation > 0.9, separation  # 0.5 for the dead (constant) d
 
 
 def test_negative_head_starts_as_an_ordinary_linear_with_the_originals_raised_bias():

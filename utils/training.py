@@ -207,6 +207,7 @@ def train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Opt
             break
         x, y = precision.prepare_input(x.to(device, non_blocking=True)), y.to(device, non_blocking=True)
         x_out = make_out(x) if make_out is not None else None
+        opts.epoch_progress = step / n_batches  # ProoD's eps/kappa ramps move at every step (methods/certified.py)
         if aux is not None:
             x_out = method.aux_step(unwrap(model), aux, x, y, x_out, opts)  # its passes stay off DDP's reducer
         with precision.autocast():  # the loss and everything it runs (ACET's attack) at the --amp precision
