@@ -269,7 +269,7 @@ def main(args: argparse.Namespace) -> None:
     targets = _targets(args, ccu_dir) + ([(external.name, [], "msp", {})] if external else [])
     for label, dirs, detector, options in bar(targets, getattr(args, "progress", None), desc="models"):
         model = (entry_model(dirs, detector, options, args.dataset, data_root, args.device, args.test_batch_size)
-                 if dirs else EntryModel(external.network, MSP(external.network), "msp").to(args.device).eval())
+                 if dirs else EntryModel(external.network, MSP(external.network)).to(args.device).eval())
         in_scores, test_error = _test_scores(model, loader, args.device)
         adv, _ = attack_in_batches(model, seeds, radius, ccu_model.metric, args)
         adv_scores = torch.cat([reported_scores(model, batch.to(args.device))
