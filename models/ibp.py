@@ -25,8 +25,7 @@ Training-time bounds (GOOD, ProoD) run in the inputs' dtype (float32) and need n
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Callable, Iterator, Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +36,7 @@ from models.layer_chain import NotAChainError, Reshape, chain_layers
 from models.good import NegativeLinear
 from models.lenet import LeNet
 from models.mlp import MLP
+from models.precision import eval_mode
 
 
 class UnsupportedLayerError(ValueError):
@@ -251,18 +251,6 @@ def round_up_to(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     rounded = values.to(dtype)
     below = rounded.to(values.dtype) < values
     return torch.where(below, torch.nextafter(rounded, torch.full_like(rounded, float("inf"))), rounded)
-
-
-@contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Run `model` in eval mode and restore each submodule's own training flag (not just the root's)."""
-    modes = [module.training for module in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for module, mode in zip(model.modules(), modes):
-            module.training = mode
 
 
 @torch.no_grad()

@@ -1,4 +1,5 @@
-"""Full precision for the computations whose soundness depends on rounding (densities, bounds).
+"""Full precision for the computations whose soundness depends on rounding (densities, bounds), and eval mode
+that restores every submodule's own training flag.
 
 It lives with the models because the models use it on their own outputs (CCU's mixtures and output formula);
 `utils.amp` re-exports it for the scripts and the training loop.
@@ -6,9 +7,11 @@ It lives with the models because the models use it on their own outputs (CCU's m
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 import torch
+from torch import nn
 
 
 def full_precision(fn: Callable) -> Callable:
@@ -24,3 +27,15 @@ def full_precision(fn: Callable) -> Callable:
 
 def _is_low_precision(value: object) -> bool:
     return isinstance(value, torch.Tensor) and value.dtype in (torch.float16, torch.bfloat16)
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Run `model` in eval mode and restore each submodule's own training flag (not just the root's)."""
+    modes = [module.training for module in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, mode in zip(model.modules(), modes):
+            module.training = mode

@@ -28,14 +28,14 @@ took effect; here every step is applied.
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.precision import eval_mode  # noqa: F401  (utils.attacks.eval_mode: the studies import it here)
 from utils.amp import attack_autocast
 
 # objective(logits) -> (N,) score to MAXIMISE; "higher" means the attack is doing better
@@ -72,18 +72,6 @@ class PGDDefaults:
 
 
 PGD_DEFAULTS = PGDDefaults()
-
-
-@contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Run `model` in eval mode and restore each submodule's own training flag (not just the root's)."""
-    modes = [module.training for module in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for module, mode in zip(model.modules(), modes):
-            module.training = mode
 
 
 def _flat_norm(t: torch.Tensor) -> torch.Tensor:
