@@ -65,6 +65,8 @@ def test_audit_limits_agree_with_the_numeric_check_and_theory(plain_run, tmp_pat
         assert by[("energy", source)]["share_pos_inf"] >= 0.9
         assert by[("mahalanobis", source)]["far_accept"] == 0.0
         assert by[("mahalanobis", source)]["share_neg_inf"] == 1.0
+        # the quadratic terms of RMDS differ clearly; they are no tie (a scale of max|pinv| |v|^2 called them so)
+        assert by[("rmds", source)]["limit_kind"] == "exact"
         for name in ("knn", "mahalanobis++", "fdbd"):  # normalised / ratio scores have finite limits
             assert by[(name, source)]["share_pos_inf"] == by[(name, source)]["share_neg_inf"] == 0.0
     table = (tmp_path / "tables/digits_audit.md").read_text()
@@ -177,3 +179,21 @@ def test_reproduce_detector_stress_tiny(tmp_path, monkeypatch):
         assert cells[-2] == f"{aauc['aauc_conservative']:.1f}" and cells[-1].startswith(f"{100 * far['far_accept']:.1f}")
         assert aauc["aauc_conservative"] <= aauc["auc_conservative"]
     assert next(r for r in audit_rows if r.get("detector") == "mahalanobis")["far_accept"] == 0.0
+
+
+def test_rmds_limit_is_exact_beside_a_direction_of_tiny_training_variance():
+    """Feature 2 barely varies in training, so pinv(Sigma) has entries ~1e12; along feature 0 the class and background
+    quadratic terms are 1 and ~1/2 (between-class spread), so the limit is -inf, exactly, not a tie."""
+    model = Affine([[1.0, 0.0, 0.0], [-1.0, 0.0, 0.0]], [0.0, 0.0])
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.arange(400) % 2
+    features = torch.randn(400, 3, generator=generator, dtype=torch.float64)
+    features[:, 0] += 2.0 * labels
+    features[:, 2] *= 1e-6
+    rmds = DETECTORS["rmds"](model).fit_outputs(features, torch.zeros(400, 2), labels)
+    d = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    rays = feature_rays(model, d, limits.limit_analysis(model, d).alpha)
+    limit, exact = detector_limits("rmds", rmds, rays)
+    assert bool(exact[0]) and limit[0] == -math.inf
+    numeric = rmds.from_outputs(1e6 * d.double(), torch.zeros(2, 2)).double()
+    assert numeric[0] < -1e11

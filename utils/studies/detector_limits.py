@@ -212,9 +212,11 @@ def _fdbd(detector, rays):
 
 
 def _quadratic(engine, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(v^T P v on the engine's support, its scale |v|^2 max|P|) of a fitted `Mahalanobis`."""
+    """(v^T P v on the engine's support, its rounding scale |v|^T |P| |v|) of a fitted `Mahalanobis` (a pinv's
+    largest entries come from directions of tiny training variance, so max|P| |v|^2 would call real terms ties)."""
     vs = v[:, engine.support].to(engine._precision)
-    return ((vs @ engine._precision) * vs).sum(1).cpu(), (vs.norm(dim=1) ** 2 * engine._precision.abs().max()).cpu()
+    scale = ((vs.abs() @ engine._precision.abs()) * vs.abs()).sum(1)
+    return ((vs @ engine._precision) * vs).sum(1).cpu(), scale.cpu()
 
 
 def _mahalanobis(detector, rays):
