@@ -125,7 +125,7 @@ def audit_table(rows: list[dict]) -> str:
 
 def _detectors(model: nn.Module, run_dir, args: argparse.Namespace) -> dict:
     """(detectors fitted on the run's training split, their in-distribution test scores) of --detectors."""
-    if not args.detectors:
+    if not getattr(args, "detectors", None):
         return {}
     import data
     from utils.runs import resolve_data_root

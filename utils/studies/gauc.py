@@ -283,7 +283,8 @@ def main(args: argparse.Namespace) -> None:
     eps = args.eps if args.eps is not None else CERTIFIED_EPS.get(args.dataset)
     if eps is None:
         raise ValueError(f"no default eps for {args.dataset}; pass --eps (defaults: {CERTIFIED_EPS})")
-    if set(args.detectors or ()) - {"msp"} and args.precision != "float32":
+    detectors = getattr(args, "detectors", None)  # None: msp only, today's rows
+    if set(detectors or ()) - {"msp"} and args.precision != "float32":
         raise ValueError("--detectors other than msp score in float32 only; drop --precision or those detectors")
     data_root = runs.resolve_data_root(args.data_root)
     x_in, y_in = _in_test(args, data_root)
@@ -298,9 +299,9 @@ def main(args: argparse.Namespace) -> None:
                     for entry in model_paths.table_entries(args.dataset) if entry.is_ensemble]
     rows = []
     for label, run_dirs in bar(targets, getattr(args, "progress", None), desc="models"):
-        if args.detectors is None or "msp" in args.detectors:
+        if detectors is None or "msp" in detectors:
             rows += study_model(label, run_dirs, x_in, y_in, oods, eps, args)
-        if set(args.detectors or ()) - {"msp"} and len(run_dirs) == 1:  # detectors score single runs
+        if set(detectors or ()) - {"msp"} and len(run_dirs) == 1:  # detectors score single runs
             from utils.studies.detector_gauc import detector_rows
 
             rows += detector_rows(label, run_dirs[0], x_in, y_in, oods, eps, args)
