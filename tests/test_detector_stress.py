@@ -154,6 +154,11 @@ def test_detectors_flag_refuses_unknown_and_float64(plain_run, tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         cli.run(gen_attack_stats.run_study, gen_attack_stats.get_args_parser("gauc"), argv)
     assert exit_info.value.code == 2
+    argv[argv.index("float64")] = "float32"
+    argv[argv.index("energy")] = "energy,odin"
+    with pytest.raises(SystemExit) as exit_info:  # refused before any attack or row
+        cli.run(gen_attack_stats.run_study, gen_attack_stats.get_args_parser("gauc"), argv)
+    assert exit_info.value.code == 2 and not (tmp_path / "attacks").exists()
 
 
 def test_reproduce_detector_stress_tiny(tmp_path, monkeypatch):

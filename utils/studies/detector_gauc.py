@@ -40,6 +40,16 @@ def check_attackable(name: str, detector: Detector) -> None:
                          f"cannot be attacked here; drop it from --detectors")
 
 
+def check_attackable_names(names: list[str]) -> None:
+    """The class-level check of `check_attackable` (needs_grad is a class attribute of ODIN and MC dropout)."""
+    from utils.detectors import DETECTORS
+
+    refused = [name for name in names if getattr(DETECTORS[name], "needs_grad", False) is True]
+    if refused:
+        raise ValueError(f"--study gauc --detectors: {', '.join(refused)} need input gradients or several passes, so "
+                         f"their scores cannot be attacked here; drop them from --detectors")
+
+
 def _score(out: torch.Tensor) -> torch.Tensor:
     return out[:, 0]
 

@@ -286,6 +286,9 @@ def main(args: argparse.Namespace) -> None:
     detectors = getattr(args, "detectors", None)  # None: msp only, today's rows
     if set(detectors or ()) - {"msp"} and args.precision != "float32":
         raise ValueError("--detectors other than msp score in float32 only; drop --precision or those detectors")
+    from utils.studies.detector_gauc import check_attackable_names
+
+    check_attackable_names(detectors or [])  # before any attack
     data_root = runs.resolve_data_root(args.data_root)
     x_in, y_in = _in_test(args, data_root)
     ood_keys = data.unique_sets(args.ood or data.OOD_TEST[args.dataset])  # one NAME, one set
