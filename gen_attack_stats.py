@@ -9,7 +9,10 @@ Four studies, one per `--study`:
   gauc   GOOD / ProoD's AUC, AAUC (under APGD + PGD) and GAUC (certified bounds) in an eps-ball around each OOD
          point, for every model of a table (`utils/studies/gauc.py`).
   audit  The far-away confidence audit: the exact limit of a ReLU network's confidence along rays
-         alpha * d as alpha -> infinity (Theorem 3.1 of the ACET paper; `utils/limits.py`).
+         alpha * d as alpha -> infinity (Theorem 3.1 of the ACET paper; `utils/limits.py`); with
+         --detectors LIST the limit of each detector's score and its far_accept at 95% TPR.
+
+gauc --detectors LIST attacks each detector's own score (AUC / AAUC; GAUC only for msp).
 
 Each study adds its own flags; `python gen_attack_stats.py --study NAME --help` lists them.
 """

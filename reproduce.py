@@ -48,6 +48,7 @@ class Table:
     study: str | None = None                 # a gen_attack_stats.py study
     output: str = "{dataset}_ood.md"         # the table file the step writes under <results>/tables/
     needs_label: str | None = None           # an entry the step cannot do without (the ccu study: "CCU")
+    steps: str | None = None                 # a module whose steps(...) run after training (its own table)
 
 
 TABLES: dict[str, Table] = {
@@ -66,6 +67,10 @@ TABLES: dict[str, Table] = {
                        "{dataset}/ddu", evaluate=("--layout", "ddu"), output="{dataset}_ddu.md"),
     "limits-audit": Table("Know your limits: exact confidence limits of Plain/CEDA/ACET far from the data",
                           "{dataset}/acet", study="audit", output="{dataset}_audit.md"),
+    "detector-stress": Table("Every post-hoc detector of the plain run: AUROC per OOD set, AAUC on adversarial noise "
+                             "(the detector's own score attacked), far_accept of its exact far-away limit",
+                             "{dataset}/odin", steps="utils.studies.detector_stress",
+                             output="{dataset}_detector_stress.md"),
 }
 
 
@@ -213,6 +218,12 @@ def plan(args: Namespace, table: Table, budget: Budget) -> list[Step]:
             study += ["--runs", *[str(runs_root / args.dataset / run) for run in table_runs(table, args.dataset)]]
         title = f"gen_attack_stats.py --study {table.study}"
         steps.append(Step(title, title, lambda: _study(study, args.budget), study))
+    if table.steps is not None:
+        import importlib
+
+        made = importlib.import_module(table.steps).steps(args, runs_root, results_root,
+                                                          table_runs(table, args.dataset), budget.evaluate)
+        steps += [Step(*step) for step in made]
     return steps
 
 
@@ -322,7 +333,8 @@ def list_tables() -> str:
     lines = []
     for name, table in TABLES.items():
         steps = " + ".join(s for s in ("evaluate.py" if table.evaluate else "",
-                                       f"gen_attack_stats.py --study {table.study}" if table.study else "") if s)
+                                       f"gen_attack_stats.py --study {table.study}" if table.study else "",
+                                       f"{table.steps}.steps" if table.steps else "") if s)
         lines.append(f"{name:13s} {table.what}; then {steps}")
         by_runs: dict[str, list[str]] = {}  # datasets that train the same runs share a line
         for dataset in table_datasets(table):

@@ -206,6 +206,7 @@ class StudyTarget:
     label: str
     run: str
     load: Callable[[], tuple[nn.Module, str]]
+    run_dirs: tuple = ()  # its run folders (none for a network of --model)
 
 
 def run_target(label: str, run_dirs: Sequence[Path], load: Callable[[], nn.Module]) -> StudyTarget:
@@ -216,7 +217,7 @@ def run_target(label: str, run_dirs: Sequence[Path], load: Callable[[], nn.Modul
         network = load()
         return network, ",".join(file_hash(Path(d) / "model.pt") for d in run_dirs)
 
-    return StudyTarget(label, ",".join(map(str, run_dirs)), loaded)
+    return StudyTarget(label, ",".join(map(str, run_dirs)), loaded, tuple(Path(d) for d in run_dirs))
 
 
 def study_targets(args: argparse.Namespace, runs: Callable[[], list[StudyTarget]]) -> list[StudyTarget]:

@@ -51,13 +51,15 @@ KEYS: dict[str, tuple[str, ...]] = {
     "alpha": ("study", "dataset", "label", "run", "checkpoint", "n", "target", "alpha_max", "overconf", "seed",
               "float64"),
     # gen_attack_stats.py --study audit, results/attacks/<DATASET>_audit.jsonl
+    # (detector: None for the confidence's own row, else the --detectors name whose limit the row audits)
     "audit": ("study", "dataset", "label", "run", "checkpoint", "source", "noise", "threshold", "alpha_check",
-              "seed"),
+              "seed", "detector"),
     # gen_attack_stats.py --study gauc, results/attacks/<DATASET>_gauc.jsonl: one row per (model, OOD set)
     # (precision: float32 / float64 for both sides of every AUROC, None in rows from before issue 19, which compared
-    # float32 confidences with float64 bounds; attack: the AAUC attack's name)
+    # float32 confidences with float64 bounds; attack: the AAUC attack's name; detector: None for the max-softmax
+    # confidence, else the --detectors name whose own score was attacked)
     "gauc": ("study", "dataset", "label", "run", "checkpoint", "ood", "eps", "n_ood", "n_test", "apgd_steps",
-             "apgd_restarts", "pgd_steps", "seed", "precision", "attack", "pgd_step_size", "pgd_restarts"),
+             "apgd_restarts", "pgd_steps", "seed", "precision", "attack", "pgd_step_size", "pgd_restarts", "detector"),
     # active_learning.py, results/active_learning/<DATASET>_<acquisition>.jsonl: one row per round
     "active_learning": ("dataset", "acquisition", "seed", "round"),
 }

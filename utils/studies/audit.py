@@ -36,6 +36,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--agree-tol", type=float, default=1e-3, help="|exact - numeric| counted as agreement")
     parser.add_argument("--float64", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--batch-size", type=int, default=256)
+    from utils.studies.detector_runs import add_detectors_flag
+
+    add_detectors_flag(parser, "far-away limits to audit, each with its far_accept at 95%% TPR")
     add_common_args(parser)
 
 
@@ -69,12 +72,18 @@ def _audit_directions(args: argparse.Namespace, shape: tuple) -> dict[str, torch
     return out
 
 
-def audit_directions(model: nn.Module, directions: torch.Tensor, args: argparse.Namespace) -> dict:
+def limit_result(model: nn.Module, directions: torch.Tensor, args: argparse.Namespace):
+    """`utils.limits.limit_analysis` with the study's settings (numeric for a model that is not piecewise affine)."""
+    dtype = torch.float64 if args.float64 else None
+    return limit_analysis(model, directions, batch_size=args.batch_size, dtype=dtype, on_non_pa="numeric",
+                          numeric_alpha=args.alpha_check)
+
+
+def audit_directions(model: nn.Module, directions: torch.Tensor, args: argparse.Namespace, result=None) -> dict:
     """Limit confidences of one model along `directions`: share above the threshold, quantiles, and the
     agreement with the network evaluated at alpha = --alpha-check."""
     dtype = torch.float64 if args.float64 else None
-    result = limit_analysis(model, directions, batch_size=args.batch_size, dtype=dtype, on_non_pa="numeric",
-                            numeric_alpha=args.alpha_check)
+    result = limit_result(model, directions, args) if result is None else result
     conf = result.confidence.double()
     numeric = (numeric_confidence(model, directions, args.alpha_check, dtype=dtype, batch_size=args.batch_size)
                if result.method == "exact" else conf).double()
@@ -99,6 +108,8 @@ def audit_table(rows: list[dict]) -> str:
 
     newest: dict = {}
     for row in rows:
+        if row.get("detector"):  # a detector's own row (--detectors): in the table below
+            continue
         key = (row["label"], row["run"], row["source"])
         if key not in newest or row["date"] >= newest[key]["date"]:
             newest[key] = row
@@ -108,7 +119,49 @@ def audit_table(rows: list[dict]) -> str:
         grid.append([r["label"], str(r["run"]), r["source"], r["method"], f"{100 * r['share_confident']:.1f}",
                      f"{r['q50']:.4f}", f"{r['q01']:.4f}", f"{100 * r['certified']:.1f}",
                      "n/a" if r["method"] != "exact" else f"{100 * r['agreement']:.1f}"])
-    return markdown(grid)
+    from utils.studies.detector_audit import detector_table
+
+    detectors = detector_table(rows)
+    return markdown(grid) + (f"\n\n{detectors}" if detectors else "")
+
+
+def _detectors(model: nn.Module, run_dir, args: argparse.Namespace) -> dict:
+    """(detectors fitted on the run's training split, their in-distribution test scores) of --detectors."""
+    if not getattr(args, "detectors", None):
+        return {}
+    import data
+    from utils.runs import resolve_data_root
+    from utils.studies.detector_runs import detector_scores, fitted_detectors
+
+    root = resolve_data_root(args.data_root)
+    fitted = fitted_detectors(model, args.detectors, run_dir, args.dataset, root, args.batch_size)
+    test = data.get_dataset(args.dataset, "test", root=root)
+    x_in = next(iter(torch.utils.data.DataLoader(test, batch_size=len(test))))[0]
+    return {name: (detector, detector_scores(detector, x_in, args.batch_size)) for name, detector in fitted.items()}
+
+
+def _detector_rows(msp_row: dict, detectors: dict, d: torch.Tensor, result, args: argparse.Namespace) -> list[dict]:
+    """One row per detector beside the run's msp row (msp's fields join that row, so its key stays today's)."""
+    from utils.studies.detector_audit import detector_stats
+
+    rows = []
+    for name, (detector, conf_in) in detectors.items():
+        stats = detector_stats(name, detector, d, result, conf_in, args)
+        print(f"{'':>14s} {name:>14s} [{stats['limit_kind']}]: far_accept {100 * stats['far_accept']:.1f}%, "
+              f"+inf {100 * stats['share_pos_inf']:.1f}%, -inf {100 * stats['share_neg_inf']:.1f}%, "
+              f"agreement {100 * stats['limit_agreement']:.1f}%")
+        if name == "msp":
+            msp_row.update(stats)
+        else:
+            rows.append({**{k: v for k, v in msp_row.items() if k not in MSP_ONLY}, "detector": name, **stats})
+    return rows
+
+
+# the msp row's confidence statistics, which a detector's row does not repeat
+MSP_ONLY = ("method", "share_confident", "mean_conf", "q00", "q01", "q10", "q50", "q90", "certified", "share_tied",
+            "numeric_share_confident", "agreement", "max_abs_diff", "limit_kind", "n_numeric", "threshold_95",
+            "far_accept", "numeric_far_accept", "share_pos_inf", "share_neg_inf", "limit_median_finite",
+            "limit_agreement")
 
 
 def main(args: argparse.Namespace) -> None:
@@ -129,8 +182,11 @@ def main(args: argparse.Namespace) -> None:
     for target in bar(targets, getattr(args, "progress", None), desc="models"):
         model, checkpoint = target.load()
         label = target.label
+        # --detectors are fitted on a run's own training split; a network of --model gets confidence rows only
+        detectors = _detectors(model, target.run_dirs[0], args) if len(target.run_dirs) == 1 else {}
         for source, d in directions.items():
-            stats = audit_directions(model, d, args)
+            result = limit_result(model, d, args)
+            stats = audit_directions(model, d, args, result)
             rows.append({"study": "audit", "dataset": args.dataset, "label": label, "run": target.run,
                          "checkpoint": checkpoint, "source": source,
                          **({"noise": data.set_name(args.noise)} if source == "noise" else {}),
@@ -140,6 +196,7 @@ def main(args: argparse.Namespace) -> None:
             print(f"{label:>14s} {source:>8s} [{stats['method']}]: {100 * stats['share_confident']:.1f}% of limits "
                   f"> {args.threshold}, median {stats['q50']:.4f}, certified {100 * stats['certified']:.1f}%, "
                   f"agreement with alpha={args.alpha_check:g}: {agreement}")
+            rows += _detector_rows(rows[-1], detectors, d, result, args)
     name = f"{args.dataset}_audit"
     table = runs.record_study(args.results_root, name, name, rows, audit_table)
     print(table)

@@ -98,6 +98,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", choices=tuple(PRECISIONS), default="float32",
                         help="one precision for confidences and bounds (float32: GOOD's and ProoD's evaluations)")
     parser.add_argument("--batch-size", type=int, default=500)
+    from utils.studies.detector_runs import add_detectors_flag
+
+    add_detectors_flag(parser, "own scores are attacked (AUC / AAUC; msp keeps its GAUC row; float32 only)")
     add_common_args(parser)
 
 
@@ -228,8 +231,9 @@ def gauc_table(rows: list[dict]) -> str:
     for precision in dict.fromkeys(row.get("precision") or MIXED for row in rows):
         group = [row for row in rows if (row.get("precision") or MIXED) == precision]
         newest: dict = {}
-        for row in group:
-            newest[(row["label"], row["run"], row["ood"])] = row
+        for row in group:  # a detector's own rows (--detectors) are models of their own: "label [detector]"
+            label = row["label"] + (f" [{row['detector']}]" if row.get("detector") else "")
+            newest[(label, row["run"], row["ood"])] = row
         models = list(dict.fromkeys((label, run) for label, run, _ in newest))
         oods = list(dict.fromkeys(ood for _, _, ood in newest))
         r0 = group[-1]
@@ -239,7 +243,8 @@ def gauc_table(rows: list[dict]) -> str:
                 cells = [newest.get((label, run, ood)) for ood in oods]
                 first = next(c for c in cells if c is not None)
                 grid.append([label, f"{first['acc']:.1f}"] + [
-                    "-" if c is None else " / ".join(f"{c[f'{k}_{convention}']:.1f}" for k in ("auc", "aauc", "gauc"))
+                    "-" if c is None else " / ".join(f"{c[f'{k}_{convention}']:.1f}" if f"{k}_{convention}" in c
+                                                     else "-" for k in ("auc", "aauc", "gauc"))
                     for c in cells])
             parts.append(f"{r0['dataset']}, eps = {r0['eps']} (L-inf), {title}, {precision}, x100:\n\n"
                          + markdown(grid))
@@ -297,6 +302,12 @@ def main(args: argparse.Namespace) -> None:
     eps = args.eps if args.eps is not None else CERTIFIED_EPS.get(args.dataset)
     if eps is None:
         raise ValueError(f"no default eps for {args.dataset}; pass --eps (defaults: {CERTIFIED_EPS})")
+    detectors = getattr(args, "detectors", None)  # None: msp only, today's rows
+    if set(detectors or ()) - {"msp"} and args.precision != "float32":
+        raise ValueError("--detectors other than msp score in float32 only; drop --precision or those detectors")
+    from utils.studies.detector_gauc import check_attackable_names
+
+    check_attackable_names(detectors or [])  # before any attack
     data_root = runs.resolve_data_root(args.data_root)
     x_in, y_in = _in_test(args, data_root)
     ood_keys = data.unique_sets(args.ood or data.OOD_TEST[args.dataset])  # one NAME, one set
@@ -307,6 +318,11 @@ def main(args: argparse.Namespace) -> None:
                                            for label, dirs in _table_targets(args)])
     rows = []
     for target in bar(targets, getattr(args, "progress", None), desc="models"):
-        rows += study_model(target, x_in, y_in, oods, eps, args)
+        if detectors is None or "msp" in detectors:
+            rows += study_model(target, x_in, y_in, oods, eps, args)
+        if set(detectors or ()) - {"msp"} and len(target.run_dirs) == 1:  # detectors score single runs
+            from utils.studies.detector_gauc import detector_rows
+
+            rows += detector_rows(target.label, target.run_dirs[0], x_in, y_in, oods, eps, args)
     name = f"{args.dataset}_gauc"
     print(runs.record_study(args.results_root, name, name, rows, gauc_table))
