@@ -221,8 +221,9 @@ def plan(args: Namespace, table: Table, budget: Budget) -> list[Step]:
     if table.steps is not None:
         import importlib
 
-        made = importlib.import_module(table.steps).steps(args, runs_root, results_root,
-                                                          table_runs(table, args.dataset), budget.evaluate)
+        made = importlib.import_module(table.steps).steps(
+            args, runs_root, results_root, table_runs(table, args.dataset), budget.evaluate,
+            run_evaluate=lambda argv: _evaluate(argv, args.budget), run_study=lambda argv: _study(argv, args.budget))
         steps += [Step(*step) for step in made]
     return steps
 

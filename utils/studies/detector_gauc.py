@@ -89,7 +89,7 @@ def detector_rows(label: str, run_dir: Path, x_in: torch.Tensor, y_in: torch.Ten
     """One row per (detector of --detectors other than msp, OOD set): AUC and AAUC in both tie conventions."""
     from utils import methods, runs
     from utils.studies.detector_runs import fitted_detectors
-    from utils.studies.gauc import CONVENTIONS, auroc
+    from utils.studies.auc_conventions import CONVENTIONS, auroc
 
     model = methods.load_run(run_dir, device=args.device)
     names = [name for name in args.detectors if name != "msp"]

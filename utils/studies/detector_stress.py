@@ -32,8 +32,10 @@ BUDGET_FLAGS: dict[str, dict[str, tuple[str, ...]]] = {
 
 
 def steps(args: Namespace, runs_root: Path, results_root: Path, run_names: list[str],
-          evaluate_flags: tuple[str, ...]) -> list[tuple[str, str, Callable[[], None], list[str]]]:
-    """(title, kind, action, argv) of the evaluate, gauc and audit steps and of the table, after training."""
+          evaluate_flags: tuple[str, ...], run_evaluate: Callable[[list[str]], None],
+          run_study: Callable[[list[str]], None]) -> list[tuple[str, str, Callable[[], None], list[str]]]:
+    """(title, kind, action, argv) of the evaluate, gauc and audit steps and of the table, after training;
+    `run_evaluate(argv)` / `run_study(argv)` are the driver's own (the scripts sit above the studies)."""
     import data
 
     run_dirs = [str(runs_root / args.dataset / name) for name in run_names]
@@ -41,36 +43,20 @@ def steps(args: Namespace, runs_root: Path, results_root: Path, run_names: list[
                                                                       if args.data_root else [])
     ood = list(dict.fromkeys([*data.OOD_TEST.get(args.dataset, []), *args.ood]))
     evaluate = [*common, "--runs", *run_dirs, "--detectors", ",".join(DETECTORS), "--table-name", TABLE_NAME,
-                "--results-root", str(results_root), "--skip-missing", "--no-progress", "--no-print",
+                "--results-root", str(results_root), "--skip-missing-ood", "--no-progress", "--no-print",
                 *evaluate_flags, "--ood", *ood] + (["--download"] if args.download else [])
     flags = BUDGET_FLAGS.get(args.budget, {})
     study = [*common, "--runs", *run_dirs, "--detectors", ",".join(DETECTORS), "--results-root", str(results_root),
              "--no-progress"]
     gauc = ["--study", "gauc", *study, "--ood", ADV_SEEDS, *flags.get("gauc", ())]
     audit = ["--study", "audit", *study, "--sources", "noise", "--noise", FAR_SOURCE, *flags.get("audit", ())]
-    tags = {"budget": args.budget}
-    return [("evaluate.py (every detector)", "evaluate.py", lambda: _evaluate(evaluate, tags), evaluate),
+    return [("evaluate.py (every detector)", "evaluate.py", lambda: run_evaluate(evaluate), evaluate),
             ("gen_attack_stats.py --study gauc --detectors", "gen_attack_stats.py --study gauc",
-             lambda: _study(gauc, tags), gauc),
+             lambda: run_study(gauc), gauc),
             ("gen_attack_stats.py --study audit --detectors", "gen_attack_stats.py --study audit",
-             lambda: _study(audit, tags), audit),
+             lambda: run_study(audit), audit),
             ("detector-stress table", "table", lambda: write_table(args.dataset, results_root, args.budget), [])]
 
-
-def _evaluate(argv: list[str], tags: dict) -> None:
-    import evaluate
-
-    args = evaluate.get_args_parser().parse_args(argv)
-    args.row_tags = tags
-    evaluate.main(args)
-
-
-def _study(argv: list[str], tags: dict) -> None:
-    import gen_attack_stats
-
-    args = gen_attack_stats.get_args_parser(argv[1]).parse_args(argv)
-    args.row_tags = tags
-    gen_attack_stats.run_study(args)
 
 
 def _newest(rows: list[dict], key: Callable[[dict], tuple]) -> dict:

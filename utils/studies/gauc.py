@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -41,27 +40,11 @@ from torch import nn
 from utils.cli import AT_LEAST_ONE, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE
 from utils.progress import bar
 from utils.studies import add_common_args, dataset_of_runs
+from utils.studies.auc_conventions import CONVENTIONS, auroc, auroc_conservative  # noqa: F401 (public here too)
 
 STUDY = "gauc"
 PRECISIONS = {"float32": torch.float32, "float64": torch.float64}
-CONVENTIONS = {"conservative": "conservative AUROC (ties count against the model, as GOOD / ProoD)",
-               "sklearn": "scikit-learn AUROC (ties count 1/2)"}
 SOUNDNESS_TOL = 1e-5
-
-
-def auroc_conservative(conf_in, conf_out) -> float:
-    """Mean over all (in, out) pairs of [conf_out < conf_in]: ties count against the model."""
-    from utils.metrics import _as_array
-
-    scores_in, scores_out = _as_array(conf_in, "conf_in"), _as_array(conf_out, "conf_out")
-    below = np.searchsorted(np.sort(scores_out), scores_in, side="left")  # out scores strictly below each in score
-    return float(below.sum() / (scores_in.size * scores_out.size))
-
-
-def auroc(conf_in, conf_out, convention: str) -> float:
-    from utils import metrics
-
-    return auroc_conservative(conf_in, conf_out) if convention == "conservative" else metrics.auroc(conf_in, conf_out)
 
 
 RANGES = {"eps": NON_NEGATIVE, "n_ood": AT_LEAST_ONE, "n_test": AT_LEAST_ONE, "apgd_steps": NON_NEGATIVE_INT,
