@@ -28,6 +28,22 @@ CONFIGS = {
 }
 
 
+def conv_stack(config: list, in_channels: int, width: int, mod: bool, batch_norm: bool) -> tuple[list, int]:
+    """The conv stages of a VGG configuration ("M" a ceil-mode max-pool): conv3x3 (+BN) + activation per number,
+    widths scaled by width/64; returns (layers, output channels). With batch norm the convs carry no bias."""
+    layers: list = []
+    planes = in_channels
+    for item in config:
+        if item == "M":
+            layers.append(nn.MaxPool2d(2, 2, ceil_mode=True))
+            continue
+        out_planes = int(item) * width // 64
+        conv = nn.Conv2d(planes, out_planes, 3, 1, 1, bias=not batch_norm)
+        layers += [conv, nn.BatchNorm2d(out_planes), activation(mod)] if batch_norm else [conv, activation(mod)]
+        planes = out_planes
+    return layers, planes
+
+
 class VGG(Backbone):
     def __init__(self, arch: str, num_classes: int, in_channels: int, input_size: int, dropout: float = 0.0,
                  normalize: NormalizeSpec = None, spectral_norm_coeff: Optional[float] = None,
@@ -36,16 +52,7 @@ class VGG(Backbone):
         self.arch = arch
         size = check_input_size(arch, input_size)
         self.normalize = make_normalize(normalize)
-        layers: list = []
-        planes = in_channels
-        for item in CONFIGS[arch]:
-            if item == "M":
-                layers.append(nn.MaxPool2d(2, 2, ceil_mode=True))
-            else:
-                out_planes = int(item) * width // 64
-                layers += [nn.Conv2d(planes, out_planes, 3, 1, 1, bias=False), nn.BatchNorm2d(out_planes),
-                           activation(mod)]
-                planes = out_planes
+        layers, planes = conv_stack(CONFIGS[arch], in_channels, width, mod, batch_norm=True)
         self.body = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -70,15 +77,7 @@ class VGGNoBN(Backbone):
         self.arch = arch
         size = check_input_size(arch, input_size)
         self.normalize = make_normalize(normalize)
-        layers: list = []
-        planes = in_channels
-        for item in CONFIGS[arch.removesuffix("_nobn")]:
-            if item == "M":
-                layers.append(nn.MaxPool2d(2, 2, ceil_mode=True))
-            else:
-                out_planes = int(item) * width // 64
-                layers += [nn.Conv2d(planes, out_planes, 3, 1, 1), activation(mod)]
-                planes = out_planes
+        layers, _ = conv_stack(CONFIGS[arch.removesuffix("_nobn")], in_channels, width, mod, batch_norm=False)
         layers.append(nn.Flatten())
         self.body = nn.Sequential(*layers)
         hidden = 512 * width // 64
