@@ -258,3 +258,18 @@ def test_an_empty_ood_list_is_refused_when_the_command_line_is_read(run_dir, tmp
     monkeypatch.setattr(methods, "load_run", lambda *a, **k: pytest.fail("a model was loaded"))
     code, err = run_cli(["--runs", str(run_dir), "--results-root", str(tmp_path / "r"), "--ood", ","], capsys)
     assert code == 2 and err.endswith(": error: argument --ood: ',' names no set; give data keys or NAME=PATH\n")
+
+
+def test_an_unwritable_folder_below_the_results_root_is_one_line(run_dir, tmp_path, monkeypatch, capsys):
+    """A folder deeper than the results root's own (e.g. scores/<DATASET>/, made read-only by hand) ended in a
+    PermissionError traceback; tests run as root, so the refusal of the file system is simulated."""
+    locked = tmp_path / "r" / "scores" / "digits"
+
+    def refuse(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(locked))
+
+    monkeypatch.setattr(evaluation, "write_atomically", refuse)
+    code, err = run_cli(["--runs", str(run_dir), "--results-root", str(tmp_path / "r"), *FAST], capsys)
+    assert code == 2 and len(err.splitlines()) == 1
+    assert err.endswith(f": error: permission denied: {locked}; make it writable (or pass another --results-root / "
+                        "--runs-root)\n")

@@ -96,6 +96,9 @@ def user_message(err: BaseException) -> Optional[str]:
     if isinstance(err, OSError) and err.errno == errno.ENOSPC:
         where = err.filename or "the device"
         return f"No space left on {where}; free some space and run the command again"
+    if isinstance(err, PermissionError):  # an unwritable results or runs folder, wherever it sits
+        where = err.filename or "a file or folder"
+        return f"permission denied: {where}; make it writable (or pass another --results-root / --runs-root)"
     if isinstance(err, pickle.UnpicklingError):
         return ("refusing to load a file that is not a plain-tensor checkpoint "
                 f"({unpickling_reason(str(err))}); only files written by this project load")
