@@ -139,8 +139,8 @@ def load_sets(args):
     return train_x, train_y, x_in, x_out, out_name
 
 
-def ours_fast(model, detectors: dict, x_in, x_out, batch_size: int) -> dict:
-    """One forward pass per batch feeds every logit/feature detector; then one metrics call per detector."""
+def shared_pass_scores(model, detectors: dict, x_in, x_out, batch_size: int) -> dict:
+    """One forward pass per batch feeds every logit/feature detector: {name: (scores in, scores out)}."""
     scores = {name: ([], []) for name in detectors}
     with torch.no_grad():
         for side, x in enumerate((x_in, x_out)):
@@ -149,8 +149,13 @@ def ours_fast(model, detectors: dict, x_in, x_out, batch_size: int) -> dict:
                 logits = model.head(features)
                 for name, detector in detectors.items():
                     scores[name][side].append(detector.from_outputs(features, logits))
-    return {name: ood_metrics(torch.cat(s_in), torch.cat(s_out), fpr_convention="ood")
-            for name, (s_in, s_out) in scores.items()}
+    return {name: (torch.cat(s_in), torch.cat(s_out)) for name, (s_in, s_out) in scores.items()}
+
+
+def ours_fast(model, detectors: dict, x_in, x_out, batch_size: int) -> dict:
+    """The shared pass, then one metrics call per detector."""
+    return {name: ood_metrics(s_in, s_out, fpr_convention="ood")
+            for name, (s_in, s_out) in shared_pass_scores(model, detectors, x_in, x_out, batch_size).items()}
 
 
 def reference_metrics(detector, x_in, x_out, batch_size: int, grad: bool = False) -> dict:
@@ -273,15 +278,8 @@ def ours_recent(model, train_x, train_y, x_in, x_out, batch_size: int) -> dict:
     for detector in detectors.values():
         if type(detector).fit is not DETECTORS["msp"].fit:
             detector.fit(loader)
-    scores = {name: ([], []) for name in detectors}
-    with torch.no_grad():
-        for side, x in enumerate((x_in, x_out)):
-            for batch in batches(x, batch_size):
-                features = model.features(batch)
-                logits = model.head(features)
-                for name, detector in detectors.items():
-                    scores[name][side].append(detector.from_outputs(features, logits).double().cpu())
-    return {name: (torch.cat(s_in), torch.cat(s_out)) for name, (s_in, s_out) in scores.items()}
+    return {name: (s_in.double().cpu(), s_out.double().cpu())
+            for name, (s_in, s_out) in shared_pass_scores(model, detectors, x_in, x_out, batch_size).items()}
 
 
 def reference_recent(model, train_x, train_y, vim_dim: int) -> dict:
