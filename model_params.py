@@ -9,11 +9,11 @@ defaults to None takes, in this order (later wins, a flag given on the command l
 2. the method's `defaults` (`utils.methods.base.Method.defaults`; ACET/CEDA's weight decay in
    `utils/methods/noise.py`);
 3. `RECIPES[recipe]` for that dataset, when `--recipe` names one;
-4. the method's `dataset_defaults(dataset)`: `GAN_PARAMS` in `utils/methods/gan.py`, `PROOD_PARAMS` in
-   `utils/methods/certified.py`.
+4. the method's `dataset_defaults(dataset)`: `GAN_PARAMS` in `utils/methods/gan.py`, `GOOD_PARAMS` and
+   `PROOD_PARAMS` in `utils/methods/certified.py`.
 
 Every other default lives with what it configures, once: a method's own flags in its file under
-`utils/methods/` (GOOD/ProoD's eps, kappa and ramps: `CERTIFIED_EPS`, `GOOD_KAPPA`, `RAMPS` in
+`utils/methods/` (GOOD/ProoD's eps, kappa and ramps: `CERTIFIED_EPS`, `DEFAULT_KAPPA`, `RAMPS` in
 `utils/methods/certified.py`), the flags several methods share in `utils/methods/shared.py`, the PGD attack's
 (eps 0.3, 40 steps; 80 in evaluate.py) in `utils.attacks.PGD_DEFAULTS`, and each script's own flags in its parser.
 """

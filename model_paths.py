@@ -49,6 +49,7 @@ _DEMO = [
     TableEntry("ACET", ("acet-s0",)),
     TableEntry("DDU", ("ddu-s0",), "ddu"),
     TableEntry("CCU", ("ccu-s0",)),
+    TableEntry("GOOD80", ("good80-s0",)),
     TableEntry("ProoD", ("prood-s0",)),
 ]
 
@@ -147,11 +148,10 @@ RUN_FLAGS: dict[str, RunFlags] = {
     # ProoD's discriminator trains beside the finished OE run of the same table (trained before it: training_order)
     "prood": RunFlags(("--method", "prood", "--classifier", "oe-s0", "--out-data", "natural_patches"),
                       {"small": ("--discriminator-width", "0.5", "--max-batches", "300")}),
-    # GOOD_Q on the paper's plain CNN (size L for one-channel data, XL otherwise)
-    "good80": RunFlags(("--method", "good", "--good-quantile", "0.8", "--arch", "good_cnn", "--out-data",
-                        "natural_patches"), {"small": _GOOD_SMALL}),
-    "good100": RunFlags(("--method", "good", "--good-quantile", "1.0", "--arch", "good_cnn", "--out-data",
-                         "natural_patches"), {"small": _GOOD_SMALL}),
+    # GOOD_Q with --method good's defaults per dataset (utils.methods.certified.GOOD_PARAMS: the paper's plain CNN,
+    # size L for one-channel data and XL otherwise, on natural patches; LeNet on ACET noise for 60 epochs on digits)
+    "good80": RunFlags(("--method", "good", "--good-quantile", "0.8"), {"small": _GOOD_SMALL}),
+    "good100": RunFlags(("--method", "good", "--good-quantile", "1.0"), {"small": _GOOD_SMALL}),
 }
 # CCU's in- and out-distribution mixtures (gen_gmm.py, the "gmm-s0" the ccu/ccus runs name)
 GMM_FLAGS = RunFlags((), {"small": ("--n-in", "10000", "--n-out", "5000", "--max-iter", "30"),
@@ -168,6 +168,8 @@ DEMO_RUN_FLAGS: dict[str, RunFlags] = {
     "ddu": RunFlags(("--method", "plain", "--arch", "resnet_small", "--arch-kwargs", '{"bn_momentum": 0.1}',
                      "--spectral-norm-coeff", "3", "--mod", "--epochs", "20", "--val-fraction", "0.1")),
     "ccu": RunFlags(("--method", "ccu", "--gmm", "gmm-s0", "--out-data", "natural_patches", "--epochs", "20")),
+    # GOOD_80 with --method good's digits defaults (utils.methods.certified.GOOD_PARAMS: LeNet on ACET noise, 60 epochs)
+    "good80": RunFlags(("--method", "good")),
     # ProoD over the plain run with --method prood's digits defaults (utils.methods.certified.PROOD_PARAMS): only its
     # certified discriminator trains, on uniform noise at MNIST's eps 0.3
     "prood": RunFlags(("--method", "prood", "--classifier", "plain-s0")),

@@ -94,9 +94,10 @@ def test_missing_runs_of_a_paper_table_are_listed_with_their_train_commands(two_
         assert (f"python train.py --dataset digits --seed 0 --name {run} --runs-root {two_runs} --method {method}"
                 in message)
     assert f"python gen_gmm.py --dataset digits --name gmm-s0 --runs-root {two_runs}" in message
-    assert "GAN, CEDA, ACET, DDU, CCU, ProoD" in message and "--name plain-s0" not in message and "--skip-missing-runs" in message
+    assert "GAN, CEDA, ACET, DDU, CCU, GOOD80, ProoD" in message and "--name plain-s0" not in message
+    assert "--skip-missing-runs" in message
     commands = [shlex.split(line) for line in message.splitlines() if line.startswith("  python ")]
-    assert [c[1] for c in commands] == ["gen_gmm.py"] + ["train.py"] * 6
+    assert [c[1] for c in commands] == ["gen_gmm.py"] + ["train.py"] * 7
     for command in commands:  # every listed command is one the script accepts
         script = gen_gmm if command[1] == "gen_gmm.py" else train
         script.get_args_parser().parse_args(command[2:])
@@ -112,7 +113,7 @@ def test_missing_runs_exit_2_from_the_command_line(two_runs, tmp_path, monkeypat
         runpy.run_path(str(ROOT / "evaluate.py"), run_name="__main__")
     assert exit_info.value.code == 2
     stderr = capsys.readouterr().err
-    assert stderr.startswith("evaluate.py: error: 6 run(s) of the digits table are not trained") and "Traceback" not in stderr
+    assert stderr.startswith("evaluate.py: error: 7 run(s) of the digits table are not trained") and "Traceback" not in stderr
     # the digits table is the demo's: its runs are listed with the demo's flags
     assert f"--name ddu-s0 --runs-root {two_runs} --method plain --arch resnet_small" in stderr
 

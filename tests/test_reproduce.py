@@ -166,8 +166,8 @@ def test_digits_prood_trains_its_oe_classifier_first_and_dry_run_says_so(tmp_pat
     reproduce.main(reproduce.get_args_parser().parse_args(["ccu-table2", "--dataset", "digits", "--budget", "tiny",
                                                            "--runs-root", str(tmp_path), "--dry-run"]))
     printed = capsys.readouterr().out.splitlines()
-    assert printed[-3:] == ["8. train oe-s0 (missing; needed by prood-s0)", "9. train prood-s0 (missing)",
-                            "10. evaluate.py"]
+    assert printed[-4:] == ["8. train good80-s0 (missing)", "9. train oe-s0 (missing; needed by prood-s0)",
+                            "10. train prood-s0 (missing)", "11. evaluate.py"]
     assert "6. gen_gmm gmm-s0 (needed by ccu-s0)" in printed
 
 
@@ -188,4 +188,5 @@ def test_train_only_makes_what_each_run_needs_first(tmp_path):
     args = reproduce.get_args_parser().parse_args(["--train-only", "--dataset", "digits", "--runs-root", str(tmp_path)])
     steps = reproduce.plan(args, reproduce.chosen_table(args), reproduce.BUDGETS[args.budget])
     names = [step.argv[step.argv.index("--name") + 1] for step in steps]
-    assert names == ["plain-s0", "gan-s0", "ceda-s0", "acet-s0", "ddu-s0", "gmm-s0", "ccu-s0", "oe-s0", "prood-s0"]
+    assert names == ["plain-s0", "gan-s0", "ceda-s0", "acet-s0", "ddu-s0", "gmm-s0", "ccu-s0", "good80-s0", "oe-s0",
+                     "prood-s0"]

@@ -64,9 +64,11 @@ def test_every_table_and_budget_has_a_complete_plan(key, budget):
 def test_the_demo_and_the_papers_train_the_digits_table_differently():
     demo = {name: flags.flags for what, name, _, flags in model_paths.table_plan("digits", "demo")}
     paper = {name: flags.flags for what, name, _, flags in model_paths.table_plan("digits", "paper")}
-    assert list(demo) == ["plain-s0", "gan-s0", "ceda-s0", "acet-s0", "ddu-s0", "gmm-s0", "ccu-s0", "prood-s0"]
-    assert list(paper) == ["plain-s0", "gan-s0", "ceda-s0", "acet-s0", "ddu-s0", "gmm-s0", "ccu-s0", "oe-s0",
-                           "prood-s0"]  # the papers' ProoD trains beside OE, the demo's beside the plain run
+    assert list(demo) == ["plain-s0", "gan-s0", "ceda-s0", "acet-s0", "ddu-s0", "gmm-s0", "ccu-s0", "good80-s0",
+                          "prood-s0"]
+    assert list(paper) == ["plain-s0", "gan-s0", "ceda-s0", "acet-s0", "ddu-s0", "gmm-s0", "ccu-s0", "good80-s0",
+                           "oe-s0", "prood-s0"]  # the papers' ProoD trains beside OE, the demo's beside the plain run
+    assert demo["good80-s0"] == ("--method", "good")  # --method good's digits defaults
     assert demo["prood-s0"][:4] == ("--method", "prood", "--classifier", "plain-s0")
     assert demo["gmm-s0"] == ("--n-components", "20", "--out-data", "natural_patches", "--n-out", "3000",
                               "--no-augment") and paper["gmm-s0"] == ()
