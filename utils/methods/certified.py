@@ -25,9 +25,9 @@ originals: GOOD's kappa over 20-50% of the run and eps over 20-60% by default (t
 over epochs 2-102 of 420 and eps over 10-130, leaves short runs no clean warm-up: they collapsed to a constant
 output on digits and MNIST); ProoD's kappa over the first 30% of the run as the original
 (prood_config/experimental/schedule_long.yaml: linear from 0 over epochs 0-300 of 1000, then held), but eps
-only over 10-40% after a clean start (see RAMPS for why). The training loop records the epoch in `opts.epoch` and the share of its batches done
-in `opts.epoch_progress`. d's last layer starts as an ordinary nn.Linear (|W| = exp(V) near 1) with 3 added to its bias,
-as the original's utils/factories.py.
+only over 10-40% after a clean start (see RAMPS for why). The training loop records the epoch in `opts.epoch`
+and the share of its batches done in `opts.epoch_progress`. d's last layer starts as an ordinary nn.Linear
+(|W| = exp(V) near 1) with 3 added to its bias, as the original's utils/factories.py.
 
 Differences from the originals: losses are means over the batch (GOOD's code sums, with a per-batch learning
 rate); ramps are fractions of `--epochs`, so short runs ramp proportionally; the training out-distribution is
@@ -101,9 +101,14 @@ GOOD_PARAMS: dict[str, GoodParams] = {
 }
 
 
+def _set_fields(params) -> dict:
+    """The fields of a GoodParams / ProodParams that are set (None keeps the dataset's default)."""
+    return {key: value for key, value in asdict(params).items() if value is not None}
+
+
 def good_defaults(dataset: str) -> dict:
-    """The flags `--method good` sets by default on `dataset` (GOOD_PARAMS; None keeps the dataset's)."""
-    return {key: value for key, value in asdict(GOOD_PARAMS[dataset]).items() if value is not None}
+    """The flags `--method good` sets by default on `dataset` (GOOD_PARAMS)."""
+    return _set_fields(GOOD_PARAMS[dataset])
 
 
 @dataclass(frozen=True)
@@ -125,8 +130,8 @@ PROOD_PARAMS: dict[str, ProodParams] = {
 
 
 def prood_defaults(dataset: str) -> dict:
-    """The flags `--method prood` sets by default on `dataset` (PROOD_PARAMS; None keeps the dataset's)."""
-    return {key: value for key, value in asdict(PROOD_PARAMS[dataset]).items() if value is not None}
+    """The flags `--method prood` sets by default on `dataset` (PROOD_PARAMS)."""
+    return _set_fields(PROOD_PARAMS[dataset])
 
 
 CLASSIFIER_KEYS = ("arch", "num_classes", "in_channels", "input_size", "dropout", "normalize",
@@ -150,9 +155,11 @@ def add_args(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--kappa", type=float, default=None,
                        help=f"out-loss weight (default {DEFAULT_KAPPA}; GOOD's paper: MNIST 0.3)")
     group.add_argument("--kappa-ramp", type=fraction, nargs=2, default=None, metavar=("START", "END"),
-                       help="kappa ramps 0 -> kappa between these fractions of --epochs (default: the paper's)")
+                       help="kappa ramps 0 -> kappa between these fractions of the run, at every step (default: "
+                            f"good {RAMPS['good']['kappa']}, prood {RAMPS['prood']['kappa']})")
     group.add_argument("--eps-ramp", type=fraction, nargs=2, default=None, metavar=("START", "END"),
-                       help="eps ramps 0 -> --ibp-eps between these fractions of --epochs")
+                       help="eps ramps 0 -> --ibp-eps between these fractions of the run, at every step (default: "
+                            f"good {RAMPS['good']['eps']}, prood {RAMPS['prood']['eps']})")
     group.add_argument("--classifier", default=None, metavar="RUN",
                        help="prood: finished classifier run (folder, or name under <runs-root>/<dataset>/); "
                             "omitted: the classifier trains jointly")
