@@ -20,6 +20,7 @@ from utils.detectors.odin import ODIN
 from utils.detectors.posthoc import POSTHOC_DETECTORS
 from utils.methods.edl import EDL_METHODS, EDLModel, edl_loss
 from utils.metrics import auroc, ood_metrics
+from tests.conftest import FlatLinear
 
 SHAPE = (3, 2, 2)  # tiny 3-channel "images", so the per-channel normalisation is non-trivial
 MEAN, STD = (0.49, 0.48, 0.45), (0.25, 0.1, 0.5)
@@ -48,21 +49,9 @@ class TinyNet(nn.Module):
         return self.head(self.features(x))
 
 
-class IdentityFeatures(nn.Module):
-    """features = the flattened input (exactly controlled features), head = a fixed linear map."""
-
-    def __init__(self, dim: int) -> None:
-        super().__init__()
-        self.fc = nn.Linear(dim, NUM_CLASSES)
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        return x.flatten(1)
-
-    def head(self, features: torch.Tensor) -> torch.Tensor:
-        return self.fc(features)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
+def IdentityFeatures(dim: int) -> FlatLinear:
+    """features = the flattened input (exactly controlled features), head = a fresh linear map to NUM_CLASSES."""
+    return FlatLinear(dim, NUM_CLASSES)
 
 
 def _toy(n_per_class: int = 60, seed: int = 0):

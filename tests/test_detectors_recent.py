@@ -17,27 +17,12 @@ from utils.detectors import training_stats
 from utils.detectors.recent import RECENT_DETECTORS
 from utils.detectors.shaping import ash, kept_count
 from utils.detectors.training_stats import head_parameters, percentile, topk_similarities
+from tests.conftest import FlatLinear
 
 
-class Affine(nn.Module):
+def Affine(weight, bias) -> FlatLinear:
     """features = the flattened input (so features are exactly what the test passes), head = Linear(W, b)."""
-
-    def __init__(self, weight, bias) -> None:
-        super().__init__()
-        weight = torch.as_tensor(weight, dtype=torch.float32)
-        self.fc = nn.Linear(weight.shape[1], weight.shape[0])
-        with torch.no_grad():
-            self.fc.weight.copy_(weight)
-            self.fc.bias.copy_(torch.as_tensor(bias, dtype=torch.float32))
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        return x.flatten(1)
-
-    def head(self, features: torch.Tensor) -> torch.Tensor:
-        return self.fc(features)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
+    return FlatLinear.with_weights(weight, bias)
 
 
 def fitted(name, model, train_features, labels=None, **options):

@@ -18,7 +18,33 @@ def unit_rows(features: torch.Tensor) -> torch.Tensor:
     return F.normalize(features.float(), dim=1)
 
 
-class KNN(TrainStatsDetector):
+class NeighbourBank(TrainStatsDetector):
+    """A bank of training features searched for each input's k most similar rows; subclasses say what the bank
+    holds (`make_bank`) and how the neighbours' similarities become a confidence."""
+
+    name = "neighbour"  # the detector's name in messages
+
+    def __init__(self, model: nn.Module, k: int) -> None:
+        super().__init__(model)
+        self.k = check_count(f"{self.name} k", k)
+        self.bank: torch.Tensor | None = None
+
+    def make_bank(self, features: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _fit(self, features, logits, labels) -> None:
+        if self.k > len(features):
+            raise ValueError(f"{self.name} k = {self.k} exceeds the {len(features)} training features; "
+                             "pass a smaller k")
+        self.bank = self.make_bank(features, logits)
+
+    def similarities(self, features: torch.Tensor) -> torch.Tensor:
+        """(N, k) cosine-type similarities of each input's k nearest bank rows, largest first."""
+        self.check_fitted()
+        return topk_similarities(unit_rows(features), self.bank.to(features.device), self.k)
+
+
+class KNN(NeighbourBank):
     """Deep nearest neighbours (Sun, Ming, Zhu, Li; ICML 2022, arXiv 2204.06507):
 
         confidence(x) = -|| z/||z|| - z'_(k)/||z'_(k)|| ||_2,
@@ -29,23 +55,20 @@ class KNN(TrainStatsDetector):
     returns minus the SQUARED distance (faiss IndexFlatL2); the square root changes no ranking or metric.
     """
 
-    def __init__(self, model: nn.Module, k: int = 50) -> None:
-        super().__init__(model)
-        self.k = check_count("KNN k", k)
-        self.bank: torch.Tensor | None = None
+    name = "KNN"
 
-    def _fit(self, features, logits, labels) -> None:
-        if self.k > len(features):
-            raise ValueError(f"KNN k = {self.k} exceeds the {len(features)} training features; pass a smaller k")
-        self.bank = unit_rows(features)
+    def __init__(self, model: nn.Module, k: int = 50) -> None:
+        super().__init__(model, k)
+
+    def make_bank(self, features: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        return unit_rows(features)
 
     def from_outputs(self, features: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        self.check_fitted()
-        kth = topk_similarities(unit_rows(features), self.bank.to(features.device), self.k)[:, -1]
+        kth = self.similarities(features)[:, -1]
         return -(2.0 - 2.0 * kth).clamp_min(0.0).sqrt()
 
 
-class NNGuide(TrainStatsDetector):
+class NNGuide(NeighbourBank):
     """NNGuide (Park, Jung, Teoh; ICCV 2023, arXiv 2309.14888): the classifier's energy guided by its nearest
     neighbours in a bank of training features scaled by their own energy,
 
@@ -56,18 +79,13 @@ class NNGuide(TrainStatsDetector):
     OpenOOD keep a random 1% of ImageNet's training set as the bank; on our data sets the whole set is small).
     """
 
-    def __init__(self, model: nn.Module, k: int = 100) -> None:
-        super().__init__(model)
-        self.k = check_count("NNGuide k", k)
-        self.bank: torch.Tensor | None = None
+    name = "NNGuide"
 
-    def _fit(self, features, logits, labels) -> None:
-        if self.k > len(features):
-            raise ValueError(f"NNGuide k = {self.k} exceeds the {len(features)} training features; "
-                             f"pass a smaller k")
-        self.bank = unit_rows(features) * torch.logsumexp(logits, dim=1, keepdim=True)
+    def __init__(self, model: nn.Module, k: int = 100) -> None:
+        super().__init__(model, k)
+
+    def make_bank(self, features: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        return unit_rows(features) * torch.logsumexp(logits, dim=1, keepdim=True)
 
     def from_outputs(self, features: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        self.check_fitted()
-        guidance = topk_similarities(unit_rows(features), self.bank.to(features.device), self.k).mean(dim=1)
-        return torch.logsumexp(logits.float(), dim=1) * guidance
+        return torch.logsumexp(logits.float(), dim=1) * self.similarities(features).mean(dim=1)
