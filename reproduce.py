@@ -401,8 +401,8 @@ def main(args: Namespace) -> Path | None:
                         f"{args.dataset}; datasets it runs on: {', '.join(table_datasets(table))}")
     if args.train_only:
         return train_only(args, table, budget)
-    for key in data.unique_sets(args.ood):  # one NAME for two sets, unreadable NAME=PATH files: fail before
-        # anything is trained or written
+    for key in args.ood:  # unreadable NAME=PATH files fail before anything is trained or written (one NAME for
+        # two sets was refused by --ood's parser, data.dataset_list)
         data.check_dataset(key, like=args.dataset, root=resolve_data_root(args.data_root))
     if args.ood and table.evaluate is None:
         print(f"note: {args.table} evaluates no OOD sets; --ood is not used")

@@ -54,6 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
 from models import MODELS  # noqa: E402
 from utils.detectors import DETECTORS  # noqa: E402
+from utils.detectors.base import Detector  # noqa: E402
 from utils.detectors.mahalanobis import Mahalanobis  # noqa: E402
 from utils.detectors.odin import ODIN, ODIN_EPS_GRID  # noqa: E402
 from utils.metrics import ood_metrics  # noqa: E402
@@ -276,13 +277,13 @@ def ours_recent(model, train_x, train_y, x_in, x_out, batch_size: int) -> dict:
     loader = list(zip(batches(train_x, batch_size), batches(train_y, batch_size)))
     detectors = {name: cls(model, **RECENT_OPTIONS.get(name, {})) for name, cls in RECENT_DETECTORS.items()}
     for detector in detectors.values():
-        if type(detector).fit is not DETECTORS["msp"].fit:
+        if type(detector).fit is not Detector.fit:
             detector.fit(loader)
     return {name: (s_in.double().cpu(), s_out.double().cpu())
             for name, (s_in, s_out) in shared_pass_scores(model, detectors, x_in, x_out, batch_size).items()}
 
 
-def reference_recent(model, train_x, train_y, vim_dim: int) -> dict:
+def reference_recent(model, vim_dim: int) -> dict:
     """pytorch-ood 0.4.0's versions, each built, fitted and run on its own: {name: (detector, to_confidence)}.
     ReAct / ASH / SCALE get the pooled vector as a C x 1 x 1 map (their backbone), like ours."""
     from pytorch_ood import detector as ref
@@ -309,7 +310,7 @@ def run_reference_recent(model, train_x, train_y, x_in, x_out, args, vim_dim: in
 
     loader = DataLoader(TensorDataset(train_x, train_y), batch_size=args.batch_size)
     out, times = {}, {}
-    for name, (detector, factor) in reference_recent(model, train_x, train_y, vim_dim).items():
+    for name, (detector, factor) in reference_recent(model, vim_dim).items():
         start = time.perf_counter()
         if hasattr(detector, "fit") and name not in ("ash", "scale", "gen"):
             detector.fit(loader)

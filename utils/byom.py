@@ -30,7 +30,7 @@ import data
 import model_params
 from models.common import Normalize
 from models.hooked import HookedFeatures, with_features
-from utils.cli import UserError
+from utils.cli import UserError, first_line
 
 SHOWN_KEYS = 5  # missing / unexpected state-dict keys named in an error
 
@@ -90,7 +90,7 @@ def build_network(spec: str) -> nn.Module:
     try:
         module_spec.loader.exec_module(module)
     except Exception as error:  # noqa: BLE001 (the user's file: any error is theirs to fix)
-        raise UserError(f"--model: importing {path} raised {type(error).__name__}: {_first_line(error)}") from error
+        raise UserError(f"--model: importing {path} raised {type(error).__name__}: {first_line(str(error))}") from error
     factory = getattr(module, attr, None)
     if not callable(factory):
         found = sorted(name for name, value in vars(module).items() if callable(value) and not name.startswith("_")
@@ -100,7 +100,7 @@ def build_network(spec: str) -> nn.Module:
     try:
         network = factory()
     except Exception as error:  # noqa: BLE001
-        raise UserError(f"--model: {attr}() of {path} raised {type(error).__name__}: {_first_line(error)}") from error
+        raise UserError(f"--model: {attr}() of {path} raised {type(error).__name__}: {first_line(str(error))}") from error
     if not isinstance(network, nn.Module):
         raise UserError(f"--model: {attr}() of {path} returned {type(network).__name__}, not a torch.nn.Module")
     return network
@@ -175,7 +175,7 @@ def check_output_width(network: nn.Module, dataset: str, device: torch.device | 
             out = network.eval()(x)
     except Exception as error:  # noqa: BLE001 (the user's forward pass)
         raise UserError(f"{what}: its forward pass on one {dataset} input of shape {tuple(shape)} raised "
-                        f"{type(error).__name__}: {_first_line(error)}") from error
+                        f"{type(error).__name__}: {first_line(str(error))}") from error
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != (1, num_classes):
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise UserError(f"{what}: on one {dataset} input it returns {got}, expected logits of shape "
@@ -192,10 +192,6 @@ def load_external(args: argparse.Namespace, dataset: str, device: torch.device |
     prepared = prepare_network(network.to(device), args.features_layer, args.normalize)
     check_output_width(prepared, dataset, device, f"--model {args.model}")
     return ExternalNetwork(args.name or model_name(args.model), prepared, weights_hash(prepared))
-
-
-def _first_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [""])[0]
 
 
 @dataclass

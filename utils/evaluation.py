@@ -115,10 +115,10 @@ def run_train_split(config: dict, dataset: str, root: str | None) -> Dataset:
 
 def run_splits(config: dict, args: Namespace) -> tuple[Dataset, Dataset | None]:
     """The run's own training split (without its held-out validation part) and that validation split."""
-    fraction, seed = float(config.get("val_fraction") or 0.0), int(config.get("seed", 0))
     train = run_train_split(config, args.dataset, args.data_root)
-    val = data.get_dataset(args.dataset, "val", root=args.data_root, val_fraction=fraction, seed=seed) \
-        if fraction > 0 else None
+    fraction = float(config.get("val_fraction") or 0.0)
+    val = data.get_dataset(args.dataset, "val", root=args.data_root, val_fraction=fraction,
+                           seed=int(config.get("seed", 0))) if fraction > 0 else None
     return train, val
 
 

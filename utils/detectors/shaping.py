@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from utils.detectors.common import check_choice
 from utils.detectors.training_stats import HeadDetector, TrainStatsDetector, check_in, percentile
 
 ASH_VARIANTS = ("p", "b", "s")
@@ -80,10 +81,8 @@ class ASH(HeadDetector):
     def __init__(self, model: nn.Module, p: float = 90.0, variant: str = "s") -> None:
         super().__init__(model)
         self.p = check_in("ASH p", p, 0.0, 100.0)
-        variant = str(variant).lower().removeprefix("ash-").removeprefix("-")
-        if variant not in ASH_VARIANTS:
-            raise ValueError(f"unknown ASH variant {variant!r}; valid: {', '.join(ASH_VARIANTS)}")
-        self.variant = variant
+        self.variant = check_choice("ASH variant", str(variant).lower().removeprefix("ash-").removeprefix("-"),
+                                    ASH_VARIANTS)
 
     def from_outputs(self, features: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         return torch.logsumexp(self.head_logits(ash(features.float(), self.p, self.variant)), dim=1)

@@ -10,17 +10,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from utils.detectors import DETECTORS, get_detector_class
+from utils.detectors import DETECTORS, fitted_detector
 from utils.detectors.base import Detector
-
-# ensembles are assembled from several runs; the studies score one network at a time
-NOT_PER_RUN = ("ensemble",)
 
 
 def detector_list(text: str) -> list[str]:
     """argparse type of --detectors: a comma list of DETECTORS keys, each once."""
     names = list(dict.fromkeys(name.strip() for name in text.split(",") if name.strip()))
-    valid = sorted(set(DETECTORS) - set(NOT_PER_RUN))
+    valid = sorted(name for name, cls in DETECTORS.items() if not cls.ensemble)  # the studies score one network
     unknown = [name for name in names if name not in valid]
     if unknown or not names:
         raise argparse.ArgumentTypeError(f"unknown detector {unknown[0]!r}; valid: {', '.join(valid)}" if unknown
@@ -36,19 +33,12 @@ def add_detectors_flag(parser: argparse.ArgumentParser, what: str) -> None:
 def fitted_detectors(model: nn.Module, names: list[str], run_dir: Path, dataset: str, data_root: str,
                      batch_size: int = 256) -> dict[str, Detector]:
     """Each detector with its default options, fitted on the run's own training split (as evaluate.py does)."""
-    import data
+    from utils.evaluation import run_train_split
 
     config_path = Path(run_dir) / "config.json"
     config = json.loads(config_path.read_text()) if config_path.exists() else {}
-    train_set = data.get_dataset(dataset, "train", root=data_root, val_fraction=float(config.get("val_fraction") or 0),
-                                 seed=int(config.get("seed", 0)))
-    out = {}
-    for name in names:
-        detector = get_detector_class(name)(model)
-        if type(detector).fit is not Detector.fit:
-            detector.fit(torch.utils.data.DataLoader(train_set, batch_size=batch_size))
-        out[name] = detector
-    return out
+    train_set = run_train_split(config, dataset, data_root)  # one object: the detectors share one training pass
+    return {name: fitted_detector(name, [model], {}, lambda: train_set, batch_size) for name in names}
 
 
 def detector_scores(detector: Detector, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:

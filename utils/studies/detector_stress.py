@@ -15,8 +15,9 @@ from argparse import Namespace
 from pathlib import Path
 from typing import Callable
 
-DETECTORS = ("msp", "maxlogit", "energy", "entropy", "mahalanobis", "react", "ash", "scale", "knn", "vim", "gen",
-             "fdbd", "nnguide", "mahalanobis++", "rmds")
+from utils.detectors.recent import RECENT_DETECTORS
+
+DETECTORS = ("msp", "maxlogit", "energy", "entropy", "mahalanobis", *RECENT_DETECTORS)
 ADV_SEEDS = "acet_noise"   # the OOD set whose eps-balls are attacked (ACET's adversarial noise starts from it)
 FAR_SOURCE = "uniform"     # the far-away directions
 TABLE_NAME = "detector-stress"
