@@ -49,16 +49,16 @@ class HookedFeatures(nn.Module):
         if self.features_layer is None and self.last_linear_name is None:
             return None, self(x)
         captured: dict[str, torch.Tensor] = {}
-        modules = dict(self.network.named_modules())
+        get = self.network.get_submodule
         handles = []
         if self.last_linear_name is not None:
             def last_hook(module, inputs, output):
                 captured["linear_in"], captured["linear_out"] = inputs[0], output
-            handles.append(modules[self.last_linear_name].register_forward_hook(last_hook))
+            handles.append(get(self.last_linear_name).register_forward_hook(last_hook))
         if self.features_layer is not None:
             def layer_hook(module, inputs, output):
                 captured["layer_out"] = output
-            handles.append(modules[self.features_layer].register_forward_hook(layer_hook))
+            handles.append(get(self.features_layer).register_forward_hook(layer_hook))
         try:
             logits = self(x)
         finally:
@@ -99,7 +99,7 @@ class HookedFeatures(nn.Module):
             raise ValueError(f"the output of {type(self.network).__name__} is not its last nn.Linear "
                              f"({self.last_linear_name!r}) applied to its features ({source}): this detector needs "
                              "the last layer's weight and bias; use a logit or feature-only detector")
-        return dict(self.network.named_modules())[self.last_linear_name](features)
+        return self.network.get_submodule(self.last_linear_name)(features)
 
     def ibp_layers(self) -> list[nn.Module]:
         """The layers of the network (and its Normalize) in forward order, for interval bounds."""

@@ -236,11 +236,11 @@ def _apply_sequence(layers: list[nn.Module], x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def _check_sequence(model: Layers, x: torch.Tensor) -> None:
+def _check_sequence(model: nn.Module, layers: list[nn.Module], x: torch.Tensor) -> None:
     """The layer sequence must reproduce the model's output, or the bound would be of another network."""
     with torch.no_grad():
-        out = _apply_sequence(layer_sequence(model), x)
-        expected = model(x) if isinstance(model, nn.Module) else out
+        out = _apply_sequence(layers, x)
+        expected = model(x)
     if out.shape != expected.shape or not torch.allclose(out, expected, rtol=1e-4, atol=1e-4):
         raise UnsupportedLayerError(f"the IBP layer sequence of {type(model).__name__} does not reproduce its "
                                     "forward pass; refusing to bound it")
@@ -272,8 +272,9 @@ def confidence_upper_bound(model: Layers, x: torch.Tensor, eps: float, dtype: to
         if hasattr(core, "confidence_upper_bound"):
             return round_up_to(core.confidence_upper_bound(x, eps).double(), dtype)
         try:
-            _check_sequence(core, x)
-            ud = logit_difference_bounds(core, *input_box(x, eps, dtype))
+            layers = layer_sequence(core)  # traced once for the check and the bound
+            _check_sequence(core, layers, x)
+            ud = logit_difference_bounds(layers, *input_box(x, eps, dtype))
         except UnsupportedLayerError:
             if not trivial_ok:
                 raise

@@ -354,10 +354,6 @@ def decontrast_start(x_seed: torch.Tensor, eps: float) -> torch.Tensor:
     return x_seed + (mean - x_seed).clamp(-eps, eps)
 
 
-# ProoD's three monotone-PGD attacks (utils/adversarial/aauc.py): start noise and restarts (1 + restarts runs)
-PGD_START_KINDS = ("decontrast", "uniform", "normal")
-
-
 def prood_pgd_starts(x_seed: torch.Tensor, eps: float, restarts: int = 3,
                      generator: Optional[torch.Generator] = None) -> list[torch.Tensor]:
     """The starts of ProoD's AAUC attacks: the de-contrasted point once (it is deterministic), then 1 + restarts

@@ -101,14 +101,9 @@ GOOD_PARAMS: dict[str, GoodParams] = {
 }
 
 
-def _set_fields(params) -> dict:
-    """The fields of a GoodParams / ProodParams that are set (None keeps the dataset's default)."""
-    return {key: value for key, value in asdict(params).items() if value is not None}
-
-
 def good_defaults(dataset: str) -> dict:
-    """The flags `--method good` sets by default on `dataset` (GOOD_PARAMS)."""
-    return _set_fields(GOOD_PARAMS[dataset])
+    """The flags `--method good` sets by default on `dataset` (GOOD_PARAMS; train.py drops the None fields)."""
+    return asdict(GOOD_PARAMS[dataset])
 
 
 @dataclass(frozen=True)
@@ -130,8 +125,8 @@ PROOD_PARAMS: dict[str, ProodParams] = {
 
 
 def prood_defaults(dataset: str) -> dict:
-    """The flags `--method prood` sets by default on `dataset` (PROOD_PARAMS)."""
-    return _set_fields(PROOD_PARAMS[dataset])
+    """The flags `--method prood` sets by default on `dataset` (PROOD_PARAMS; train.py drops the None fields)."""
+    return asdict(PROOD_PARAMS[dataset])
 
 
 CLASSIFIER_KEYS = ("arch", "num_classes", "in_channels", "input_size", "dropout", "normalize",
