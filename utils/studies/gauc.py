@@ -88,11 +88,21 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 
 @torch.no_grad()
+def _max_softmax(model: nn.Module, x: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(max-softmax confidences as float64 (exactly), predicted classes) in the model's dtype (x is cast to it),
+    on the CPU."""
+    dtype = next(model.parameters()).dtype
+    confidences, predictions = [], []
+    for i in range(0, len(x), batch_size):
+        probs = F.softmax(model(x[i:i + batch_size].to(dtype)), dim=1).cpu()
+        confidences.append(probs.amax(1).double())
+        predictions.append(probs.argmax(1))
+    return torch.cat(confidences), torch.cat(predictions)
+
+
 def _confidences(model: nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
     """Max-softmax confidences in the model's dtype (x is cast to it), returned as float64 (exactly)."""
-    dtype = next(model.parameters()).dtype
-    return torch.cat([F.softmax(model(x[i:i + batch_size].to(dtype)), dim=1).amax(1).double().cpu()
-                      for i in range(0, len(x), batch_size)])
+    return _max_softmax(model, x, batch_size)[0]
 
 
 def scoring_model(model: nn.Module, precision: str) -> nn.Module:
@@ -130,14 +140,8 @@ def ood_scores(model: nn.Module, x_out: torch.Tensor, eps: float, args: argparse
 def in_distribution_scores(scorer: nn.Module, x_in: torch.Tensor, y_in: torch.Tensor,
                            batch_size: int) -> tuple[torch.Tensor, float]:
     """(confidences (N,) float64 of the scorer's precision, accuracy in %) on the in-distribution test set."""
-    dtype = next(scorer.parameters()).dtype
-    conf_in, correct = [], 0
-    with torch.no_grad():
-        for i in range(0, len(x_in), batch_size):
-            probs = F.softmax(scorer(x_in[i:i + batch_size].to(dtype)), dim=1).cpu()
-            conf_in.append(probs.amax(1).double())
-            correct += int((probs.argmax(1) == y_in[i:i + batch_size].cpu()).sum())
-    return torch.cat(conf_in), 100 * correct / len(y_in)
+    conf_in, predictions = _max_softmax(scorer, x_in, batch_size)
+    return conf_in, 100 * int((predictions == y_in.cpu()).sum()) / len(y_in)
 
 
 def score_model(model: nn.Module, x_in: torch.Tensor, y_in: torch.Tensor, oods: dict[str, torch.Tensor],
