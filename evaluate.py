@@ -122,12 +122,18 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def entries_from_args(args: Namespace) -> list[TableEntry]:
-    """The table entries to evaluate: --runs (one entry per run and detector) or model_paths, plus --detectors."""
-    extra = [d for d in (args.detectors or "").split(",") if d]
-    for name in extra:
+def detector_names(text: str | None) -> list[str]:
+    """The DETECTORS keys of a --detectors comma list (empty for none), unknown names refused."""
+    names = [name for name in (text or "").split(",") if name]
+    for name in names:
         if name not in DETECTORS:
             raise ValueError(f"unknown detector {name!r}; valid: {', '.join(sorted(DETECTORS))}")
+    return names
+
+
+def entries_from_args(args: Namespace) -> list[TableEntry]:
+    """The table entries to evaluate: --runs (one entry per run and detector) or model_paths, plus --detectors."""
+    extra = detector_names(args.detectors)
     if args.runs:
         detectors = extra or ["msp"]  # one label rule whatever their number: "<run folder name>:<detector>"
         return [TableEntry(label=f"{Path(run).name}:{det}", runs=(run,), detector=det)
@@ -205,11 +211,8 @@ def external_name(args: Namespace) -> str:
 
 def external_entries(args: Namespace, name: str) -> list[TableEntry]:
     """One entry per detector (default msp) of a network from elsewhere, labelled "<name>:<detector>"."""
-    detectors = [d for d in (args.detectors or "msp").split(",") if d]
-    for det in detectors:
-        if det not in DETECTORS:
-            raise ValueError(f"unknown detector {det!r}; valid: {', '.join(sorted(DETECTORS))}")
-    return [TableEntry(label=f"{name}:{det}", runs=(name,), detector=det) for det in detectors]
+    return [TableEntry(label=f"{name}:{det}", runs=(name,), detector=det)
+            for det in detector_names(args.detectors or "msp")]
 
 
 def prepare_scoring(args: Namespace) -> tuple[list[str], list[str]]:
@@ -223,10 +226,10 @@ def prepare_scoring(args: Namespace) -> tuple[list[str], list[str]]:
     return ood_set_keys(args, adv_sets), adv_sets
 
 
-def score_external(external: byom.ExternalNetwork, args: Namespace, ood_sets: list[str],
-                   adv_sets: list[str]) -> list[dict]:
-    """The rows of a network from elsewhere, written to its ad-hoc table (CLI and evaluate_model alike)."""
-    entries = external_entries(args, external.name)
+def score_external(external: byom.ExternalNetwork, entries: list[TableEntry], args: Namespace,
+                   ood_sets: list[str], adv_sets: list[str]) -> list[dict]:
+    """The rows of a network from elsewhere (entries: `external_entries`), written to its ad-hoc table (CLI and
+    evaluate_model alike)."""
     return evaluation.evaluate_network(external.network, external.name, external.checkpoint, entries, args,
                                        ood_sets, adv_sets)
 
@@ -253,11 +256,11 @@ def evaluate_model(model: nn.Module, dataset: str, ood: Optional[Sequence[str]] 
     check_results_root(args.results_root)
     data.dataset_info(dataset)
     args.rows_name = rows_name(args)
+    entries = external_entries(args, name)
     ood_sets, adv = prepare_scoring(args)
-    network = byom.prepare_network(model.to(args.device), features_layer, normalize)
-    byom.check_output_width(network, dataset, args.device, f"evaluate_model({name!r})")
-    external = byom.ExternalNetwork(name, network, byom.weights_hash(network))
-    return score_external(external, args, ood_sets, adv)
+    external = byom.external_network(model, name, dataset, args.device, features_layer, normalize,
+                                     f"evaluate_model({name!r})")
+    return score_external(external, entries, args, ood_sets, adv)
 
 
 def main(args: Namespace) -> None:
@@ -279,10 +282,9 @@ def main(args: Namespace) -> None:
         return
     ood_sets, adv_sets = prepare_scoring(args)
     if args.model:
-        external_entries(args, external_name(args))  # unknown detectors fail before the network is loaded
+        entries = external_entries(args, external_name(args))  # unknown detectors fail before the network loads
         external = byom.load_external(args, args.dataset, args.device)
-        entries = external_entries(args, external.name)
-        rows = score_external(external, args, ood_sets, adv_sets)
+        rows = score_external(external, entries, args, ood_sets, adv_sets)
     else:
         entries = checked_entries(args)
         rows = evaluation.evaluate_entries(entries, args, ood_sets, adv_sets)

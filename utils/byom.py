@@ -189,9 +189,16 @@ def load_external(args: argparse.Namespace, dataset: str, device: torch.device |
         return None
     network = build_network(args.model)
     load_weights(network, read_weights(args.weights), str(args.weights))
-    prepared = prepare_network(network.to(device), args.features_layer, args.normalize)
-    check_output_width(prepared, dataset, device, f"--model {args.model}")
-    return ExternalNetwork(args.name or model_name(args.model), prepared, weights_hash(prepared))
+    return external_network(network, args.name or model_name(args.model), dataset, device, args.features_layer,
+                            args.normalize, f"--model {args.model}")
+
+
+def external_network(network: nn.Module, name: str, dataset: str, device: torch.device | str,
+                     features_layer: Optional[str], normalize: Optional[str], what: str) -> ExternalNetwork:
+    """`network` on `device`, prepared (features hook, normalisation) and checked to give the dataset's logits."""
+    prepared = prepare_network(network.to(device), features_layer, normalize)
+    check_output_width(prepared, dataset, device, what)
+    return ExternalNetwork(name, prepared, weights_hash(prepared))
 
 
 @dataclass
