@@ -23,7 +23,7 @@ import time
 from argparse import Namespace
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -180,19 +180,22 @@ def _train_step(run: str, users: tuple[str, ...], base: list[str], flags: list[s
     return Step(f"train {run} ({state}{why})", f"train {kind}", lambda: train_run(argv, run_dir), argv)
 
 
-def _training_steps(args: Namespace, table: Table, budget: Budget, base: list[str]) -> list[Step]:
-    """Each mixture fit and run the table needs and that is not finished, dependencies first, with the flags
-    model_paths gives it at the budget (the budget's own train.py flags before those of the run's kind)."""
+def training_steps(key: str, budget: str, dataset_dir: Path, base: list[str], train_extra: Sequence[str] = (),
+                   gmm_extra: Sequence[str] = ()) -> list[Step]:
+    """Each mixture fit and run of model_paths key `key` at `budget` (`model_paths.table_plan`) that is not finished
+    under dataset_dir, dependencies first: train.py / gen_gmm.py with `base`, the flags of the run's kind, then
+    `train_extra` / `gmm_extra` (what every run of the budget shares), then the kind's own shortening. reproduce.py
+    and scripts/demo.py both train through this."""
     steps = []
-    for what, name, users, flags in model_paths.table_plan(table_key(table, args.dataset), args.budget):
-        folder = roots(args)[0] / args.dataset / name
-        shortened = flags.shortened.get(args.budget, ())
+    for what, name, users, flags in model_paths.table_plan(key, budget):
+        folder = dataset_dir / name
+        shortened = flags.shortened.get(budget, ())
         if what == "gmm":
             if not (folder / "gmm.pt").exists():
-                argv = [*base, "--name", name, *flags.flags, *shortened]
+                argv = [*base, "--name", name, *flags.flags, *gmm_extra, *shortened]
                 steps.append(Step(f"gen_gmm {name} (needed by {', '.join(users)})", "gen_gmm",
                                   lambda argv=argv, folder=folder: fit_gmm(argv, folder), argv))
-        elif (step := _train_step(name, users, base, [*flags.flags, *budget.train, *shortened], folder)) is not None:
+        elif (step := _train_step(name, users, base, [*flags.flags, *train_extra, *shortened], folder)) is not None:
             steps.append(step)
     return steps
 
@@ -202,7 +205,8 @@ def plan(args: Namespace, table: Table, budget: Budget) -> list[Step]:
     runs_root, results_root = roots(args)
     common = ["--dataset", args.dataset, "--runs-root", str(runs_root), "--device", args.device]
     data_flags = (["--data-root", args.data_root] if args.data_root else []) + (["--download"] if args.download else [])
-    steps = _training_steps(args, table, budget, [*common, *data_flags])
+    steps = training_steps(table_key(table, args.dataset), args.budget, runs_root / args.dataset,
+                           [*common, *data_flags], budget.train)
     results = ["--results-root", str(results_root)]
     if table.evaluate is not None:
         ood = list(dict.fromkeys([*data.OOD_TEST.get(args.dataset, []), *args.ood]))

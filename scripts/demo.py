@@ -20,7 +20,6 @@ import evaluate  # noqa: E402
 import gen_attack_stats  # noqa: E402
 import model_paths  # noqa: E402
 import reproduce  # noqa: E402
-from utils.resume import run_state  # noqa: E402
 
 TABLE = "digits"  # the model_paths.MODEL_PATHS key the demo trains and evaluates, at budget model_paths.DEMO_BUDGET
 # What the demo does after training, at its budget (global to every run, as reproduce.BUDGETS' evaluate/studies)
@@ -43,38 +42,16 @@ def tiny(args: argparse.Namespace, step: str) -> list[str]:
     return TINY_FLAGS[step] if getattr(args, "tiny", False) else []
 
 
-def train_once(name: str, flags: list[str], runs_root: str) -> None:
-    """Train a demo run unless it is complete; resume it if it was interrupted."""
-    run_dir = Path(runs_root) / "digits" / name
-    _, seed = model_paths.run_kind(name)
-    argv = ["--dataset", "digits", "--seed", str(seed), "--name", name, "--runs-root", runs_root, "--no-progress",
-            *flags]
-    state = run_state(run_dir)
-    if state == "finished":
-        print(f"{run_dir}: finished earlier, reused")
-        return
-    if state == "interrupted":
-        argv.append("--resume")
-    start = time.perf_counter()
-    reproduce.train_run(argv, run_dir)
-    print(f"{run_dir}: trained in {time.perf_counter() - start:.0f}s")
-
-
-def fit_gmm_once(name: str, flags: list[str], runs_root: str) -> None:
-    """Fit a demo mixture unless its gmm.pt exists."""
-    gmm_dir = Path(runs_root) / "digits" / name
-    if (gmm_dir / "gmm.pt").exists():
-        return
-    reproduce.fit_gmm(["--dataset", "digits", "--name", name, "--runs-root", runs_root, *flags], gmm_dir)
-
-
 def train_table(args: argparse.Namespace) -> None:
-    """Every run and mixture of the demo's table, dependencies first (model_paths.table_plan)."""
-    for what, name, _, flags in model_paths.table_plan(TABLE, model_paths.DEMO_BUDGET):
-        if what == "gmm":
-            fit_gmm_once(name, [*flags.flags, *tiny(args, "gmm")], args.runs_root)
-        else:
-            train_once(name, [*flags.flags, *tiny(args, "train")], args.runs_root)
+    """Every run and mixture of the demo's table that is not finished, dependencies first, through reproduce.py's
+    training steps (finished runs are kept, interrupted ones resumed)."""
+    steps = reproduce.training_steps(TABLE, model_paths.DEMO_BUDGET, Path(args.runs_root) / "digits",
+                                     ["--dataset", "digits", "--runs-root", args.runs_root],
+                                     tiny(args, "train"), tiny(args, "gmm"))
+    for step in steps:
+        start = time.perf_counter()
+        step.action()
+        print(f"{step.title.split(' (')[0]}: done in {time.perf_counter() - start:.0f}s")
 
 
 def ddu_figure_scores(args: argparse.Namespace) -> None:

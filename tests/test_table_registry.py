@@ -127,7 +127,9 @@ def test_the_demo_moves_a_start_killed_before_its_first_checkpoint_aside(tmp_pat
     stale.mkdir(parents=True)
     (stale / "config.json").write_text("{}")
     (stale / "notes.txt").write_text("mine")  # not only what train.py writes: train.py alone refuses to replace it
-    demo.train_once("plain-s0", ["--method", "plain", "--epochs", "20", *demo.TINY_FLAGS["train"]], str(tmp_path))
+    # the step the demo's train_table runs for plain-s0 (reproduce.training_steps), with its --tiny flags
+    flags = [*model_paths.DEMO_RUN_FLAGS["plain"].flags, *demo.TINY_FLAGS["train"]]
+    reproduce._train_step("plain-s0", (), ["--dataset", "digits", "--runs-root", str(tmp_path)], flags, stale).action()
     assert json.loads((stale / "config.json").read_text())["epochs"] == 1 and not (stale / "notes.txt").exists()
     [aside] = [path for path in stale.parent.iterdir() if path.name != "plain-s0"]
     assert aside.name.startswith("plain-s0.interrupted-") and (aside / "notes.txt").read_text() == "mine"
