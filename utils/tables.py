@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 from utils.metrics import FPR_CONVENTIONS
 from utils.runs import atomic_write_text, read_jsonl
@@ -26,14 +26,19 @@ METRIC_NAMES = {"auroc": "AUROC", "fpr95": "FPR@95", "mmc": "MMC", "aupr_in": "A
                 "detection_error": "Det. err"}
 
 
-def latest_rows(rows: list[dict]) -> list[dict]:
-    """Keep the newest row of each (label, run, detector, ood): re-running an evaluation replaces its rows."""
+def newest_rows(rows: Iterable[dict], key: Callable[[dict], tuple]) -> dict[tuple, dict]:
+    """key -> the newest row (by "date"; a later row wins a tie) of the rows with that key, in first-seen order."""
     newest: dict[tuple, dict] = {}
     for row in rows:
-        key = (row["label"], row["run"], row["detector"], row["ood"])
-        if key not in newest or row["date"] >= newest[key]["date"]:
-            newest[key] = row
-    return list(newest.values())
+        k = key(row)
+        if k not in newest or row.get("date", "") >= newest[k].get("date", ""):
+            newest[k] = row
+    return newest
+
+
+def latest_rows(rows: list[dict]) -> list[dict]:
+    """Keep the newest row of each (label, run, detector, ood): re-running an evaluation replaces its rows."""
+    return list(newest_rows(rows, lambda row: (row["label"], row["run"], row["detector"], row["ood"])).values())
 
 
 def mean_se(values: list[float]) -> tuple[float, float]:

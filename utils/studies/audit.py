@@ -104,15 +104,10 @@ def audit_directions(model: nn.Module, directions: torch.Tensor, args: argparse.
 
 def audit_table(rows: list[dict]) -> str:
     """Markdown: one line per (label, run, source), newest row wins."""
-    from utils.tables import markdown
+    from utils.tables import markdown, newest_rows
 
-    newest: dict = {}
-    for row in rows:
-        if row.get("detector"):  # a detector's own row (--detectors): in the table below
-            continue
-        key = (row["label"], row["run"], row["source"])
-        if key not in newest or row["date"] >= newest[key]["date"]:
-            newest[key] = row
+    newest = newest_rows((row for row in rows if not row.get("detector")),  # detectors' own rows: detector_table
+                         lambda row: (row["label"], row["run"], row["source"]))
     grid = [["Model", "Run", "Directions", "Method", "Limit conf > thr (%)", "Median", "1% quantile",
              "Certified (%)", "Agrees with alpha-check (%)"]]
     for r in newest.values():

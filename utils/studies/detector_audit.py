@@ -55,15 +55,10 @@ def detector_stats(name: str, detector: Detector, directions: torch.Tensor, resu
 
 def detector_table(rows: list[dict]) -> str:
     """Markdown: one line per (label, run, source, detector) with a far_accept, newest row wins."""
-    from utils.tables import markdown
+    from utils.tables import markdown, newest_rows
 
-    newest: dict = {}
-    for row in rows:
-        if "far_accept" not in row:
-            continue
-        key = (row["label"], row["run"], row["source"], row.get("detector") or "msp")
-        if key not in newest or row["date"] >= newest[key]["date"]:
-            newest[key] = row
+    newest = newest_rows((row for row in rows if "far_accept" in row),
+                         lambda row: (row["label"], row["run"], row["source"], row.get("detector") or "msp"))
     if not newest:
         return ""
     grid = [["Model", "Directions", "Detector", "Limit", "+inf (%)", "-inf (%)", "Median finite limit",

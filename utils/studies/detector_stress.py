@@ -59,25 +59,16 @@ def steps(args: Namespace, runs_root: Path, results_root: Path, run_names: list[
             ("detector-stress table", "table", lambda: write_table(args.dataset, results_root, args.budget), [])]
 
 
-
-def _newest(rows: list[dict], key: Callable[[dict], tuple]) -> dict:
-    out: dict = {}
-    for row in rows:
-        if key(row) not in out or row.get("date", "") >= out[key(row)].get("date", ""):
-            out[key(row)] = row
-    return out
-
-
 def stress_table(dataset: str, results_root: Path, budget: str) -> str:
     """Markdown: per detector, AUROC per OOD set, AAUC on adversarial noise and far_accept (x100)."""
     from utils.runs import read_jsonl
-    from utils.tables import markdown
+    from utils.tables import markdown, newest_rows
 
     ood_rows = read_jsonl(results_root / "ood" / f"{dataset}_adhoc_{TABLE_NAME}.jsonl")
-    auroc = _newest(ood_rows, lambda r: (r["detector"], r["ood"]))
-    gauc = _newest([r for r in read_jsonl(results_root / "attacks" / f"{dataset}_gauc.jsonl")
+    auroc = newest_rows(ood_rows, lambda r: (r["detector"], r["ood"]))
+    gauc = newest_rows([r for r in read_jsonl(results_root / "attacks" / f"{dataset}_gauc.jsonl")
                     if r.get("ood") == ADV_SEEDS], lambda r: r.get("detector") or "msp")
-    audit = _newest([r for r in read_jsonl(results_root / "attacks" / f"{dataset}_audit.jsonl")
+    audit = newest_rows([r for r in read_jsonl(results_root / "attacks" / f"{dataset}_audit.jsonl")
                      if r.get("source") == "noise" and r.get("noise") == FAR_SOURCE and "far_accept" in r
                     ], lambda r: r.get("detector") or "msp")
     oods = list(dict.fromkeys(ood for _, ood in auroc))
