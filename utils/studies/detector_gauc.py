@@ -84,14 +84,14 @@ def ood_detector_scores(scorer: DetectorScore, x_out: torch.Tensor, eps: float, 
     return {"clean": clean, "attacked": torch.maximum(attacked, clean)}
 
 
-def detector_rows(label: str, run_dir: Path, x_in: torch.Tensor, y_in: torch.Tensor, oods: dict, eps: float,
-                  args: argparse.Namespace) -> list[dict]:
-    """One row per (detector of --detectors other than msp, OOD set): AUC and AAUC in both tie conventions."""
-    from utils import methods, runs
+def detector_rows(label: str, run_dir: Path, model: nn.Module, checkpoint: str, x_in: torch.Tensor,
+                  y_in: torch.Tensor, oods: dict, eps: float, args: argparse.Namespace) -> list[dict]:
+    """One row per (detector of --detectors other than msp, OOD set): AUC and AAUC in both tie conventions, of the
+    run in run_dir loaded as `model` (its model.pt hash `checkpoint`)."""
+    from utils import runs
     from utils.studies.detector_runs import fitted_detectors
     from utils.studies.auc_conventions import CONVENTIONS, auroc
 
-    model = methods.load_run(run_dir, device=args.device)
     names = [name for name in args.detectors if name != "msp"]
     detectors = fitted_detectors(model, names, run_dir, args.dataset, runs.resolve_data_root(args.data_root),
                                  args.batch_size)
@@ -106,7 +106,7 @@ def detector_rows(label: str, run_dir: Path, x_in: torch.Tensor, y_in: torch.Ten
         for ood, x_out in oods.items():
             scores = ood_detector_scores(scorer, x_out.to(args.device), eps, args, generator)
             row = {"study": "gauc", "dataset": args.dataset, "label": label, "run": str(run_dir),
-                   "checkpoint": runs.file_hash(Path(run_dir) / "model.pt"), "detector": name, "ood": ood, "acc": acc,
+                   "checkpoint": checkpoint, "detector": name, "ood": ood, "acc": acc,
                    "eps": eps, "precision": "float32", "attack": ATTACK, "n_ood": len(x_out), "n_test": len(y_in),
                    "apgd_steps": args.apgd_steps, "apgd_restarts": args.apgd_restarts, "pgd_steps": args.pgd_steps,
                    "pgd_step_size": args.pgd_step_size, "pgd_restarts": getattr(args, "pgd_restarts", 3),

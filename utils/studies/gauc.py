@@ -245,13 +245,13 @@ def _load(run_dirs: list[Path], device: str) -> nn.Module:
     return load_network(run_dirs, device)
 
 
-def study_model(target, x_in: torch.Tensor, y_in: torch.Tensor, oods: dict, eps: float,
-                args: argparse.Namespace) -> list[dict]:
-    """The rows of one target (utils.byom.StudyTarget: run folders or a network from elsewhere)."""
+def study_model(target, model: nn.Module, checkpoint: str, x_in: torch.Tensor, y_in: torch.Tensor, oods: dict,
+                eps: float, args: argparse.Namespace) -> list[dict]:
+    """The rows of one target (utils.byom.StudyTarget: run folders or a network from elsewhere), loaded as
+    (model, checkpoint) by `target.load()`."""
     from utils import runs
 
     rows = []
-    model, checkpoint = target.load()
     label = target.label
     for scored in score_model(model, x_in, y_in, oods, eps, args, label):
         row = {"study": STUDY, "dataset": args.dataset, "label": label, "run": target.run,
@@ -305,11 +305,12 @@ def main(args: argparse.Namespace) -> None:
                                            for label, dirs in _table_targets(args)])
     rows = []
     for target in bar(targets, getattr(args, "progress", None), desc="models"):
+        model, checkpoint = target.load()  # once, for msp's rows and the detectors'
         if detectors is None or "msp" in detectors:
-            rows += study_model(target, x_in, y_in, oods, eps, args)
+            rows += study_model(target, model, checkpoint, x_in, y_in, oods, eps, args)
         if set(detectors or ()) - {"msp"} and len(target.run_dirs) == 1:  # detectors score single runs
             from utils.studies.detector_gauc import detector_rows
 
-            rows += detector_rows(target.label, target.run_dirs[0], x_in, y_in, oods, eps, args)
+            rows += detector_rows(target.label, target.run_dirs[0], model, checkpoint, x_in, y_in, oods, eps, args)
     name = f"{args.dataset}_gauc"
     print(runs.record_study(args.results_root, name, name, rows, gauc_table))
