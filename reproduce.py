@@ -374,7 +374,7 @@ def train_only(args: Namespace, table: Table, budget: Budget) -> None:
     steps = plan(args, Table(table.what, table.paths), budget)  # no evaluation, no study
     if args.dry_run:
         return print_plan(steps)
-    run_steps(steps, label, _finished_runs_eta(args, table))
+    run_steps(steps, label, _finished_runs_eta(args, table, steps))
     return None
 
 
@@ -383,13 +383,15 @@ def print_plan(steps: list[Step]) -> None:
     print("\n".join(f"{i}. {step.title}" for i, step in enumerate(steps, 1)) or "nothing to train")
 
 
-def _finished_runs_eta(args: Namespace, table: Table) -> Eta:
-    """An Eta that has timed, from their logs, the kinds of the table's runs finished earlier under this budget."""
+def _finished_runs_eta(args: Namespace, table: Table, steps: list[Step]) -> Eta:
+    """An Eta that has timed, from their logs, the kinds of the table's runs finished earlier under this budget:
+    the runs the plan (`steps`) does not train, which `_train_step` found finished (their checkpoints are not
+    read again)."""
     eta = Eta()
-    dataset_dir = roots(args)[0] / args.dataset
-    eta.record_finished_runs(dataset_dir, {name: f"train {model_paths.run_kind(name)[0]}" for what, name, _
-                                           in table_needs(table, args.dataset, args.budget)
-                                           if what == "run" and run_state(dataset_dir / name) == "finished"})
+    planned = {step.argv[step.argv.index("--name") + 1] for step in steps if step.kind.startswith("train ")}
+    eta.record_finished_runs(roots(args)[0] / args.dataset,
+                             {name: f"train {model_paths.run_kind(name)[0]}" for what, name, _
+                              in table_needs(table, args.dataset, args.budget) if what == "run" and name not in planned})
     return eta
 
 
@@ -414,7 +416,7 @@ def main(args: Namespace) -> Path | None:
     steps = plan(args, table, budget)
     if args.dry_run:
         return print_plan(steps)
-    run_steps(steps, label, _finished_runs_eta(args, table))  # runs finished earlier time their kind first
+    run_steps(steps, label, _finished_runs_eta(args, table, steps))  # runs finished earlier time their kind first
     out = write_table(args, args.table, table, budget)
     print(out.read_text())
     print(f"wrote {out}")
